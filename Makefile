@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Everything (venv, dependencies, the compiled extension) is set up on the way.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+export MAX_JOBS ?= 2
+
+.PHONY: venv build demo test lint bench bench-quick clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest ruff matplotlib tqdm tensorboard
+	touch $@
+
+# Builds gradwatch._C in place (ninja: quick when nothing changed) and installs the CLI entry point.
+build: venv
+	$(PY) setup.py build_ext --inplace
+	$(PIP) install --no-build-isolation --no-deps -e . >/dev/null
+
+demo: build
+	$(PY) -m gradwatch demo
+
+test: build
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: build
+	$(PY) -m benchmarks
+
+bench-quick: build
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf build gradwatch/_C*.so *.egg-info

@@ -1,0 +1,21 @@
+// The op schemas (declared once, here) and the Python module that loads the kernels.
+#include <ATen/Version.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+// grad_stats returns one packed float64 tensor of shape [N + 1, 3] on the tensors' device.
+// Row i < N is (L2 norm, max |x|, non-finite count) of tensors[i]; row N is the same three
+// statistics over all tensors (total norm, global max |x|, total non-finite count).
+// float64 keeps counts exact past 2^24 and lets a distributed reduction combine rows losslessly.
+TORCH_LIBRARY(gradwatch, m) {
+  m.def("grad_stats(Tensor[] tensors) -> Tensor");
+  m.def("scale_(Tensor(a!)[] tensors, Tensor factors) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gradwatch compiled kernels (ops are registered under torch.ops.gradwatch)";
+  m.def("cpu_kernel_capability", &gradwatch::cpu::selected_capability,
+        "Name of the CPU kernel variant picked for this processor (DEFAULT, AVX2 or AVX512).");
+}

@@ -1,0 +1,220 @@
+"""Typed wrappers for the compiled ops, their fake kernels for torch.compile, and the fallback.
+
+``torch.ops.gradwatch.grad_stats`` and ``torch.ops.gradwatch.scale_`` come from ``gradwatch._C``
+(schemas in ``csrc/gradwatch.cpp``). Where no compiled kernel exists for a device, the wrappers
+run the pure-PyTorch reference in ``_reference.py`` and warn once.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from ._reference import grad_stats_reference, scale_reference_
+
+__all__ = ["GradStats", "grad_stats", "grad_stats_packed", "scale_", "native_backends", "combine_rows"]
+
+logger = logging.getLogger("gradwatch")
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.gradwatch.*)
+
+    _LOAD_ERROR: Exception | None = None
+except ImportError as error:  # not built: every call uses the reference
+    _C = None
+    _LOAD_ERROR = error
+
+_warned_fallback: set[str] = set()
+
+
+def native_backends() -> dict[str, bool]:
+    """Which compiled kernels are loaded, by device type.
+
+    Returns:
+        A dict such as ``{"cpu": True, "cuda": False}``. ``False`` means calls on that device type
+        run the pure-PyTorch reference instead (correct, slower).
+    """
+    if _C is None:
+        return {"cpu": False, "cuda": False}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {"cpu": has("gradwatch::grad_stats", "CPU"), "cuda": has("gradwatch::grad_stats", "CUDA")}
+
+
+def cpu_kernel_capability() -> str | None:
+    """The CPU kernel variant in use (``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"``), or None if not built."""
+    return None if _C is None else _C.cpu_kernel_capability()
+
+
+def _use_native(device: torch.device) -> bool:
+    if native_backends().get(device.type, False):
+        return True
+    if device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
+        reason = f"the extension failed to load ({_LOAD_ERROR})" if _C is not None or _LOAD_ERROR else ""
+        reason = reason or f"it was built without {device.type} kernels"
+        warnings.warn(
+            f"gradwatch: no compiled kernel for {device.type} because {reason}; using the pure-PyTorch "
+            "reference, which is correct but much slower. Rebuild with `make build` (see README).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+if _C is not None:
+
+    @torch.library.register_fake("gradwatch::grad_stats")
+    def _grad_stats_fake(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        torch._check(len(tensors) > 0, lambda: "grad_stats: tensors is empty; pass at least one tensor")
+        for i, t in enumerate(tensors):
+            torch._check(
+                t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                lambda i=i, t=t: f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype",
+            )
+        return tensors[0].new_empty((len(tensors) + 1, 3), dtype=torch.float64)
+
+    @torch.library.register_fake("gradwatch::scale_")
+    def _scale_fake(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
+        torch._check(factors.numel() == len(tensors), lambda: "scale_: factors needs one entry per tensor")
+
+
+class GradStats(NamedTuple):
+    """Per-tensor statistics from :func:`grad_stats`, on the tensors' device.
+
+    Attributes:
+        norms: float32 ``[N]``, L2 norm of each tensor (accumulated in float32 or better).
+        max_abs: float32 ``[N]``, max absolute value; NaN where the tensor holds a NaN.
+        nonfinite: int64 ``[N]``, number of NaN and +-Inf elements of each tensor.
+        total_norm: float32 scalar, L2 norm over all tensors.
+        packed: float64 ``[N + 1, 3]``, the op's raw output; row N holds the totals.
+    """
+
+    norms: torch.Tensor
+    max_abs: torch.Tensor
+    nonfinite: torch.Tensor
+    total_norm: torch.Tensor
+    packed: torch.Tensor
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor) -> GradStats:
+        """Builds the typed view of a packed ``[N + 1, 3]`` statistics tensor."""
+        rows = packed[:-1]
+        return cls(
+            norms=rows[:, 0].float(),
+            max_abs=rows[:, 1].float(),
+            nonfinite=rows[:, 2].long(),
+            total_norm=packed[-1, 0].float(),
+            packed=packed,
+        )
+
+
+def _checked_list(tensors: Iterable[torch.Tensor], op: str) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{op}: tensors must be a sequence of tensors, not a single tensor; wrap it in a list")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{op}: tensors is empty; pass at least one tensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: tensors[{i}] is a {type(t).__name__}; expected a torch.Tensor")
+    return tensors
+
+
+def combine_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Combines packed statistic rows ``[G, 3]`` into one row ``[3]`` as the op's total row does.
+
+    Norms add in quadrature, maxima take the max (NaN wins), counts add. Used to merge groups of
+    tensors (devices, shards) without touching the tensors again.
+    """
+    return torch.stack([rows[:, 0].square().sum().sqrt(), rows[:, 1].amax(), rows[:, 2].sum()])
+
+
+def _stats_one_device(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if _use_native(tensors[0].device):
+        return torch.ops.gradwatch.grad_stats(tensors)
+    return grad_stats_reference(tensors)
+
+
+def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Like :func:`grad_stats`, but returns the packed float64 ``[N + 1, 3]`` tensor.
+
+    Tensors on several devices are measured per device (one fused pass each); the rows are
+    gathered on the device of ``tensors[0]`` with non-blocking copies.
+    """
+    tensors = _checked_list(tensors, "grad_stats")
+    device = tensors[0].device
+    if all(t.device == device for t in tensors):
+        return _stats_one_device(tensors)
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
+    for group_device, index in groups.items():
+        packed = _stats_one_device([tensors[i] for i in index]).to(device, non_blocking=True)
+        rows[torch.tensor(index, device=device)] = packed[:-1]
+    return torch.cat([rows, combine_rows(rows)[None]])
+
+
+def grad_stats(tensors: Iterable[torch.Tensor]) -> GradStats:
+    """L2 norm, max |x|, non-finite count of every tensor, and the total norm, in one pass.
+
+    Args:
+        tensors: floating tensors (float16, bfloat16, float32, float64), any shape and layout,
+            typically ``[p.grad for p in model.parameters() if p.grad is not None]``. Mixed dtypes
+            and devices are fine.
+
+    Returns:
+        A :class:`GradStats` on the device of ``tensors[0]``. Nothing is read back to the host.
+
+    Raises:
+        ValueError: ``tensors`` is empty.
+        TypeError: an element is not a tensor or not floating point.
+
+    Example:
+        >>> import torch, gradwatch
+        >>> s = gradwatch.grad_stats([torch.tensor([3.0, 4.0]), torch.tensor([float("nan")])])
+        >>> s.norms[0].item(), int(s.nonfinite[1])
+        (5.0, 1)
+    """
+    return GradStats.from_packed(grad_stats_packed(tensors))
+
+
+def scale_(tensors: Iterable[torch.Tensor], factors: torch.Tensor | Sequence[float]) -> None:
+    """In place, ``tensors[i] *= factors[i]`` for all i, in one fused pass per device.
+
+    A factor of exactly 0 writes zeros rather than multiplying, so it also clears NaN and Inf; a
+    factor of 1 leaves the tensor untouched (not even read).
+
+    Args:
+        tensors: floating tensors to scale in place.
+        factors: float32 tensor ``[N]`` on the tensors' device (the fast path: no host sync), or a
+            sequence of N floats.
+
+    Raises:
+        ValueError: ``tensors`` is empty or ``factors`` has the wrong length or shape.
+        TypeError: an element is not a floating tensor.
+    """
+    tensors = _checked_list(tensors, "scale_")
+    device = tensors[0].device
+    if not isinstance(factors, torch.Tensor):
+        factors = torch.tensor(list(factors), dtype=torch.float32, device=device)
+    if factors.dim() != 1 or factors.numel() != len(tensors):
+        raise ValueError(
+            f"scale_: factors must have shape [{len(tensors)}] (one per tensor); got {tuple(factors.shape)}"
+        )
+    factors = factors.to(torch.float32)
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    for group_device, index in groups.items():
+        group = [tensors[i] for i in index]
+        group_factors = factors if len(groups) == 1 else factors[torch.tensor(index, device=factors.device)]
+        group_factors = group_factors.to(group_device, non_blocking=True)
+        if _use_native(group_device):
+            torch.ops.gradwatch.scale_(group, group_factors)
+        else:
+            scale_reference_(group, group_factors)

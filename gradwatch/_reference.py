@@ -1,0 +1,55 @@
+"""Pure-PyTorch reference for the compiled ops: the oracle for every test and the fallback kernel.
+
+Readable first: every statistic is computed the obvious way, in float64.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["grad_stats_reference", "scale_reference_"]
+
+
+def grad_stats_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Packed statistics of ``tensors``, laid out like ``torch.ops.gradwatch.grad_stats``.
+
+    Returns a float64 tensor of shape ``[N + 1, 3]`` on the tensors' device: row ``i`` holds the L2
+    norm, the max absolute value (NaN if any element is NaN) and the number of non-finite elements
+    of ``tensors[i]``; row ``N`` holds the same statistics over all tensors.
+    """
+    if len(tensors) == 0:
+        raise ValueError("grad_stats: tensors is empty; pass at least one tensor")
+    rows = []
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise TypeError(f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype")
+        x = t.detach().to(torch.float64).reshape(-1)
+        if x.numel() == 0:
+            rows.append(x.new_zeros(3))
+            continue
+        sumsq = (x * x).sum()
+        max_abs = x.abs().max()  # torch.max propagates NaN
+        nonfinite = (~torch.isfinite(x)).sum().to(torch.float64)
+        rows.append(torch.stack([sumsq, max_abs, nonfinite]))
+    per_tensor = torch.stack(rows)
+    total_sumsq = per_tensor[:, 0].sum()
+    total_max = per_tensor[:, 1].max()
+    total_nonfinite = per_tensor[:, 2].sum()
+    packed = torch.cat([per_tensor, torch.stack([total_sumsq, total_max, total_nonfinite])[None]])
+    packed[:, 0] = packed[:, 0].sqrt()
+    return packed
+
+
+def scale_reference_(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
+    """In place, ``tensors[i] *= factors[i]``; a factor of exactly 0 writes zeros (clearing NaN/Inf)."""
+    if len(tensors) == 0:
+        raise ValueError("scale_: tensors is empty; pass at least one tensor")
+    if factors.dim() != 1 or factors.numel() != len(tensors) or factors.dtype != torch.float32:
+        raise ValueError(
+            f"scale_: factors must be a 1-D float32 tensor with {len(tensors)} entries; "
+            f"got shape {tuple(factors.shape)} and dtype {factors.dtype}"
+        )
+    with torch.no_grad():
+        for t, f in zip(tensors, factors.unbind(0), strict=True):
+            f = f.to(t.device)
+            t.copy_(torch.where(f == 0, torch.zeros_like(t), t * f.to(torch.float64 if t.dtype == torch.float64 else torch.float32)))

@@ -1,0 +1,100 @@
+"""Host-side records shared by the monitor, the policies and the reporting layer."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["AnomalyKind", "AnomalyEvent", "StepRecord", "GradientAnomalyError"]
+
+
+class AnomalyKind(str, enum.Enum):
+    """What was detected. The string values appear in history files and on the CLI."""
+
+    NONFINITE = "nonfinite"  # NaN or Inf elements in a gradient
+    NORM_LIMIT = "norm_limit"  # a parameter's norm over a fixed limit
+    TOTAL_NORM_LIMIT = "total_norm_limit"  # the total norm over a fixed limit
+    ROLLING_MEAN = "rolling_mean"  # mean of the last k total norms over a limit
+    SPIKE = "spike"  # adaptive: z-score of a norm above the configured sigma
+    VANISHING = "vanishing"  # a norm collapsed to ~0 or far below its baseline
+    LOSS_SPIKE = "loss_spike"  # adaptive z-score of the observed loss
+    LOSS_NONFINITE = "loss_nonfinite"  # the observed loss is NaN or Inf
+
+
+@dataclass(frozen=True)
+class AnomalyEvent:
+    """One detected anomaly and what was done about it.
+
+    Attributes:
+        step: optimizer step (0-based count of checks) at which it was detected.
+        kind: what was detected.
+        param: name of the parameter, or None for a global statistic (total norm, loss).
+        value: the offending value (norm, z-score, loss, or non-finite count).
+        threshold: the limit it crossed, if any.
+        action: what the policy did, e.g. ``"warn"``, ``"clip"``, ``"skip"``, ``"zero"``.
+    """
+
+    step: int
+    kind: AnomalyKind
+    param: str | None
+    value: float
+    threshold: float | None
+    action: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``kind`` as its string value)."""
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnomalyEvent:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**d, "kind": AnomalyKind(d["kind"])})
+
+
+@dataclass
+class StepRecord:
+    """Everything the monitor measured and decided at one step, as host values.
+
+    Built from the asynchronous device-to-host copy of the packed statistics, so producing it
+    never stalls the device. Sinks (history file, TensorBoard, Lightning) consume these.
+
+    Attributes:
+        step: optimizer step index.
+        names: watched parameter names, in the order of the per-parameter lists.
+        norms: per-parameter L2 norms of the gradients as seen by the check (before any action).
+        max_abs: per-parameter max |g|.
+        nonfinite: per-parameter counts of NaN/Inf elements.
+        total_norm: L2 norm over all watched gradients.
+        loss: the loss passed to ``observe_loss`` for this step, if any.
+        clip_factor: the factor gradients were scaled by (1.0 when not clipped).
+        skipped: whether the optimizer step was skipped.
+        events: anomalies detected at this step.
+    """
+
+    step: int
+    names: Sequence[str]
+    norms: list[float]
+    max_abs: list[float]
+    nonfinite: list[int]
+    total_norm: float
+    loss: float | None = None
+    clip_factor: float = 1.0
+    skipped: bool = False
+    events: list[AnomalyEvent] = field(default_factory=list)
+
+
+class GradientAnomalyError(RuntimeError):
+    """Raised by the ``"raise"`` policy; ``events`` holds the anomalies that triggered it."""
+
+    def __init__(self, events: Sequence[AnomalyEvent]):
+        self.events = list(events)
+        lines = [
+            f"step {e.step}: {e.kind.value} in {e.param or '<global>'} (value {e.value:.6g}"
+            + (f", threshold {e.threshold:.6g})" if e.threshold is not None else ")")
+            for e in self.events
+        ]
+        super().__init__("gradient anomaly detected:\n  " + "\n  ".join(lines))
