@@ -16,10 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest ruff matplotlib tqdm tensorboard
 	touch $@
 
-# Builds gradwatch._C in place (ninja: quick when nothing changed) and installs the CLI entry point.
+# Builds gradwatch._C in place (ninja: quick when nothing changed); run from the repo root.
 build: venv
 	$(PY) setup.py build_ext --inplace
-	$(PIP) install --no-build-isolation --no-deps -e . >/dev/null
 
 demo: build
 	$(PY) -m gradwatch demo
