@@ -31,6 +31,18 @@ except ImportError as error:  # not built: every call uses the reference
 _warned_fallback: set[str] = set()
 
 
+def _loaded_backends() -> dict[str, bool]:
+    if _C is None:
+        return {"cpu": False, "cuda": False}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {"cpu": has("gradwatch::grad_stats", "CPU"), "cuda": has("gradwatch::grad_stats", "CUDA")}
+
+
+# Fixed once the extension is loaded; a plain dict keeps the wrappers traceable by torch.compile.
+_NATIVE = _loaded_backends()
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def native_backends() -> dict[str, bool]:
     """Which compiled kernels are loaded, by device type.
 
@@ -38,10 +50,7 @@ def native_backends() -> dict[str, bool]:
         A dict such as ``{"cpu": True, "cuda": False}``. ``False`` means calls on that device type
         run the pure-PyTorch reference instead (correct, slower).
     """
-    if _C is None:
-        return {"cpu": False, "cuda": False}
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {"cpu": has("gradwatch::grad_stats", "CPU"), "cuda": has("gradwatch::grad_stats", "CUDA")}
+    return dict(_NATIVE)
 
 
 def cpu_kernel_capability() -> str | None:
@@ -50,7 +59,7 @@ def cpu_kernel_capability() -> str | None:
 
 
 def _use_native(device: torch.device) -> bool:
-    if native_backends().get(device.type, False):
+    if _NATIVE.get(device.type, False):
         return True
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
@@ -72,7 +81,7 @@ if _C is not None:
         torch._check(len(tensors) > 0, lambda: "grad_stats: tensors is empty; pass at least one tensor")
         for i, t in enumerate(tensors):
             torch._check(
-                t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                t.dtype in SUPPORTED_DTYPES,
                 lambda i=i, t=t: f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype",
             )
         return tensors[0].new_empty((len(tensors) + 1, 3), dtype=torch.float64)
@@ -121,6 +130,8 @@ def _checked_list(tensors: Iterable[torch.Tensor], op: str) -> list[torch.Tensor
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: tensors[{i}] is a {type(t).__name__}; expected a torch.Tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: tensors[{i}] has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
     return tensors
 
 
@@ -153,7 +164,7 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     for i, t in enumerate(tensors):
         groups.setdefault(t.device, []).append(i)
     rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
-    for group_device, index in groups.items():
+    for index in groups.values():
         packed = _stats_one_device([tensors[i] for i in index]).to(device, non_blocking=True)
         rows[torch.tensor(index, device=device)] = packed[:-1]
     return torch.cat([rows, combine_rows(rows)[None]])

@@ -51,5 +51,7 @@ def scale_reference_(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> 
         )
     with torch.no_grad():
         for t, f in zip(tensors, factors.unbind(0), strict=True):
-            f = f.to(t.device)
-            t.copy_(torch.where(f == 0, torch.zeros_like(t), t * f.to(torch.float64 if t.dtype == torch.float64 else torch.float32)))
+            # Multiply in float32 (float64 for float64 tensors) with the float32 factor, round once.
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            f = f.to(device=t.device, dtype=acc)
+            t.copy_(torch.where(f == 0, torch.zeros_like(t, dtype=acc), t.to(acc) * f))

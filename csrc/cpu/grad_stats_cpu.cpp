@@ -127,8 +127,8 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& factors) {
     if (!t.is_non_overlapping_and_dense()) {  // rare strided view: let ATen write it in place
       if (f[i] == 0.0f) {
         t.zero_();
-      } else {
-        t.mul_(f[i]);
+      } else {  // same arithmetic as the kernels: float32 (float64) product, rounded once
+        t.copy_(t.to(dtype == Dtype::Double ? at::kDouble : at::kFloat).mul_(f[i]));
       }
       continue;
     }

@@ -334,8 +334,9 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& factors) {
       dense.push_back(tensors[i]);
       dense_index.push_back(static_cast<int64_t>(i));
     } else {
-      const at::Tensor f = factors.select(0, static_cast<int64_t>(i)).to(tensors[i].scalar_type());
-      tensors[i].copy_(at::where(f == 0, at::zeros_like(tensors[i]), tensors[i] * f));
+      const auto acc = tensors[i].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const at::Tensor f = factors.select(0, static_cast<int64_t>(i)).to(acc);
+      tensors[i].copy_(at::where(f == 0, at::zeros({}, f.options()), tensors[i].to(acc) * f));
     }
   }
   if (dense.empty()) return;
