@@ -165,7 +165,8 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         groups.setdefault(t.device, []).append(i)
     rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
     for index in groups.values():
-        packed = _stats_one_device([tensors[i] for i in index]).to(device, non_blocking=True)
+        # A non-blocking copy into CPU memory could be read before it lands: only async on devices.
+        packed = _stats_one_device([tensors[i] for i in index]).to(device, non_blocking=device.type != "cpu")
         rows[torch.tensor(index, device=device)] = packed[:-1]
     return torch.cat([rows, combine_rows(rows)[None]])
 
