@@ -1,0 +1,1 @@
+"""Benchmarks for gradwatch: ``python -m benchmarks`` runs the overhead suite (issue 6)."""

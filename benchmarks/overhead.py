@@ -1,0 +1,556 @@
+"""Overhead suite (issue 6): what each way of watching gradients costs, measured side by side.
+
+Two measurements per workload and method, both on the same model and the same seeded batches:
+
+* **whole steps** (forward + backward + monitoring + optimizer step), interleaved round-robin over
+  methods so that drift of a shared or thermally throttled machine hits all methods alike; the
+  median over rounds is compared with the unmonitored step;
+* **monitoring work alone**: only the method's per-step work, on fixed gradients restored before
+  every call, many repeats, median. A 1% overhead is invisible in whole-step medians on a noisy
+  CPU; this number is not.
+
+Plus counts of what the monitoring work does: host reads of tensor values (``.item()`` and
+friends, counted at the dispatcher), aten ops dispatched, and on CUDA the synchronizing calls
+(``torch.cuda.set_sync_debug_mode``) and kernel launches (``torch.profiler``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .methods import METHODS, Method, make_methods
+from .workloads import WORKLOADS, Workload, build_workload
+
+__all__ = ["SuiteConfig", "run_suite", "render_markdown", "write_outputs", "update_results_md"]
+
+RESULTS_SECTION = "## Monitoring overhead (issue 6)"
+
+
+@dataclass
+class SuiteConfig:
+    """What to run and how often.
+
+    Attributes:
+        device: where the workloads run.
+        quick: CI smoke size: tiny models, few repeats; numbers are meaningless, the code paths are not.
+        workloads: workload names, a subset of :data:`benchmarks.workloads.WORKLOADS`.
+        methods: method names (None: all available); the baseline always runs.
+        rounds: round-robin rounds of whole-step timing.
+        steps_per_block: timed steps per method per round.
+        warmup_steps: untimed steps after attaching a method, per round.
+        alone_rounds: round-robin rounds of monitoring-alone timing.
+        alone_calls: timed calls per method per alone round.
+        progress: show a tqdm progress bar.
+    """
+
+    device: torch.device
+    quick: bool = False
+    workloads: Sequence[str] = WORKLOADS
+    methods: Sequence[str] | None = None
+    rounds: int = 7
+    steps_per_block: int = 2
+    warmup_steps: int = 1
+    alone_rounds: int = 10
+    alone_calls: int = 5
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_mode(cls, device: torch.device, quick: bool, **overrides: Any) -> SuiteConfig:
+        """Defaults for the benchmark (``quick=False``) or the CI smoke run (``quick=True``)."""
+        if quick:
+            base = dict(rounds=2, steps_per_block=1, warmup_steps=1, alone_rounds=2, alone_calls=2)
+        elif device.type == "cuda":
+            base = dict(rounds=10, steps_per_block=3, warmup_steps=2, alone_rounds=20, alone_calls=10)
+        else:
+            base = dict(rounds=7, steps_per_block=2, warmup_steps=1, alone_rounds=10, alone_calls=4)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(device=device, quick=quick, **base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and counting primitives
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(workload: Workload) -> contextlib.AbstractContextManager[Any]:
+    if workload.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(workload.device.type, dtype=workload.autocast_dtype)
+
+
+def train_step(workload: Workload, method: Method, batch_index: int) -> None:
+    """One full training step with ``method`` watching it."""
+    batch = workload.batches[batch_index % len(workload.batches)]
+    workload.optimizer.zero_grad(set_to_none=True)
+    with method.step_context():  # detect_anomaly must cover forward and backward
+        with _autocast(workload):
+            loss = workload.loss_fn(workload.model, batch)
+        loss.backward()
+    method.after_backward(workload)
+    workload.optimizer.step()
+
+
+class _DispatchCounter(TorchDispatchMode):
+    """Counts aten ops reaching the dispatcher and, among them, reads of a value to the host."""
+
+    _HOST_READS = {torch.ops.aten._local_scalar_dense.default}  # .item(), bool(t), float(t), int(t)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops += 1
+        if func in self._HOST_READS:
+            self.host_reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Counts:
+    """What one call of the monitoring work does."""
+
+    aten_ops: int
+    host_reads: int
+    cuda_syncs: int | None = None
+    cuda_launches: int | None = None
+
+
+def count_work(fn: Callable[[], Any], device: torch.device) -> Counts:
+    """Runs ``fn`` (a few times on CUDA) and counts what it dispatches, reads and launches."""
+    with _DispatchCounter() as counter:
+        fn()
+    counts = Counts(counter.ops, counter.host_reads)
+    if device.type != "cuda":
+        return counts
+    _sync(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    counts.cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
+    _sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    counts.cuda_launches = sum(e.count for e in prof.key_averages() if "LaunchKernel" in e.key)
+    return counts
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+class _Grads:
+    """A snapshot of the gradients, restored before each monitoring-alone call."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.pairs = [(p, p.grad.detach().clone()) for p in model.parameters() if p.grad is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, g in self.pairs:
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+
+
+class _Progress:
+    """A tqdm bar when wanted and available, else nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, **postfix: str) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _rotated(items: list[Method], shift: int) -> Iterator[Method]:
+    # Rotating the order each round keeps any method from always running right after another.
+    shift %= len(items)
+    return iter(items[shift:] + items[:shift])
+
+
+def _work_units(config: SuiteConfig, num_methods: int) -> int:
+    per_method = config.rounds * (config.warmup_steps + config.steps_per_block) + config.alone_rounds * (
+        1 + config.alone_calls
+    )
+    return num_methods * per_method
+
+
+def _median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples) if samples else math.nan
+
+
+def _iqr_ms(samples: list[float]) -> float:
+    if len(samples) < 2:
+        return 0.0
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return 1e3 * (q[2] - q[0])
+
+
+def run_workload(name: str, config: SuiteConfig, progress: _Progress) -> dict[str, Any]:
+    """Measures every method on workload ``name``; returns its JSON-ready results."""
+    workload = build_workload(name, config.device, quick=config.quick)
+    methods = list(make_methods(None if config.methods is None else list(config.methods)))
+    baseline = methods[0]
+    device = config.device
+
+    for i in range(max(2, config.warmup_steps)):  # optimizer state, allocator, one-time kernels
+        train_step(workload, baseline, i)
+
+    # 1. Monitoring work alone, on the gradients of one fixed step.
+    train_step(workload, baseline, 0)
+    workload.optimizer.zero_grad(set_to_none=False)
+    with _autocast(workload):
+        loss = workload.loss_fn(workload.model, workload.batches[0])
+    loss.backward()
+    grads = _Grads(workload.model)
+    alone: dict[str, list[float]] = {m.name: [] for m in methods}
+    separable: dict[str, bool] = {}
+    counts: dict[str, Counts] = {}
+    for r in range(config.alone_rounds):
+        for method in _rotated(methods, r):
+            progress.update(0, workload=name, phase="alone", method=method.name)
+            method.attach(workload)
+            try:
+                grads.restore()
+                separable[method.name] = method.monitor_once(workload)  # untimed warm call
+                progress.update(1)
+                for _ in range(config.alone_calls):
+                    grads.restore()
+                    elapsed = _timed(lambda m=method: [m.monitor_once(workload) for _ in range(m.period)], device)
+                    alone[method.name].append(elapsed / method.period)
+                    progress.update(1)
+                if r == 0 and separable[method.name]:
+                    grads.restore()
+                    counts[method.name] = count_work(lambda m=method: m.monitor_once(workload), device)
+            finally:
+                method.detach()
+
+    # 2. Whole training steps, round-robin; batch k of a block is the same batch for every method.
+    steps: dict[str, list[float]] = {m.name: [] for m in methods}
+    for r in range(config.rounds):
+        for method in _rotated(methods, r):
+            progress.update(0, workload=name, phase="steps", method=method.name)
+            method.attach(workload)
+            try:
+                for k in range(config.warmup_steps):
+                    train_step(workload, method, k)
+                    progress.update(1)
+                for k in range(config.steps_per_block):
+                    steps[method.name].append(_timed(lambda m=method, k=k: train_step(workload, m, k), device))
+                    progress.update(1)
+            finally:
+                method.detach()
+
+    # Work that cannot be separated from the step (detect_anomaly) is counted as a step difference.
+    def step_counts(method: Method) -> Counts:
+        method.attach(workload)
+        try:
+            return count_work(lambda: train_step(workload, method, 0), device)
+        finally:
+            method.detach()
+
+    base_counts = step_counts(baseline)
+    for method in methods:
+        if not separable[method.name]:
+            c = step_counts(method)
+            counts[method.name] = Counts(
+                c.aten_ops - base_counts.aten_ops,
+                c.host_reads - base_counts.host_reads,
+                None if c.cuda_syncs is None else c.cuda_syncs - (base_counts.cuda_syncs or 0),
+                None if c.cuda_launches is None else c.cuda_launches - (base_counts.cuda_launches or 0),
+            )
+
+    base_step = statistics.median(steps[baseline.name])
+    results: dict[str, Any] = {}
+    for method in methods:
+        step_med = statistics.median(steps[method.name])
+        if separable[method.name]:
+            alone_ms, alone_kind = _median_ms(alone[method.name]), "measured"
+        else:
+            alone_ms, alone_kind = 1e3 * (step_med - base_step), "step difference"
+        c = counts[method.name]
+        results[method.name] = {
+            "label": method.label,
+            "computes": method.computes,
+            "implementation": method.implementation,
+            "period": method.period,
+            "step_ms": 1e3 * step_med,
+            "step_ms_iqr": _iqr_ms(steps[method.name]),
+            "step_samples": len(steps[method.name]),
+            "overhead_pct": 100.0 * (step_med - base_step) / base_step,
+            "monitor_ms": alone_ms,
+            "monitor_ms_iqr": _iqr_ms(alone[method.name]) if separable[method.name] else None,
+            "monitor_kind": alone_kind,
+            "monitor_pct_of_step": 100.0 * alone_ms / (1e3 * base_step),
+            "host_reads_per_step": c.host_reads,
+            "aten_ops_per_step": c.aten_ops,
+            "cuda_syncs_per_step": c.cuda_syncs,
+            "cuda_launches_per_step": c.cuda_launches,
+        }
+    return {
+        "description": workload.description,
+        "num_tensors": workload.num_tensors,
+        "num_params": workload.num_params,
+        "baseline_step_ms": 1e3 * base_step,
+        "methods": results,
+    }
+
+
+def _environment(config: SuiteConfig) -> dict[str, Any]:
+    import gradwatch
+
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": config.device.type,
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gradwatch": gradwatch.__version__,
+        "gradwatch_cpu_kernel": gradwatch.cpu_kernel_capability(),
+        "quick": config.quick,
+        "rounds": config.rounds,
+        "steps_per_block": config.steps_per_block,
+        "alone_samples": config.alone_rounds * config.alone_calls,
+    }
+    if config.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(config.device)
+    return env
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def run_suite(config: SuiteConfig) -> dict[str, Any]:
+    """Runs every workload; returns ``{"environment": ..., "workloads": {name: ...}}``."""
+    unknown = set(config.workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workloads {sorted(unknown)}; expected some of {', '.join(WORKLOADS)}")
+    num_methods = len(list(make_methods(None if config.methods is None else list(config.methods))))
+    progress = _Progress(len(config.workloads) * _work_units(config, num_methods), config.progress)
+    try:
+        workloads = {name: run_workload(name, config, progress) for name in config.workloads}
+    finally:
+        progress.close()
+    skipped = {name: "not installed (pip install zclip)" for name, spec in METHODS.items() if not spec.available()}
+    return {"environment": _environment(config), "workloads": workloads, "skipped_methods": skipped}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _fmt(x: float | int | None, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The results as markdown: one table per workload and the notes needed to read them."""
+    env = results["environment"]
+    cuda = env["device"] == "cuda"
+    where = env.get("gpu") if cuda else f"{env['cpu']}, {env['threads']} threads"
+    lines = [
+        f"Measured {env['date']} on {where}; torch {env['torch']}, gradwatch {env['gradwatch']} "
+        f"(CPU kernel {env['gradwatch_cpu_kernel']}). Whole steps: median of {env['rounds'] * env['steps_per_block']} "
+        f"steps per method, round-robin; monitoring alone: median of {env['alone_samples']} calls on fixed gradients."
+    ]
+    if env["quick"]:
+        lines.append("\n**Quick (smoke-test) size: the numbers below say nothing about performance.**")
+    if results.get("skipped_methods"):
+        lines.append("\nSkipped: " + ", ".join(f"{k} ({v})" for k, v in results["skipped_methods"].items()))
+    count_cols = "host syncs / step | kernel launches / step" if cuda else "host reads / step | aten ops / step"
+    for name, w in results["workloads"].items():
+        lines += [
+            "",
+            f"**{name}**: {w['description']}; unmonitored step {w['baseline_step_ms']:.1f} ms.",
+            "",
+            "| method | computes | step ms (IQR) | step overhead % | monitoring alone ms | alone % of step | "
+            f"{count_cols} |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m in w["methods"].values():
+            alone = _fmt(m["monitor_ms"], 3) + (" (step diff.)" if m["monitor_kind"] != "measured" else "")
+            if cuda:
+                c1, c2 = m["cuda_syncs_per_step"], m["cuda_launches_per_step"]
+            else:
+                c1, c2 = m["host_reads_per_step"], m["aten_ops_per_step"]
+            label = m["label"] + (f" [{m['implementation']}]" if m["implementation"] else "")
+            lines.append(
+                f"| {label} | {m['computes']} | {_fmt(m['step_ms'], 1)} ({_fmt(m['step_ms_iqr'], 1)}) | "
+                f"{_fmt(m['overhead_pct'], 1)} | {alone} | {_fmt(m['monitor_pct_of_step'], 2)} | {c1} | {c2} |"
+            )
+    lines += ["", *(_NOTES_CUDA if cuda else _NOTES_CPU)]
+    return "\n".join(lines) + "\n"
+
+
+_NOTES_COMMON = [
+    "- *step overhead %*: median monitored step vs median unmonitored step. Differences under a few percent "
+    "are within run-to-run noise; read *monitoring alone* for small overheads.",
+    "- *monitoring alone*: only the per-step monitoring call, timed on fixed gradients restored before each call. "
+    "For `every=N` it is the cost amortized over N steps (the step median then shows an unsampled step). "
+    "`detect_anomaly` cannot be separated from the step, so its figure is the step-time difference.",
+]
+_NOTES_CPU = [
+    *_NOTES_COMMON,
+    "- *host reads*: `.item()`/`bool()`/`float()` reads of a tensor value, counted at the dispatcher "
+    "(`aten::_local_scalar_dense`). On a CPU a host read costs no device sync, so the per-layer hooks pay only for "
+    "their Python and one reduction per layer: both they and gradwatch sit near the memory-read floor here. "
+    "On a GPU each of those reads is a full device sync.",
+    "- *aten ops*: operators dispatched by the monitoring work (the CPU stand-in for kernel launches).",
+]
+_NOTES_CUDA = [
+    *_NOTES_COMMON,
+    "- *host syncs*: warnings from `torch.cuda.set_sync_debug_mode('warn')` during the monitoring call.",
+    "- *kernel launches*: `cudaLaunchKernel`-family calls in `torch.profiler` during the monitoring call.",
+]
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """A bar chart per workload: monitoring alone and whole-step overhead, % of the unmonitored step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: CI and remote machines
+    import matplotlib.pyplot as plt
+
+    workloads = results["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 6), squeeze=False)
+    for ax, (name, w) in zip(axes[0], workloads.items(), strict=True):
+        methods = [m for key, m in w["methods"].items() if key != "baseline"]
+        labels = [m["label"] for m in methods]
+        y = range(len(methods))
+        alone = [m["monitor_pct_of_step"] for m in methods]
+        step = [m["overhead_pct"] for m in methods]
+        ax.barh([i - 0.2 for i in y], alone, height=0.4, label="monitoring alone")
+        ax.barh([i + 0.2 for i in y], step, height=0.4, label="whole-step overhead", alpha=0.6)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("symlog", linthresh=1.0)  # spans 0.1% to 1000%, and noise may be negative
+        ax.axvline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("% of the unmonitored step (symlog)")
+        ax.set_title(f"{name} ({results['environment']['device']})")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Writes ``overhead_<device>.json``, ``.md`` and ``.png`` into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"overhead_{results['environment']['device']}" + ("_quick" if results["environment"]["quick"] else "")
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    paths["md"].write_text(render_markdown(results))
+    plot(results, paths["png"])
+    return paths
+
+
+def update_results_md(results: dict[str, Any], path: Path) -> None:
+    """Puts this run's tables under :data:`RESULTS_SECTION` in ``path``, one subsection per device.
+
+    Only this device's subsection is replaced; other sections of the file (other benchmarks) and
+    the other device's subsection are kept.
+    """
+    env = results["environment"]
+    key = "### GPU" if env["device"] == "cuda" else "### CPU"
+    where = env.get("gpu") if env["device"] == "cuda" else env["cpu"]
+    body = f"{key}: {where}\n\n{render_markdown(results)}"
+    if env["device"] != "cuda":
+        body += (
+            "- The CPU was shared with other jobs while this ran: whole-step medians carry several percent of "
+            "noise; the monitoring-alone column is the reliable one.\n"
+        )
+    sections = _split_sections(path.read_text() if path.exists() else "# Benchmark results\n", "## ")
+    subsections = _split_sections(sections.get(RESULTS_SECTION, RESULTS_SECTION + "\n\n" + _INTRO), "### ")
+    subsections[key] = body
+    head = subsections.pop("")  # the section heading and its intro
+    ordered = [head] + [subsections[k] for k in sorted(subsections)]  # CPU before GPU
+    sections[RESULTS_SECTION] = "\n".join(s.rstrip("\n") + "\n" for s in ordered)
+    path.write_text("\n".join(s.rstrip("\n") + "\n" for s in sections.values()))
+
+
+_INTRO = (
+    "Produced by `python -m benchmarks` (`benchmarks/overhead.py`, issue 6); each run replaces the subsection "
+    "for its device. JSON and charts: `benchmarks/results/overhead_<device>.*`.\n"
+)
+
+
+def _split_sections(text: str, level: str) -> dict[str, str]:
+    """Splits markdown at headings starting with ``level``, in order; ``""`` keys the text before the first.
+
+    Each value keeps its heading line. A heading's key is its text before any colon, so
+    ``### CPU: <model>`` is found again when the CPU model changes.
+    """
+    sections: dict[str, str] = {}
+    key, lines = "", []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(level):
+            if lines:
+                sections[key] = "".join(lines)
+            key, lines = line.rstrip("\n").split(":", 1)[0], []
+        lines.append(line)
+    if lines:
+        sections[key] = "".join(lines)
+    return sections
