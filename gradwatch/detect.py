@@ -1,0 +1,463 @@
+"""Anomaly detectors: packed gradient statistics in, flag tensors out, all on the device.
+
+A :class:`Detector` turns the packed ``[n + 1, 3]`` output of :func:`gradwatch.grad_stats_packed`
+into boolean flags per parameter and per step, without ever reading a value on the host. Its
+running statistics are device tensors with ``state_dict`` / ``load_state_dict``, so a resumed run
+continues the detector exactly.
+
+What is detected (columns of the flag tensors are ``list(AnomalyKind)``, see :data:`KIND_INDEX`):
+
+* non-finite gradients (NaN/Inf element counts from the fused op);
+* fixed rules: a per-parameter norm over ``max_norm``, the total norm over ``max_total_norm``, and
+  the mean of the last ``rolling_window`` total norms over ``rolling_limit``;
+* adaptive spikes: the z-score of the log-norm against an exponential moving mean/variance, per
+  parameter and for the total norm, after a warm-up baseline;
+* vanishing gradients: a parameter's norm far below its own baseline (``0`` included);
+* loss spikes and non-finite losses (:meth:`Detector.detect_loss`).
+
+Why the log-norm and an EMA: gradient norms are positive and vary multiplicatively (a learning-rate
+change or a bad batch scales them), so their logarithm is close to symmetric and a ``x10^4`` spike
+and a collapse to ``1e-4`` of the baseline are the same distance from the mean; on the raw norm the
+variance is dominated by the largest steps and a collapse is invisible. An EMA (as in ZClip,
+Kumar et al. 2025, alpha 0.97) costs O(1) memory per parameter and tracks the slow drift of
+training, where a window (OLMo-core, 128 steps) costs ``window`` values per parameter.
+
+Flagged values do not poison the statistics (the NaN-in-window failure of early OLMo spike
+detection): NaN/Inf never enter, and once armed every value enters *winsorized* to
+``mean +- sigma * std`` (as ZClip updates with the clipped norm), so one ``x10^4`` spike moves the
+baseline by at most ``(1 - ema) * sigma * std`` while a genuine level shift is still learned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+
+from .events import AnomalyKind
+
+__all__ = [
+    "KINDS",
+    "KIND_INDEX",
+    "NUM_KINDS",
+    "DetectorConfig",
+    "Detection",
+    "LossDetection",
+    "RunningStats",
+    "Detector",
+    "kind_mask",
+]
+
+KINDS: tuple[AnomalyKind, ...] = tuple(AnomalyKind)
+"""Column order of every flag tensor."""
+KIND_INDEX: dict[AnomalyKind, int] = {k: i for i, k in enumerate(KINDS)}
+"""Column of each kind in the flag tensors."""
+NUM_KINDS = len(KINDS)
+
+_TINY = 1e-30  # log(0) stand-in: a norm of exactly 0 becomes log(1e-30) ~ -69, far below any baseline
+
+
+def kind_mask(kinds: frozenset[AnomalyKind] | set[AnomalyKind], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A boolean ``[NUM_KINDS]`` mask selecting ``kinds`` (column order of :data:`KINDS`)."""
+    return torch.tensor([k in kinds for k in KINDS], dtype=torch.bool, device=device)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Detector settings. Every field is also a keyword argument of ``GradWatch``.
+
+    Attributes:
+        sigma: z-score (in log-norm space) above which a norm is a spike. Default 6: per-parameter
+            detection tests hundreds of statistics every step, so the "3 sigma" rule of thumb
+            (one-sided p ~ 1.3e-3) would fire every few steps on a healthy model; 6 sigma is what
+            OLMo-core uses for its loss/grad-norm spike detector. ZClip's 2.5 sigma is a *clipping*
+            threshold (a gentle action) and is the default of the ``adaptive_clip`` policy instead.
+        ema: decay of the moving mean/variance. 0.98 remembers ~50 steps (1 / (1 - ema)); ZClip
+            uses 0.97. Until ``1 / (count + 1)`` drops below ``1 - ema`` the update is the plain
+            cumulative mean/variance, so the baseline is unbiased from the first step.
+        warmup: observations of a statistic before its adaptive rules arm (fixed rules and
+            non-finite checks are active from step 0). Default 50 = the EMA's memory: the variance
+            estimate has ~50 samples behind it when it first judges a value. ZClip warms up 25 steps.
+        min_spike_ratio: a spike must also be at least this many times the running (geometric) mean
+            norm. Guards against parameters whose norm is almost constant (tiny variance) flagging
+            a harmless 10% move as "6 sigma". Default 2.
+        vanishing_ratio: a norm is vanishing when it is below ``vanishing_ratio`` times its running
+            (geometric) mean *and* more than ``sigma`` below it. Default 1e-3 (three decades).
+        max_norm: fixed per-parameter norm limit, or None.
+        max_total_norm: fixed total-norm limit, or None.
+        rolling_window: how many recent total norms the rolling-mean rule averages (default 10, the
+            ``grad_norms[-10:]`` rule of hand-written monitors). It judges only full windows.
+        rolling_limit: limit for the rolling mean of the total norm, or None (rule off).
+        loss_sigma: z-score for loss spikes (raw loss, not log: losses may be negative and are
+            usually log-likelihoods already). None means ``sigma``. A loss spike must also exceed
+            the mean by 1% of ``|mean|``.
+        per_param: whether the adaptive spike/vanishing rules run per parameter (True) or only on
+            the total norm.
+    """
+
+    sigma: float = 6.0
+    ema: float = 0.98
+    warmup: int = 50
+    min_spike_ratio: float = 2.0
+    vanishing_ratio: float = 1e-3
+    max_norm: float | None = None
+    max_total_norm: float | None = None
+    rolling_window: int = 10
+    rolling_limit: float | None = None
+    loss_sigma: float | None = None
+    per_param: bool = True
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+        positive("sigma", self.sigma)
+        positive("min_spike_ratio", self.min_spike_ratio)
+        positive("vanishing_ratio", self.vanishing_ratio)
+        positive("max_norm", self.max_norm, allow_none=True)
+        positive("max_total_norm", self.max_total_norm, allow_none=True)
+        positive("rolling_limit", self.rolling_limit, allow_none=True)
+        positive("loss_sigma", self.loss_sigma, allow_none=True)
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a float in (0, 1), got {self.ema!r}")
+        for name in ("warmup", "rolling_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.per_param, bool):
+            raise TypeError(f"per_param must be a bool, got {self.per_param!r}")
+        if self.min_spike_ratio < 1:
+            raise ValueError(f"min_spike_ratio must be >= 1, got {self.min_spike_ratio!r}")
+        if self.vanishing_ratio >= 1:
+            raise ValueError(f"vanishing_ratio must be < 1, got {self.vanishing_ratio!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> DetectorConfig:
+        """Builds a config from keyword options, naming any unknown option in a TypeError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown detector option(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**options)
+
+
+class Detection(NamedTuple):
+    """Flags and statistics of one check, all on the device (nothing read on the host).
+
+    Attributes:
+        param_flags: bool ``[n, NUM_KINDS]``, per-parameter anomalies (columns as :data:`KINDS`).
+        global_flags: bool ``[NUM_KINDS]``, step-level anomalies; the NONFINITE column is set when
+            any parameter is non-finite, SPIKE when the total norm spikes.
+        z: float64 ``[n]``, z-score of each log-norm (0 while not armed).
+        total_z: float64 scalar, z-score of the log total norm.
+        spike_threshold: float64 ``[n]``, the norm above which a parameter counts as a spike (inf
+            while not armed).
+        vanish_threshold: float64 ``[n]``, the norm below which it counts as vanishing (0 while not
+            armed).
+        total_threshold: float64 scalar, the spike threshold of the total norm.
+        rolling_mean: float64 scalar, mean of the recent total norms (NaN until the window is full).
+        total_log_mean: float64 scalar, running mean of the log total norm (before this step).
+        total_log_std: float64 scalar, running std of the log total norm (before this step).
+        total_armed: bool scalar, whether the total-norm statistics are past warm-up.
+    """
+
+    param_flags: torch.Tensor
+    global_flags: torch.Tensor
+    z: torch.Tensor
+    total_z: torch.Tensor
+    spike_threshold: torch.Tensor
+    vanish_threshold: torch.Tensor
+    total_threshold: torch.Tensor
+    rolling_mean: torch.Tensor
+    total_log_mean: torch.Tensor
+    total_log_std: torch.Tensor
+    total_armed: torch.Tensor
+
+
+class LossDetection(NamedTuple):
+    """Result of :meth:`Detector.detect_loss`, on the device.
+
+    Attributes:
+        flags: bool ``[NUM_KINDS]`` with the LOSS_SPIKE / LOSS_NONFINITE columns possibly set.
+        value: float64 scalar, the loss.
+        threshold: float64 scalar, the loss above which it counts as a spike (inf while not armed).
+    """
+
+    flags: torch.Tensor
+    value: torch.Tensor
+    threshold: torch.Tensor
+
+
+class RunningStats:
+    """Moving mean/variance of ``size`` streams as device tensors, with warm-up and winsorizing.
+
+    The update is Finch's incremental EMA ("Incremental calculation of weighted mean and variance",
+    2009) with weight ``a = max(1 - ema, 1 / count)``: the plain cumulative mean/variance for the
+    first ``1 / (1 - ema)`` observations, an EMA after.
+
+    Args:
+        size: number of independent streams.
+        ema: decay in (0, 1).
+        warmup: observations before a stream is armed.
+        sigma: winsorizing width: once armed, values enter clamped to ``mean +- sigma * std``.
+    """
+
+    def __init__(self, size: int, *, ema: float, warmup: int, sigma: float):
+        self.size, self.ema, self.warmup, self.sigma = size, ema, warmup, sigma
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def _ensure(self, device: torch.device) -> None:
+        if self.mean is None:
+            self.mean = torch.zeros(self.size, dtype=torch.float64, device=device)
+            self.var = torch.zeros(self.size, dtype=torch.float64, device=device)
+            self.count = torch.zeros(self.size, dtype=torch.int64, device=device)
+
+    def view(self, index: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Mean, std, armed of the selected streams (``index`` None: all)."""
+        self._ensure(device)
+        mean, var, count = self.mean, self.var, self.count
+        if index is not None:
+            mean, var, count = mean[index], var[index], count[index]
+        return mean, var.clamp_min(0).sqrt(), count >= self.warmup
+
+    def update_(self, x: torch.Tensor, ok: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Adds ``x`` (float64, one per selected stream) where ``ok``; NaN/Inf are never added."""
+        self._ensure(x.device)
+        mean, var, count = self.mean, self.var, self.count
+        if index is not None:
+            mean, var, count = mean[index], var[index], count[index]
+        ok = ok & torch.isfinite(x)
+        armed = count >= self.warmup
+        half = self.sigma * var.clamp_min(0).sqrt()
+        x = torch.where(armed, torch.minimum(torch.maximum(x, mean - half), mean + half), x)
+        x = torch.where(ok, x, mean)  # keeps NaN out of the arithmetic below
+        a = torch.clamp_min(1.0 / (count + 1).to(torch.float64), 1.0 - self.ema)
+        diff = x - mean
+        incr = a * diff
+        new_mean = torch.where(ok, mean + incr, mean)
+        new_var = torch.where(ok, (1.0 - a) * (var + diff * incr), var)
+        new_count = count + ok.to(torch.int64)
+        if index is None:
+            self.mean, self.var, self.count = new_mean, new_var, new_count
+        else:
+            self.mean = self.mean.index_copy(0, index, new_mean)
+            self.var = self.var.index_copy(0, index, new_var)
+            self.count = self.count.index_copy(0, index, new_count)
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """Copies of the state tensors (None before the first observation)."""
+        return {k: None if v is None else v.clone() for k, v in (("mean", self.mean), ("var", self.var),
+                                                                  ("count", self.count))}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor | None], device: torch.device | None = None) -> None:
+        """Restores :meth:`state_dict` output, optionally onto ``device``."""
+        for key in ("mean", "var", "count"):
+            value = state[key]
+            if value is not None:
+                if value.shape != (self.size,):
+                    raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}; expected ({self.size},)")
+                value = value.clone() if device is None else value.to(device, copy=True)
+            setattr(self, key, value)
+
+
+class Detector:
+    """Device-side anomaly detection for ``num_params`` watched parameters.
+
+    Args:
+        num_params: number of watched parameters (the rows of the statistics it will see; a check
+            may see a subset, selected by ``index``).
+        config: a :class:`DetectorConfig`; or pass its fields as keyword options.
+        **options: :class:`DetectorConfig` fields, used when ``config`` is None.
+
+    Example:
+        >>> import torch, gradwatch
+        >>> det = Detector(2, warmup=5)
+        >>> for _ in range(10):
+        ...     d = det.detect(gradwatch.grad_stats_packed([torch.ones(4), torch.ones(3)]))
+        >>> d = det.detect(gradwatch.grad_stats_packed([torch.full((4,), 1e4), torch.ones(3)]))
+        >>> d.param_flags[:, KIND_INDEX[AnomalyKind.SPIKE]].tolist()
+        [True, False]
+    """
+
+    def __init__(self, num_params: int, config: DetectorConfig | None = None, **options: Any):
+        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
+            raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
+        if config is not None and options:
+            raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
+        self.config = config if config is not None else DetectorConfig.from_options(options)
+        self.num_params = num_params
+        c = self.config
+        stats = {"ema": c.ema, "warmup": c.warmup, "sigma": c.sigma}
+        self.params = RunningStats(num_params, **stats)
+        self.total = RunningStats(1, **stats)
+        self.loss = RunningStats(1, ema=c.ema, warmup=c.warmup, sigma=c.loss_sigma or c.sigma)
+        self.window: torch.Tensor | None = None  # last rolling_window total norms, oldest first
+        self.window_count: torch.Tensor | None = None
+
+    def detect(
+        self,
+        packed: torch.Tensor,
+        index: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
+    ) -> Detection:
+        """Flags the anomalies in one step's statistics and updates the running statistics.
+
+        Args:
+            packed: float64 ``[n + 1, 3]`` from ``grad_stats_packed`` (rows: norm, max|x|, non-finite
+                count; the last row holds the totals), on the device where the state lives.
+            index: int64 ``[n]``, which watched parameters the rows are (None: all, in order).
+            ignore: optional bool scalar tensor; where True nothing is flagged and no statistic is
+                updated (used for steps the AMP ``GradScaler`` skips on its own).
+
+        Returns:
+            A :class:`Detection` on ``packed.device``.
+        """
+        if packed.dim() != 2 or packed.shape[1] != 3 or packed.shape[0] < 2:
+            raise ValueError(f"packed must have shape [n + 1, 3] with n >= 1, got {tuple(packed.shape)}")
+        n = packed.shape[0] - 1
+        if index is None and n != self.num_params:
+            raise ValueError(f"packed has {n} parameter rows but the detector watches {self.num_params}; pass index")
+        if index is not None and index.numel() != n:
+            raise ValueError(f"index has {index.numel()} entries but packed has {n} parameter rows")
+        c = self.config
+        device = packed.device
+        packed = packed.to(torch.float64)
+        norms, nonfinite = packed[:-1, 0], packed[:-1, 2]
+        total = packed[-1, 0:1]
+        keep = torch.ones((), dtype=torch.bool, device=device) if ignore is None else ~ignore.to(device, torch.bool)
+
+        pflags = torch.zeros((n, NUM_KINDS), dtype=torch.bool, device=device)
+        gflags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
+        bad = nonfinite > 0
+        pflags[:, KIND_INDEX[AnomalyKind.NONFINITE]] = bad
+        gflags[KIND_INDEX[AnomalyKind.NONFINITE]] = packed[-1, 2] > 0
+        if c.max_norm is not None:
+            pflags[:, KIND_INDEX[AnomalyKind.NORM_LIMIT]] = norms > c.max_norm
+        if c.max_total_norm is not None:
+            gflags[KIND_INDEX[AnomalyKind.TOTAL_NORM_LIMIT]] = total[0] > c.max_total_norm
+
+        log_spike, log_vanish = math.log(c.min_spike_ratio), math.log(c.vanishing_ratio)
+        inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        if c.per_param:
+            x = norms.clamp_min(_TINY).log()
+            mean, std, armed = self.params.view(index, device)
+            z = torch.where(armed, (x - mean) / std.clamp_min(1e-12), torch.zeros_like(x))
+            up = torch.maximum(c.sigma * std, torch.full_like(std, log_spike))
+            down = torch.minimum(-c.sigma * std, torch.full_like(std, log_vanish))
+            spike_thr = torch.where(armed, (mean + up).exp(), inf)
+            vanish_thr = torch.where(armed, (mean + down).exp(), torch.zeros_like(x))
+            finite = torch.isfinite(x)
+            pflags[:, KIND_INDEX[AnomalyKind.SPIKE]] = armed & finite & (x - mean > up)
+            pflags[:, KIND_INDEX[AnomalyKind.VANISHING]] = armed & finite & (x - mean < down)
+            self.params.update_(x, keep.expand(n) & ~bad, index)
+        else:
+            z, spike_thr, vanish_thr = torch.zeros_like(norms), inf, torch.zeros_like(norms)
+
+        tx = total.clamp_min(_TINY).log()
+        tmean, tstd, tarmed = self.total.view(None, device)
+        tup = torch.maximum(c.sigma * tstd, torch.full_like(tstd, log_spike))
+        total_z = torch.where(tarmed, (tx - tmean) / tstd.clamp_min(1e-12), torch.zeros_like(tx))
+        total_thr = torch.where(tarmed, (tmean + tup).exp(), torch.full_like(tx, math.inf))
+        gflags[KIND_INDEX[AnomalyKind.SPIKE]] = (tarmed & torch.isfinite(tx) & (tx - tmean > tup))[0]
+        self.total.update_(tx, keep.reshape(1))
+
+        rolling = self._roll_(total, keep)
+        if c.rolling_limit is not None:
+            gflags[KIND_INDEX[AnomalyKind.ROLLING_MEAN]] = rolling > c.rolling_limit
+
+        pflags &= keep
+        gflags &= keep
+        return Detection(
+            param_flags=pflags,
+            global_flags=gflags,
+            z=z,
+            total_z=total_z[0],
+            spike_threshold=spike_thr,
+            vanish_threshold=vanish_thr,
+            total_threshold=total_thr[0],
+            rolling_mean=rolling,
+            total_log_mean=tmean[0],
+            total_log_std=tstd[0],
+            total_armed=tarmed[0],
+        )
+
+    def _roll_(self, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        k = self.config.rolling_window
+        if self.window is None:
+            self.window = torch.zeros(k, dtype=torch.float64, device=total.device)
+            self.window_count = torch.zeros((), dtype=torch.int64, device=total.device)
+        ok = keep & torch.isfinite(total[0])
+        self.window = torch.where(ok, torch.cat([self.window[1:], total]), self.window)
+        self.window_count = self.window_count + ok.to(torch.int64)
+        mean = self.window.mean()
+        return torch.where(self.window_count >= k, mean, torch.full_like(mean, math.nan))
+
+    def detect_loss(self, loss: torch.Tensor, ignore: torch.Tensor | None = None) -> LossDetection:
+        """Flags a loss spike or a non-finite loss and updates the loss statistics.
+
+        Args:
+            loss: a scalar tensor (any float dtype; detached here).
+            ignore: optional bool scalar tensor; where True nothing is flagged or updated.
+
+        Returns:
+            A :class:`LossDetection` on ``loss.device``.
+        """
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+        device = loss.device
+        value = loss.detach().reshape(1).to(torch.float64)
+        keep = torch.ones(1, dtype=torch.bool, device=device) if ignore is None else ~ignore.reshape(1).bool()
+        sigma = self.config.loss_sigma or self.config.sigma
+        mean, std, armed = self.loss.view(None, device)
+        margin = torch.maximum(sigma * std, 0.01 * mean.abs())
+        threshold = torch.where(armed, mean + margin, torch.full_like(mean, math.inf))
+        flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
+        finite = torch.isfinite(value)
+        flags[KIND_INDEX[AnomalyKind.LOSS_NONFINITE]] = (~finite & keep)[0]
+        flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE]] = (armed & finite & keep & (value > threshold))[0]
+        self.loss.update_(value, keep)
+        return LossDetection(flags=flags, value=value[0], threshold=threshold[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of every running statistic, plus the config (checked on load)."""
+        return {
+            "config": asdict(self.config),
+            "num_params": self.num_params,
+            "params": self.params.state_dict(),
+            "total": self.total.state_dict(),
+            "loss": self.loss.state_dict(),
+            "window": None if self.window is None else self.window.clone(),
+            "window_count": None if self.window_count is None else self.window_count.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
+        """Restores :meth:`state_dict` output so detection resumes exactly.
+
+        Args:
+            state: output of :meth:`state_dict`.
+            device: where to put the tensors (default: where they were saved).
+
+        Raises:
+            ValueError: the state is for a different number of parameters.
+        """
+        if state["num_params"] != self.num_params:
+            raise ValueError(f"state is for {state['num_params']} parameters; this detector watches {self.num_params}")
+        device = None if device is None else torch.device(device)
+        self.params.load_state_dict(state["params"], device)
+        self.total.load_state_dict(state["total"], device)
+        self.loss.load_state_dict(state["loss"], device)
+        for key in ("window", "window_count"):
+            value = state[key]
+            setattr(self, key, None if value is None else (value.clone() if device is None else value.to(device)))
