@@ -1,0 +1,137 @@
+"""Global gradient statistics and rank-consistent decisions under ``torch.distributed``.
+
+Two facts drive the design:
+
+* **DDP** all-reduces gradients during ``backward``, so when the optimizer step runs every rank holds
+  the same full gradients and their statistics need no reduction. A plain (non-DTensor) gradient is
+  therefore treated as replicated.
+* **FSDP2** (``fully_shard``) and other DTensor sharding leave each rank with a shard of every
+  gradient. Statistics of the *full* parameter follow from the shards' partial statistics without
+  gathering any gradient: sums of squares and non-finite counts add, maxima take the max. All
+  parameters that share a mesh and sharded mesh dims are packed into one tensor, so a step costs
+  two collectives per such group (one ``SUM``, one ``MAX``), typically two in all.
+
+Decisions (skip, raise, clip factor) must be the same on every rank or ranks diverge or deadlock;
+:func:`agree` takes the element-wise maximum of a small decision tensor over the group, so the most
+severe verdict of any rank wins everywhere. Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ._ops import combine_rows
+
+__all__ = ["ShardedStats", "agree", "local_gradient", "is_distributed"]
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when a process group is initialized and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return None
+    return DTensor
+
+
+def local_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """The part of ``grad`` this rank holds: the local shard of a DTensor, else ``grad`` itself."""
+    dtensor = _dtensor_type()
+    return grad.to_local() if dtensor is not None and isinstance(grad, dtensor) else grad
+
+
+@dataclass
+class _ReduceGroup:
+    rows: list[int]  # indices of the parameters sharded this way
+    groups: list[dist.ProcessGroup]  # process groups of the sharded mesh dims
+    index: torch.Tensor | None = None  # rows as a device tensor, made once
+
+
+class ShardedStats:
+    """Turns statistics of local gradient shards into statistics of the full gradients.
+
+    Args:
+        params: the watched parameters, in the order of the rows of the packed statistics. A
+            parameter that is a DTensor with ``Shard`` placements is reduced over the process groups
+            of its sharded mesh dims; any other parameter is taken as replicated.
+
+    Raises:
+        ValueError: a parameter has a ``Partial`` placement (its gradient is not reduced yet).
+
+    Example:
+        >>> reducer = ShardedStats(params)                                        # doctest: +SKIP
+        >>> packed = grad_stats_packed([local_gradient(p.grad) for p in params])  # doctest: +SKIP
+        >>> packed = reducer.reduce(packed)  # rows now describe the full gradients  # doctest: +SKIP
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        dtensor = _dtensor_type()
+        by_layout: dict[tuple, _ReduceGroup] = {}
+        for row, p in enumerate(params):
+            if dtensor is None or not isinstance(p, dtensor):
+                continue
+            if any(pl.is_partial() for pl in p.placements):
+                raise ValueError(
+                    f"ShardedStats: params[{row}] has placements {p.placements}; a Partial gradient is not "
+                    "reduced yet, so its statistics are not those of the full gradient"
+                )
+            dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
+            if not dims:
+                continue
+            key = (id(p.device_mesh), dims)
+            if key not in by_layout:
+                by_layout[key] = _ReduceGroup([], [p.device_mesh.get_group(d) for d in dims])
+            by_layout[key].rows.append(row)
+        self._layouts = list(by_layout.values())
+
+    @property
+    def num_collectives(self) -> int:
+        """Collectives issued per :meth:`reduce` call (two per sharding layout and mesh dim)."""
+        return sum(2 * len(layout.groups) for layout in self._layouts)
+
+    def reduce(self, packed: torch.Tensor) -> torch.Tensor:
+        """Statistics of the full gradients from the local ``[N + 1, 3]`` packed statistics.
+
+        Returns:
+            A new packed tensor whose rows for sharded parameters, and whose total row, describe
+            the full gradients. Identical on every rank of the group.
+        """
+        if not self._layouts:
+            return packed
+        rows = packed[:-1].clone()
+        for layout in self._layouts:
+            if layout.index is None or layout.index.device != rows.device:
+                layout.index = torch.tensor(layout.rows, device=rows.device)
+            part = rows.index_select(0, layout.index)
+            # NaN in MAX is implementation-defined in collectives: carry "has NaN" as a count instead.
+            has_nan = torch.isnan(part[:, 1])
+            sums = torch.stack([part[:, 0].square(), part[:, 2], has_nan.to(part.dtype)], dim=1)
+            maxima = torch.where(has_nan, torch.zeros_like(part[:, 1]), part[:, 1])
+            for group in layout.groups:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+                dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+            maxima = torch.where(sums[:, 2] > 0, torch.full_like(maxima, float("nan")), maxima)
+            rows.index_copy_(0, layout.index, torch.stack([sums[:, 0].sqrt(), maxima, sums[:, 1]], dim=1))
+        return torch.cat([rows, combine_rows(rows)[None]])
+
+
+def agree(decisions: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Makes ``decisions`` identical on all ranks by taking the element-wise max, in place.
+
+    Encode each decision so that "more severe" is larger: flags as 0/1, a clip factor as its
+    negative (so the smallest factor wins). A no-op without an initialized multi-rank group.
+
+    Returns:
+        ``decisions``, now the same on every rank.
+    """
+    if is_distributed(group):
+        dist.all_reduce(decisions, op=dist.ReduceOp.MAX, group=group)
+    return decisions
