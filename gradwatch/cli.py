@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=defaults.steps, help="steps per run (default %(default)s)")
     demo.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="default %(default)s")
     demo.add_argument("--image-size", type=_positive_int, default=defaults.image_size, help="default %(default)s")
-    demo.add_argument("--fault-step", type=int, default=None, help="step of the fault (default: 5/8 of --steps)")
+    demo.add_argument("--fault-step", type=int, default=None, help="step of the fault (default: 3/4 of --steps)")
     demo.add_argument("--fault", choices=FAULTS, default=defaults.fault, help="what goes wrong (default %(default)s)")
     demo.add_argument("--fault-scale", type=float, default=defaults.fault_scale, help="default %(default)g")
     demo.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (default %(default)g)")
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     demo.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1 ... (default %(default)s)")
     demo.add_argument("--out", default=defaults.out, help="output folder (default %(default)s)")
+    demo.add_argument(
+        "--warmup",
+        type=_positive_int,
+        default=None,
+        help="detector warm-up steps (default: gradwatch's, capped at 2/3 of --fault-step)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
@@ -108,13 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_table, run_demo
 
-    fault_step = args.fault_step if args.fault_step is not None else (args.steps * 5) // 8
     config = DemoConfig(
         model=args.model,
         steps=args.steps,
         batch_size=args.batch_size,
         image_size=args.image_size,
-        fault_step=fault_step,
+        fault_step=args.fault_step,
         fault=args.fault,
         fault_scale=args.fault_scale,
         lr=args.lr,
@@ -123,6 +128,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         out=args.out,
         progress=not args.no_progress,
+        warmup=args.warmup,
     )
     try:
         config.validate()

@@ -46,7 +46,7 @@ class DemoConfig:
         batch_size: images per batch.
         image_size: height and width of the square FakeData images.
         num_classes: classes of the FakeData labels.
-        fault_step: step at which the fault is injected (0-based).
+        fault_step: step at which the fault is injected (0-based); None means 3/4 of ``steps``.
         fault: ``"corrupt_batch"`` (loss weights x ``fault_scale``), ``"nan_batch"`` (NaN pixels in
             one image) or ``"lr_spike"`` (learning rate x ``fault_scale`` for one step; gradients
             are normal at that step, so only a ``"rollback"`` policy can undo it).
@@ -57,6 +57,8 @@ class DemoConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         out: folder for ``history.jsonl`` and ``report.png``.
         progress: show tqdm progress bars.
+        warmup: detector warm-up steps; None uses gradwatch's default (50) but at most 2/3 of
+            ``fault_step``, so that the adaptive rules are armed when the fault comes.
         detector_options: extra keyword arguments for :class:`gradwatch.GradWatch`.
     """
 
@@ -65,7 +67,7 @@ class DemoConfig:
     batch_size: int = 16
     image_size: int = 64
     num_classes: int = 10
-    fault_step: int = 50
+    fault_step: int | None = None
     fault: str = "corrupt_batch"
     fault_scale: float = 1e5
     lr: float = 0.01
@@ -74,6 +76,7 @@ class DemoConfig:
     device: str = "auto"
     out: str = "runs/demo"
     progress: bool = True
+    warmup: int | None = None
     detector_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -88,7 +91,9 @@ class DemoConfig:
                 raise ValueError(f"demo: {name} must be a positive int; got {value!r}")
         if self.image_size < 16:
             raise ValueError(f"demo: image_size must be at least 16 for a ResNet; got {self.image_size}")
-        if not 0 < self.fault_step < self.steps - 1:
+        if self.fault_step is None:
+            self.fault_step = self.steps * 3 // 4
+        if not isinstance(self.fault_step, int) or not 0 < self.fault_step < self.steps - 1:
             raise ValueError(
                 f"demo: fault_step must be between 1 and steps - 2 = {self.steps - 2}; got {self.fault_step}"
             )
@@ -206,9 +211,9 @@ def _train(
         from .monitor import GradWatch
 
         policy: Any = config.policy[0] if len(config.policy) == 1 else list(config.policy)
-        watch = GradWatch(
-            model, optimizer, policy=policy, sinks=[history] if history else (), **config.detector_options
-        )
+        warmup = config.warmup if config.warmup is not None else max(1, min(50, config.fault_step * 2 // 3))
+        options = {"warmup": warmup, **config.detector_options}
+        watch = GradWatch(model, optimizer, policy=policy, sinks=[history] if history else (), **options)
     bar = None
     if config.progress:
         try:

@@ -1,0 +1,159 @@
+"""PyTorch Lightning callback: run gradwatch inside ``Trainer.fit`` and log its records to the loggers.
+
+Needs ``lightning`` (or the older ``pytorch_lightning``) installed. The callback checks the
+gradients in ``on_before_optimizer_step``, which Lightning calls after the backward pass inside the
+optimizer closure, so the check sees this step's gradients even though the optimizer's own step
+pre-hooks run before the closure. Metrics reach the loggers from the monitor's asynchronous host
+records, never from a per-layer ``.item()``.
+
+Example:
+    >>> from gradwatch.integrations.lightning import GradWatchCallback  # doctest: +SKIP
+    >>> trainer = lightning.Trainer(callbacks=[GradWatchCallback(policy="skip", history="run.jsonl")])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..events import StepRecord
+from ..monitor import GradWatch
+from ..report import layer_of
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    try:
+        import pytorch_lightning as pl
+    except ImportError as error:
+        raise ImportError(
+            "gradwatch: GradWatchCallback needs PyTorch Lightning; install it with pip install lightning"
+        ) from error
+
+__all__ = ["GradWatchCallback"]
+
+logger = logging.getLogger("gradwatch")
+
+
+class _ManualGradWatch(GradWatch):
+    """A GradWatch whose check is called by the callback rather than an optimizer step pre-hook."""
+
+    _auto_attach = False
+
+
+class GradWatchCallback(pl.Callback):
+    """Watches every gradient of the LightningModule every optimizer step.
+
+    Args:
+        policy: gradwatch policy name(s) or objects, as for :class:`gradwatch.GradWatch`.
+        history: path of a run history file to write, or None.
+        log_layers: also log ``gradwatch/norm/{layer}`` for every layer (module).
+        prefix: metric name prefix.
+        **options: more :class:`gradwatch.GradWatch` keyword arguments (``include``, ``exclude``,
+            ``every``, ``sinks``, detector options such as ``warmup`` or ``max_norm``).
+
+    Attributes:
+        watch: the monitor, from ``on_fit_start`` to the end of fitting (None otherwise).
+        events: every anomaly event seen so far (kept after fitting).
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Any = "warn",
+        history: Any = None,
+        log_layers: bool = False,
+        prefix: str = "gradwatch",
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.history = history
+        self.log_layers = log_layers
+        self.prefix = prefix.rstrip("/")
+        self.options = options
+        self.watch: GradWatch | None = None
+        self.events: list[Any] = []
+        self._trainer: Any = None
+        self._state: Mapping[str, Any] | None = None
+        self._post_hook: Any = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build the monitor on the module and its (first) optimizer."""
+        optimizers = list(trainer.optimizers)
+        if len(optimizers) > 1:
+            logger.warning("gradwatch: GradWatchCallback watches the first of %d optimizers", len(optimizers))
+        optimizer = optimizers[0] if optimizers else None
+        self._trainer = trainer
+        self.watch = _ManualGradWatch(pl_module, optimizer, policy=self.policy, history=self.history, **self.options)
+        self.watch.add_sink(self._log)
+        if optimizer is not None:
+            # The skip fallback hides gradients during the step and puts them back afterwards.
+            self._post_hook = optimizer.register_step_post_hook(self.watch._post_step)
+        if self._state is not None:
+            self.watch.load_state_dict(self._state)
+            self._state = None
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        """Feed the loss to the loss detector (device ops only)."""
+        if self.watch is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.watch.observe_loss(loss.detach())
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Run the check on this step's (accumulated) gradients, before the update."""
+        if self.watch is not None:
+            self.watch.check()
+
+    def _log(self, record: StepRecord) -> None:
+        p = self.prefix
+        metrics: dict[str, float] = {
+            f"{p}/total_norm": record.total_norm,
+            f"{p}/clip_factor": record.clip_factor,
+            f"{p}/skipped": float(record.skipped),
+            f"{p}/anomalies": float(len(record.events)),
+        }
+        if self.log_layers:
+            squares: dict[str, float] = {}
+            for name, norm in zip(record.names, record.norms, strict=False):
+                squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + norm * norm
+            metrics.update({f"{p}/norm/{layer}": sq**0.5 for layer, sq in squares.items()})
+        self.events.extend(record.events)
+        for pl_logger in getattr(self._trainer, "loggers", []) or []:
+            pl_logger.log_metrics(metrics, step=record.step)
+
+    def _finish(self) -> None:
+        if self.watch is None:
+            return
+        try:
+            self.watch.flush()
+        finally:
+            self.watch.remove()
+            if self._post_hook is not None:
+                self._post_hook.remove()
+                self._post_hook = None
+            self.watch = None
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Drain the last records and detach."""
+        self._finish()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Detach (and close the history) when fitting fails."""
+        self._finish()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the monitor's state for Lightning checkpoints (detector statistics, policies)."""
+        return {"watch": self.watch.state_dict()} if self.watch is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the monitor's state (applied when the monitor is built, if it is not yet)."""
+        state = state_dict.get("watch")
+        if state is None:
+            return
+        if self.watch is not None:
+            self.watch.load_state_dict(state)
+        else:
+            self._state = state

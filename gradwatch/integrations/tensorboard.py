@@ -1,0 +1,139 @@
+"""TensorBoard sink: total norm, loss and per-layer norm scalars plus a histogram of per-layer norms.
+
+Fed with :class:`~gradwatch.events.StepRecord` s from the monitor's asynchronous host copies, so
+logging adds no device sync. Needs ``tensorboard`` (``pip install "gradwatch[tensorboard]"``).
+
+Example:
+    >>> from gradwatch.integrations.tensorboard import TensorBoardSink  # doctest: +SKIP
+    >>> watch = gradwatch.GradWatch(model, optimizer, sinks=[TensorBoardSink("runs/tb")])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+from ..events import StepRecord
+from ..report import layer_of
+
+__all__ = ["TensorBoardSink"]
+
+
+def _summary_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError(
+            'gradwatch: TensorBoard logging needs tensorboard; install it with pip install "gradwatch[tensorboard]"'
+        ) from error
+    return SummaryWriter
+
+
+class TensorBoardSink:
+    """Writes each drained step to TensorBoard.
+
+    Tags (``prefix`` defaults to ``"gradwatch"``):
+
+    * ``{prefix}/total_norm``, ``{prefix}/clip_factor``, ``{prefix}/skipped``, ``{prefix}/anomalies``
+      (events this step), and ``{prefix}/loss`` when a loss was observed;
+    * ``{prefix}/norm/{layer}``: the gradient norm of each layer (``per_layer=True``);
+    * ``{prefix}/layer_norms`` and ``{prefix}/log10_layer_norms``: histograms over the layers of
+      their finite norms (``histograms=True``).
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter``, or a log folder to open one in (then
+            :meth:`close` closes it).
+        prefix: tag prefix.
+        per_layer: log a scalar per layer.
+        histograms: log the histograms.
+        group: ``"layer"`` combines a module's parameters (weight, bias) into one norm, in
+            quadrature; ``"param"`` logs every parameter.
+        every: log every ``every``-th step; steps with anomalies are always logged.
+
+    Raises:
+        ImportError: tensorboard is not installed.
+        ValueError: ``group`` or ``every`` is invalid.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        *,
+        prefix: str = "gradwatch",
+        per_layer: bool = True,
+        histograms: bool = True,
+        group: Literal["layer", "param"] = "layer",
+        every: int = 1,
+    ) -> None:
+        if group not in ("layer", "param"):
+            raise ValueError(f"TensorBoardSink: group must be 'layer' or 'param'; got {group!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"TensorBoardSink: every must be a positive int; got {every!r}")
+        self._owns_writer = isinstance(writer, (str, os.PathLike))
+        self.writer = _summary_writer_class()(log_dir=os.fspath(writer)) if self._owns_writer else writer
+        self.prefix = prefix.rstrip("/")
+        self.per_layer = per_layer
+        self.histograms = histograms
+        self.group = group
+        self.every = every
+        self._groups: tuple[tuple[str, ...], list[str], list[int]] | None = None
+
+    def _layers(self, names: tuple[str, ...]) -> tuple[list[str], list[int]]:
+        if self._groups is None or self._groups[0] != names:
+            labels: list[str] = []
+            rows: list[int] = []
+            seen: dict[str, int] = {}
+            for name in names:
+                key = layer_of(name) if self.group == "layer" else name
+                if key not in seen:
+                    seen[key] = len(labels)
+                    labels.append(key)
+                rows.append(seen[key])
+            self._groups = (names, labels, rows)
+        return self._groups[1], self._groups[2]
+
+    def layer_norms(self, record: StepRecord) -> dict[str, float]:
+        """Return the record's norm per layer (or per parameter with ``group="param"``)."""
+        labels, rows = self._layers(tuple(record.names))
+        squares = [0.0] * len(labels)
+        for row, norm in zip(rows, record.norms, strict=False):
+            squares[row] += norm * norm  # NaN/Inf propagate: a broken layer shows as such
+        return {label: math.sqrt(sq) for label, sq in zip(labels, squares, strict=True)}
+
+    def __call__(self, record: StepRecord) -> None:
+        """Log one step."""
+        if record.step % self.every and not record.events:
+            return
+        w, p, step = self.writer, self.prefix, record.step
+        w.add_scalar(f"{p}/total_norm", record.total_norm, step)
+        w.add_scalar(f"{p}/clip_factor", record.clip_factor, step)
+        w.add_scalar(f"{p}/skipped", float(record.skipped), step)
+        w.add_scalar(f"{p}/anomalies", float(len(record.events)), step)
+        if record.loss is not None:
+            w.add_scalar(f"{p}/loss", record.loss, step)
+        if not record.norms or not (self.per_layer or self.histograms):
+            return
+        norms = self.layer_norms(record)
+        if self.per_layer:
+            for layer, norm in norms.items():
+                w.add_scalar(f"{p}/norm/{layer}", norm, step)
+        if self.histograms:
+            import numpy as np
+
+            finite = np.array([n for n in norms.values() if math.isfinite(n)], dtype=np.float64)
+            if finite.size:
+                w.add_histogram(f"{p}/layer_norms", finite, step)
+                positive = finite[finite > 0]
+                if positive.size:
+                    w.add_histogram(f"{p}/log10_layer_norms", np.log10(positive), step)
+
+    def flush(self) -> None:
+        """Flush the writer's pending events to disk."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush; close the writer too if this sink opened it."""
+        self.writer.flush()
+        if self._owns_writer:
+            self.writer.close()
