@@ -23,7 +23,7 @@ import fnmatch
 import itertools
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,7 +213,7 @@ class GradWatch:
         self._pending: deque[_Pending] = deque()
         self._pinned: dict[int, list[torch.Tensor]] = {}
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
-        self._sinks: dict[int, Callable[[StepRecord], Any]] = {}
+        self._sinks: OrderedDict[int, Callable[[StepRecord], Any]] = OrderedDict()
         self._sink_ids = itertools.count()
         self._handles: list[RemovableHandle] = []
         self._queued = False
