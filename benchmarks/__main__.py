@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="markdown file to update (default: benchmarks/RESULTS.md for a full run, none for --quick)",
     )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        # One thread keeps a smoke run fast on a shared machine: OpenMP threads spin-wait badly when oversubscribed.
+        torch.set_num_threads(args.threads)
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

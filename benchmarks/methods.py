@@ -249,8 +249,8 @@ class ZClipMethod(Method):
 
 
 class GradStatsOpMethod(Method):
-    name = "gradwatch_op"
-    label = "gradwatch.grad_stats (op only)"
+    name = "gradwatch_stats"
+    label = "gradwatch: statistics only (grad_stats)"
     computes = "per-param L2, max|g|, non-finite count; total norm"
 
     def after_backward(self, workload: Workload) -> None:
@@ -258,6 +258,39 @@ class GradStatsOpMethod(Method):
 
     def monitor_once(self, workload: Workload) -> bool:
         self.stats = gradwatch.grad_stats(_grads(workload.model))
+        return True
+
+
+class GradWatchMethod(Method):
+    """``gradwatch.GradWatch`` on the workload's optimizer: statistics, adaptive detection, a policy.
+
+    One monitor per method instance, kept across blocks (its hooks are removed and re-registered),
+    so the detector warms up once and keeps its running statistics, as in a real run.
+    """
+
+    computes = "per-param L2, max|g|, non-finite; total norm; per-param + total adaptive z-score rules"
+
+    def __init__(self, name: str, label: str, policy: str | list[str], every: int = 1, extra: str = ""):
+        self.name, self.label, self.policy, self.period = name, label, policy, every
+        self.computes = self.computes + extra
+        self.watch: gradwatch.GradWatch | None = None
+
+    def attach(self, workload: Workload) -> None:
+        if self.watch is None:
+            self.watch = gradwatch.GradWatch(workload.model, workload.optimizer, policy=self.policy, every=self.period)
+        else:
+            self.watch.register_hooks()
+
+    def detach(self) -> None:
+        assert self.watch is not None
+        self.watch.remove()
+
+    def monitor_once(self, workload: Workload) -> bool:
+        assert self.watch is not None
+        # What the optimizer's step pre- and post-hooks run around a step: the check, then the
+        # restore of the optimizer's found_inf (the skip flag) that the post-hook does.
+        self.watch.check()
+        self.watch._post_step(workload.optimizer, (), {})
         return True
 
 
@@ -281,7 +314,27 @@ METHODS: dict[str, MethodSpec] = {
     "torch_loop": MethodSpec(TorchLoopMethod),
     "torch_foreach": MethodSpec(TorchForeachMethod),
     "zclip": MethodSpec(ZClipMethod, zclip_available),
-    "gradwatch_op": MethodSpec(GradStatsOpMethod),
+    "gradwatch_stats": MethodSpec(GradStatsOpMethod),
+    "gradwatch_detect": MethodSpec(
+        lambda: GradWatchMethod("gradwatch_detect", "gradwatch: + adaptive detection (warn)", "warn")
+    ),
+    "gradwatch_clip": MethodSpec(
+        lambda: GradWatchMethod("gradwatch_clip", "gradwatch: + clip (max-norm 1.0)", ["warn", "clip"], extra="; clip")
+    ),
+    "gradwatch_adaptive_clip": MethodSpec(
+        lambda: GradWatchMethod(
+            "gradwatch_adaptive_clip",
+            "gradwatch: + adaptive clip (ZClip-style)",
+            ["warn", "adaptive_clip"],
+            extra="; z-score clip",
+        )
+    ),
+    "gradwatch_skip": MethodSpec(
+        lambda: GradWatchMethod("gradwatch_skip", "gradwatch: + skip policy", ["warn", "skip"], extra="; skip")
+    ),
+    "gradwatch_every10": MethodSpec(
+        lambda: GradWatchMethod("gradwatch_every10", "gradwatch: + detection, every=10", "warn", every=10)
+    ),
 }
 
 

@@ -26,7 +26,8 @@ class Workload:
         name: workload key (``"resnet50"``, ``"gpt2s"``, ``"tiny_params"``).
         description: the shapes used, for the results table.
         model: the model, on ``device``.
-        optimizer: its optimizer.
+        optimizer: its optimizer, fused: the common choice on GPUs, and the one with which a skipped
+            step needs no host sync (the skip flag goes into ``optimizer.found_inf``).
         batches: a few fixed, seeded batches cycled through (generating data is not part of the step).
         loss_fn: ``loss_fn(model, batch) -> loss``.
         autocast_dtype: dtype for ``torch.autocast`` on the device, or None for full precision.
@@ -175,8 +176,8 @@ def build_workload(name: str, device: torch.device, *, quick: bool = False, seed
             )
             for _ in range(_NUM_BATCHES)
         ]
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        description = f"ResNet-50, batch {s['batch']} x 3x{s['image']}x{s['image']}, SGD momentum"
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+        description = f"ResNet-50, batch {s['batch']} x 3x{s['image']}x{s['image']}, fused SGD momentum"
         loss_fn = _classification_loss
     elif name == "gpt2s":
         model = GPT(s["vocab"], s["context"], s["width"], s["depth"], s["heads"]).to(device)
@@ -184,10 +185,10 @@ def build_workload(name: str, device: torch.device, *, quick: bool = False, seed
         for _ in range(_NUM_BATCHES):
             tokens = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), generator=generator).to(device)
             batches.append((tokens[:, :-1], tokens[:, 1:]))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
         description = (
             f"GPT-2-shaped ({s['depth']}x{s['width']}, {s['heads']} heads, vocab {s['vocab']}), "
-            f"batch {s['batch']} x {s['seq']} tokens, AdamW"
+            f"batch {s['batch']} x {s['seq']} tokens, fused AdamW"
         )
         loss_fn = _lm_loss
     else:
@@ -199,8 +200,8 @@ def build_workload(name: str, device: torch.device, *, quick: bool = False, seed
             )
             for _ in range(_NUM_BATCHES)
         ]
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        description = f"{s['depth']} blocks of LayerNorm+Linear({s['width']}), batch {s['batch']}, SGD momentum"
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+        description = f"{s['depth']} blocks of LayerNorm+Linear({s['width']}), batch {s['batch']}, fused SGD momentum"
         loss_fn = _classification_loss
 
     workload = Workload(name, description, model, optimizer, batches, loss_fn, autocast)
