@@ -293,7 +293,9 @@ class Clip(Policy):
     @override
     def decide(self, ctx: DecisionContext, decision: Decision) -> None:
         limit, active = self._limit(ctx)
-        norms = ctx.packed[:-1, 0] * decision.factors.to(torch.float64)
+        factors = decision.factors.to(torch.float64)
+        # a zeroed gradient contributes 0, even if its norm was NaN (NaN * 0 would be NaN)
+        norms = torch.where(factors == 0, torch.zeros_like(factors), ctx.packed[:-1, 0] * factors)
         total = norms.square().sum().sqrt()
         coef = (limit / (total + 1e-6)).clamp(max=1.0)
         use = active & torch.isfinite(total) & ~ctx.ignore

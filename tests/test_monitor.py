@@ -420,7 +420,8 @@ def test_state_dict_round_trip_resumes_exactly():
     for key in ("params", "total", "loss"):
         for name, t in full["detector"][key].items():
             assert torch.equal(t, resumed["detector"][key][name]), (key, name)
-    assert torch.equal(full["policy"]["policies"][1]["state"]["count"], resumed["policy"]["policies"][1]["state"]["count"])
+    counts = [run["policy"]["policies"][1]["state"]["count"] for run in (full, resumed)]
+    assert torch.equal(*counts)
     # control: without the state the fresh monitor is still warming up and sees nothing at step 17
     cold = run(resume_at=12, state=full["state"], load=False)
     assert {e.step for e in cold["events"]} != {17, 21}

@@ -1,0 +1,196 @@
+"""Detector: flags and running statistics against plain-Python oracles."""
+
+import math
+
+import pytest
+import torch
+
+from gradwatch import grad_stats_packed
+from gradwatch._reference import grad_stats_reference
+from gradwatch.detect import KIND_INDEX, Detector, DetectorConfig, RunningStats
+from gradwatch.events import AnomalyKind
+
+SPIKE, VANISH, NONFINITE = (KIND_INDEX[k] for k in (AnomalyKind.SPIKE, AnomalyKind.VANISHING, AnomalyKind.NONFINITE))
+
+
+def packed_from_norms(norms):
+    """Statistics of tensors whose norms are exactly ``norms`` (one-element tensors)."""
+    return grad_stats_reference([torch.tensor([float(n)], dtype=torch.float64) for n in norms])
+
+
+def lognormal_norms(steps, n, seed=0, scale=1.0, sd=0.2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(steps, n, generator=g, dtype=torch.float64) * sd).exp() * scale
+
+
+def test_running_stats_match_cumulative_then_ema_oracle():
+    ema, warmup = 0.9, 3
+    rs = RunningStats(1, ema=ema, warmup=warmup, sigma=1e9)  # huge sigma: no winsorizing
+    xs = [1.0, 3.0, 2.0, 5.0, 4.0, 0.5, 7.0, 2.5, 3.5, 1.5, 2.0, 9.0, 1.0, 3.0, 2.0]
+    mean = var = 0.0
+    for i, x in enumerate(xs):
+        rs.update_(torch.tensor([x], dtype=torch.float64), torch.ones(1, dtype=torch.bool))
+        a = max(1 - ema, 1 / (i + 1))
+        diff = x - mean
+        mean += a * diff
+        var = (1 - a) * (var + a * diff * diff)
+        if i < 10:  # the first 1 / (1 - ema) updates are the plain population mean / variance
+            assert mean == pytest.approx(sum(xs[: i + 1]) / (i + 1))
+            m = sum(xs[: i + 1]) / (i + 1)
+            assert var == pytest.approx(sum((v - m) ** 2 for v in xs[: i + 1]) / (i + 1))
+        assert rs.mean.item() == pytest.approx(mean, rel=1e-12)
+        assert rs.var.item() == pytest.approx(var, rel=1e-12)
+    assert rs.count.item() == len(xs)
+
+
+def test_spike_flags_only_the_spiking_parameter_and_reports_thresholds():
+    det = Detector(3, warmup=20)
+    norms = lognormal_norms(60, 3)
+    for row in norms:
+        d = det.detect(packed_from_norms(row))
+        assert not d.param_flags.any() and not d.global_flags.any()
+    mean, var = det.params.mean.clone(), det.params.var.clone()
+    row = norms[-1].clone()
+    row[1] *= 1e4
+    d = det.detect(packed_from_norms(row))
+    assert d.param_flags[:, SPIKE].tolist() == [False, True, False]
+    std = var.sqrt()
+    expected_thr = (mean + torch.maximum(6 * std, torch.full_like(std, math.log(2)))).exp()
+    torch.testing.assert_close(d.spike_threshold, expected_thr)
+    assert d.z[1].item() == pytest.approx(((math.log(row[1]) - mean[1]) / std[1]).item())
+    assert d.global_flags[SPIKE]  # the total norm spikes too
+
+
+def test_flagged_values_do_not_poison_the_statistics():
+    det = Detector(2, warmup=20)
+    norms = lognormal_norms(40, 2, seed=1)
+    for row in norms:
+        det.detect(packed_from_norms(row))
+    mean, std = det.params.mean.clone(), det.params.var.sqrt()
+    det.detect(packed_from_norms([norms[-1, 0] * 1e4, float("nan")]))
+    # winsorized: the spike entered as mean + sigma * std, weighted a = max(1 - ema, 1 / (count + 1));
+    # NaN did not enter at all
+    a = max(1 - 0.98, 1 / 41)
+    assert (det.params.mean[0] - mean[0]).item() == pytest.approx(a * 6 * std[0].item(), rel=1e-9)
+    assert det.params.mean[1].item() == mean[1].item() and det.params.count[1].item() == 40
+    assert torch.isfinite(det.params.var).all() and torch.isfinite(det.total.mean).all()
+    # the next ordinary step is not flagged, and the next spike still is
+    d = det.detect(packed_from_norms(norms[-2]))
+    assert not d.param_flags.any()
+    d = det.detect(packed_from_norms([norms[-1, 0] * 1e4, norms[-1, 1]]))
+    assert d.param_flags[0, SPIKE]
+
+
+def test_nonfinite_and_vanishing():
+    det = Detector(2, warmup=10)
+    for row in lognormal_norms(20, 2, seed=2):
+        det.detect(packed_from_norms(row))
+    mean = det.params.mean[0].item()
+    d = det.detect(grad_stats_packed([torch.zeros(5), torch.tensor([1.0, float("inf")])]))
+    assert d.param_flags[:, VANISH].tolist() == [True, False]
+    assert d.param_flags[:, NONFINITE].tolist() == [False, True]
+    assert d.global_flags[NONFINITE]
+    assert 0 < d.vanish_threshold[0].item() <= math.exp(mean) * 1e-3 * (1 + 1e-12)
+
+
+def test_fixed_rules_and_rolling_mean_oracle():
+    det = Detector(2, max_norm=3.0, max_total_norm=4.0, rolling_window=3, rolling_limit=2.5)
+    rows = [[1, 1], [3.5, 1], [1, 1], [2, 2], [2, 2.5], [0.5, 0.5]]
+    totals = []
+    for row in rows:
+        d = det.detect(packed_from_norms(row))
+        total = math.hypot(*row)
+        totals.append(total)
+        assert d.param_flags[:, KIND_INDEX[AnomalyKind.NORM_LIMIT]].tolist() == [r > 3.0 for r in row]
+        assert bool(d.global_flags[KIND_INDEX[AnomalyKind.TOTAL_NORM_LIMIT]]) == (total > 4.0)
+        if len(totals) < 3:
+            assert math.isnan(d.rolling_mean.item())
+        else:
+            rolling = sum(totals[-3:]) / 3
+            assert d.rolling_mean.item() == pytest.approx(rolling)
+            assert bool(d.global_flags[KIND_INDEX[AnomalyKind.ROLLING_MEAN]]) == (rolling > 2.5)
+
+
+def test_no_false_positives_on_1000_noisy_steps_with_drift():
+    det = Detector(50)
+    g = torch.Generator().manual_seed(5)
+    scales = torch.logspace(-3, 1, 50, dtype=torch.float64)
+    for step in range(1000):
+        drift = math.exp(-step / 400)  # norms shrink as training converges
+        row = scales * drift * (torch.randn(50, generator=g, dtype=torch.float64) * 0.3).exp()
+        d = det.detect(packed_from_norms(row))
+        assert not d.param_flags.any() and not d.global_flags.any(), step
+
+
+def test_subset_index_and_ignore():
+    det = Detector(3, warmup=2)
+    det.detect(packed_from_norms([1, 2, 3]))
+    det.detect(packed_from_norms([5, 7]), index=torch.tensor([0, 2]))
+    assert det.params.count.tolist() == [2, 1, 2]
+    expected = [(0 + math.log(5)) / 2, math.log(2), (math.log(3) + math.log(7)) / 2]
+    assert det.params.mean.tolist() == pytest.approx(expected)
+    before = det.state_dict()
+    d = det.detect(packed_from_norms([float("nan"), 1e9, 1]), ignore=torch.tensor(True))
+    assert not d.param_flags.any() and not d.global_flags.any()
+    after = det.state_dict()
+    for key in ("params", "total"):
+        for name in ("mean", "var", "count"):
+            assert torch.equal(before[key][name], after[key][name])
+
+
+def test_loss_spike_and_nonfinite():
+    det = Detector(1, warmup=10)
+    g = torch.Generator().manual_seed(0)
+    for i in range(30):
+        d = det.detect_loss(torch.tensor(2.0 - i * 0.01) + torch.randn((), generator=g) * 0.05)
+        assert not d.flags.any()
+    d = det.detect_loss(torch.tensor(20.0))
+    assert d.flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE]] and d.threshold.item() < 20
+    d = det.detect_loss(torch.tensor(float("nan")))
+    assert d.flags[KIND_INDEX[AnomalyKind.LOSS_NONFINITE]] and not d.flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE]]
+    assert det.loss.count.item() == 31 and math.isfinite(det.loss.mean.item())
+
+
+def test_state_dict_round_trip_is_exact():
+    a, b = Detector(4, warmup=5), Detector(4, warmup=5)
+    norms = lognormal_norms(30, 4, seed=3)
+    for row in norms[:15]:
+        a.detect(packed_from_norms(row))
+    b.load_state_dict(a.state_dict())
+    for row in norms[15:]:
+        row = row.clone()
+        da, db = a.detect(packed_from_norms(row)), b.detect(packed_from_norms(row))
+        for x, y in zip(da, db, strict=True):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="4 parameters"):
+        Detector(3).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"sigma": 0}, ValueError, "sigma"),
+        ({"sigma": "3"}, TypeError, "sigma"),
+        ({"ema": 1.0}, ValueError, "ema"),
+        ({"warmup": 0}, ValueError, "warmup"),
+        ({"vanishing_ratio": 2.0}, ValueError, "vanishing_ratio"),
+        ({"min_spike_ratio": 0.5}, ValueError, "min_spike_ratio"),
+        ({"max_norm": -1}, ValueError, "max_norm"),
+        ({"windw": 3}, TypeError, "windw"),
+    ],
+)
+def test_bad_options(options, error, match):
+    with pytest.raises(error, match=match):
+        DetectorConfig.from_options(options)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="num_params"):
+        Detector(0)
+    det = Detector(2)
+    with pytest.raises(ValueError, match="pass index"):
+        det.detect(packed_from_norms([1, 2, 3]))
+    with pytest.raises(ValueError, match="shape"):
+        det.detect(torch.zeros(3))
+    with pytest.raises(ValueError, match="scalar"):
+        det.detect_loss(torch.ones(2))
