@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="detector warm-up steps (default: gradwatch's, capped at 2/3 of --fault-step)",
     )
+    demo.add_argument(
+        "--loss-sigma",
+        type=float,
+        default=defaults.loss_sigma,
+        help="loss-spike z-score (default %(default)s: per-batch losses of a few images are noisy)",
+    )
+    demo.add_argument("--verbose", action="store_true", help="log every anomaly event while training")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
@@ -129,6 +136,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
         warmup=args.warmup,
+        loss_sigma=args.loss_sigma,
+        verbose=args.verbose,
     )
     try:
         config.validate()

@@ -59,6 +59,10 @@ class DemoConfig:
         progress: show tqdm progress bars.
         warmup: detector warm-up steps; None uses gradwatch's default (50) but at most 2/3 of
             ``fault_step``, so that the adaptive rules are armed when the fault comes.
+        loss_sigma: loss-spike z-score of the protected run. The loss of a batch of a few images
+            is noisy (it can jump 10x between batches), so the demo uses 20 rather than
+            gradwatch's default 6; the fault's ~10^5 jump is caught either way.
+        verbose: let gradwatch log every anomaly event while training (one line per parameter).
         detector_options: extra keyword arguments for :class:`gradwatch.GradWatch`.
     """
 
@@ -77,6 +81,8 @@ class DemoConfig:
     out: str = "runs/demo"
     progress: bool = True
     warmup: int | None = None
+    loss_sigma: float | None = 20.0
+    verbose: bool = False
     detector_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -212,7 +218,7 @@ def _train(
 
         policy: Any = config.policy[0] if len(config.policy) == 1 else list(config.policy)
         warmup = config.warmup if config.warmup is not None else max(1, min(50, config.fault_step * 2 // 3))
-        options = {"warmup": warmup, **config.detector_options}
+        options = {"warmup": warmup, "loss_sigma": config.loss_sigma, **config.detector_options}
         watch = GradWatch(model, optimizer, policy=policy, sinks=[history] if history else (), **options)
     bar = None
     if config.progress:
@@ -270,10 +276,11 @@ def _train(
 
 
 def _describe_detection(result: RunResult, history: HistoryWriter | None) -> None:
-    if not result.events:
+    acted = [e for e in result.events if e.action != "none"]
+    if not acted:
         return
-    first = min(e.step for e in result.events)
-    at_first = [e for e in result.events if e.step == first]
+    first = min(e.step for e in acted)
+    at_first = [e for e in acted if e.step == first]
     named = [e for e in at_first if e.param is not None]
     result.detected_step = first
     result.action = ",".join(sorted({e.action for e in at_first}))
@@ -318,10 +325,18 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     )
     batches = _make_batches(config)
     unprotected = _train(config, batches, device, protect=False)
+    quiet = not config.verbose and logger.getEffectiveLevel() <= logging.WARNING
+    saved_level = logger.level
+    if quiet:  # one warning per flagged parameter would bury the progress bar; the table sums them up
+        logger.setLevel(logging.ERROR)
     history_path = out / "history.jsonl"
     meta = {"demo": {k: v for k, v in asdict(config).items() if k != "detector_options"}, "device": str(device)}
     with HistoryWriter(history_path, meta=meta) as writer:
-        protected = _train(config, batches, device, protect=True, history=writer)
+        try:
+            protected = _train(config, batches, device, protect=True, history=writer)
+        finally:
+            if quiet:
+                logger.setLevel(saved_level)
         result = DemoResult(config, str(device), unprotected, protected, history_path, None)
         writer.write_summary(
             overhead=result.overhead,
@@ -373,10 +388,11 @@ def format_table(result: DemoResult) -> str:
         (f"loss before fault (step {f - 1})", _fmt(u.losses[f - 1]), _fmt(p.losses[f - 1])),
         (f"loss at fault step ({f})", _fmt(u.losses[f]), _fmt(p.losses[f])),
         (f"loss after fault (step {f + 1})", _fmt(u.losses[f + 1]), _fmt(p.losses[f + 1])),
-        ("anomaly detected at step", "-", "-" if p.detected_step is None else str(p.detected_step)),
+        ("anomaly acted on at step", "-", "-" if p.detected_step is None else str(p.detected_step)),
         ("layer", "-", p.layer or "-"),
         ("action taken", "none", p.action or "-"),
         (f"final loss (step {last})", _fmt(u.final_loss), _fmt(p.final_loss)),
+        ("anomaly events (all steps)", "-", str(len(p.events))),
         ("diverged", "yes" if result.diverged(u) else "no", "yes" if result.diverged(p) else "no"),
         ("time per step", f"{u.seconds_per_step() * 1e3:.0f} ms", f"{p.seconds_per_step() * 1e3:.0f} ms"),
     ]

@@ -480,8 +480,7 @@ def plot_report(
         ax_heat = fig.add_subplot(grid[2, 0], sharex=ax_norm)
         ax_bar = fig.add_subplot(grid[2, 1])
         plt.setp(ax_loss.get_xticklabels(), visible=False)
-        cmap = plt.get_cmap("magma").copy()
-        cmap.set_bad("#dddddd")
+        cmap = plt.get_cmap("magma").with_extremes(bad="#dddddd")
         finite = log_norm[np.isfinite(log_norm)]
         vmin, vmax = (np.percentile(finite, 1), finite.max()) if finite.size else (0.0, 1.0)
         image = ax_heat.imshow(
