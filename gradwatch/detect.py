@@ -60,9 +60,21 @@ NUM_KINDS = len(KINDS)
 _TINY = 1e-30  # log(0) stand-in: a norm of exactly 0 becomes log(1e-30) ~ -69, far below any baseline
 
 
+_MASKS: dict[tuple[frozenset[AnomalyKind], torch.device], torch.Tensor] = {}
+
+
 def kind_mask(kinds: frozenset[AnomalyKind] | set[AnomalyKind], device: torch.device | str = "cpu") -> torch.Tensor:
-    """A boolean ``[NUM_KINDS]`` mask selecting ``kinds`` (column order of :data:`KINDS`)."""
-    return torch.tensor([k in kinds for k in KINDS], dtype=torch.bool, device=device)
+    """A boolean ``[NUM_KINDS]`` mask selecting ``kinds`` (column order of :data:`KINDS`).
+
+    Cached per (kinds, device): building it is a host-to-device copy, which must not happen on
+    every step of a monitored CUDA run. Treat the result as read-only.
+    """
+    key = (frozenset(kinds), torch.device(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        values = torch.tensor([k in kinds for k in KINDS], dtype=torch.bool)
+        mask = _MASKS[key] = values.to(key[1], non_blocking=True) if key[1].type != "cpu" else values
+    return mask
 
 
 @dataclass(frozen=True)

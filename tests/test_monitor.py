@@ -14,6 +14,15 @@ from gradwatch.policies import Clip, Raise, Skip
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 K = 14  # fault step, after the warm-up of 10
 OPTIMIZERS = {
     "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
