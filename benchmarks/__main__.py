@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -33,7 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: rewrite the markdown, chart (and --results-md) from a saved JSON",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        paths = write_outputs(results, args.out)
+        if args.results_md is not None:
+            update_results_md(results, args.results_md)
+        print(paths["md"].read_text())
+        return 0
     if args.threads is not None:
         # One thread keeps a smoke run fast on a shared machine: OpenMP threads spin-wait badly when oversubscribed.
         torch.set_num_threads(args.threads)

@@ -40,6 +40,7 @@ class Method:
         computes: what the method measures, for the table.
         implementation: where the code comes from, when it matters (e.g. a package version).
         period: the method monitors every ``period``-th step; its cost is amortized over that many.
+        warm_calls: untimed calls before monitoring alone is timed, to get past a warm-up phase.
     """
 
     name = "baseline"
@@ -47,6 +48,7 @@ class Method:
     computes = "-"
     implementation = ""
     period = 1  # monitoring runs every ``period`` steps
+    warm_calls = 1  # untimed calls before the first timed monitoring-alone call
 
     def attach(self, workload: Workload) -> None:
         """Starts monitoring ``workload`` (hooks, monitor objects)."""
@@ -238,6 +240,8 @@ class ZClipMethod(Method):
         from zclip import ZClip  # optional dependency: see zclip_available()
 
         self.zclip = ZClip()  # kept across blocks: its EMA warmup (25 steps) happens once
+        # Its warm-up steps also run clip_grad_norm_: time the steady state, not the warm-up.
+        self.warm_calls = self.zclip.warmup_steps + 1
         self.implementation = f"zclip {importlib.metadata.version('zclip')} from PyPI"
 
     def after_backward(self, workload: Workload) -> None:

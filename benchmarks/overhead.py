@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .methods import METHODS, Method, make_methods
 from .workloads import WORKLOADS, Workload, build_workload
 
-__all__ = ["SuiteConfig", "run_suite", "render_markdown", "write_outputs", "update_results_md"]
+__all__ = ["SuiteConfig", "evaluate_targets", "run_suite", "render_markdown", "write_outputs", "update_results_md"]
 
 RESULTS_SECTION = "## Monitoring overhead (issue 6)"
 
@@ -76,7 +76,7 @@ class SuiteConfig:
         if quick:
             base = dict(rounds=2, steps_per_block=1, warmup_steps=1, alone_rounds=2, alone_calls=2)
         elif device.type == "cuda":
-            base = dict(rounds=10, steps_per_block=3, warmup_steps=2, alone_rounds=20, alone_calls=10)
+            base = dict(rounds=8, steps_per_block=3, warmup_steps=2, alone_rounds=10, alone_calls=10)
         else:
             base = dict(rounds=5, steps_per_block=2, warmup_steps=1, alone_rounds=10, alone_calls=4)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -273,8 +273,9 @@ def run_workload(name: str, config: SuiteConfig, progress: _Progress) -> dict[st
             progress.update(0, workload=name, phase="alone", method=method.name)
             method.attach(workload)
             try:
-                grads.restore()
-                separable[method.name] = method.monitor_once(workload)  # untimed warm call
+                for _ in range(method.warm_calls if r == 0 else 1):  # untimed
+                    grads.restore()
+                    separable[method.name] = method.monitor_once(workload)
                 progress.update(1)
                 for _ in range(config.alone_calls):
                     grads.restore()
@@ -421,6 +422,99 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Checks the issue's targets against measured results; each entry says what, the value, and whether met.
+
+    Targets whose methods or workloads were not run are left out.
+    """
+    cuda = results["environment"]["device"] == "cuda"
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, value: float, met: bool, unit: str = "") -> None:
+        out.append({"target": target, "value": value, "unit": unit, "met": bool(met)})
+
+    def method(workload: str, name: str) -> dict[str, Any] | None:
+        return results["workloads"].get(workload, {}).get("methods", {}).get(name)
+
+    watched = "gradwatch_detect"
+    if not cuda:
+        m = method("resnet50", watched)
+        if m is not None:
+            add(
+                "ResNet-50: statistics + adaptive detection < 2% of the step (monitoring alone)",
+                m["monitor_pct_of_step"],
+                m["monitor_pct_of_step"] < 2.0,
+                "%",
+            )
+        for w in results["workloads"]:
+            ours = method(w, "gradwatch_stats")
+            composites = [c for c in (method(w, "torch_loop"), method(w, "torch_foreach")) if c is not None]
+            if ours is not None and composites:
+                ratio = min(c["monitor_ms"] for c in composites) / ours["monitor_ms"]
+                add(
+                    f"{w}: >= 5x less monitoring time than the best torch composite (same statistics)",
+                    ratio,
+                    ratio >= 5.0,
+                    "x",
+                )
+            ours, hooks = method(w, watched), method(w, "hooks")
+            if ours is not None and hooks is not None:
+                ratio = hooks["monitor_ms"] / ours["monitor_ms"]
+                add(
+                    f"{w}: no more monitoring time than the per-layer hooks (hooks / gradwatch)",
+                    ratio,
+                    ratio >= 1.0,
+                    "x",
+                )
+            ours, zclip = method(w, "gradwatch_adaptive_clip"), method(w, "zclip")
+            if ours is not None and zclip is not None:
+                ratio = zclip["monitor_ms"] / ours["monitor_ms"]
+                add(
+                    f"{w}: cheaper than ZClip (ZClip / gradwatch adaptive clip, monitoring alone)",
+                    ratio,
+                    ratio > 1.0,
+                    "x",
+                )
+        return out
+    m = method("resnet50", watched)
+    if m is not None:
+        add(
+            "ResNet-50: monitored step within 1% of the unmonitored step (step overhead)",
+            m["overhead_pct"],
+            m["overhead_pct"] <= 1.0,
+            "%",
+        )
+        add(
+            "ResNet-50: monitoring alone within 1% of the step",
+            m["monitor_pct_of_step"],
+            m["monitor_pct_of_step"] <= 1.0,
+            "%",
+        )
+    for w in results["workloads"]:
+        for name, m in results["workloads"][w]["methods"].items():
+            if name.startswith("gradwatch") and m["cuda_syncs_per_step"] is not None:
+                add(f"{w}: {name} makes zero host syncs", m["cuda_syncs_per_step"], m["cuda_syncs_per_step"] == 0)
+    launches = {
+        w: (m["cuda_launches_per_step"], results["workloads"][w]["num_tensors"])
+        for w in results["workloads"]
+        if (m := method(w, watched)) is not None and m["cuda_launches_per_step"] is not None
+    }
+    if len(launches) > 1:
+        values = sorted({v for v, _ in launches.values()})
+        detail = ", ".join(f"{w}: {v:g} for {n} tensors" for w, (v, n) in launches.items())
+        add(
+            f"launches independent of the parameter count ({detail})",
+            values[-1] - values[0],
+            len(values) == 1,
+            " launches spread",
+        )
+    ours, hooks = method("resnet50", watched), method("resnet50", "hooks")
+    if ours is not None and hooks is not None:
+        ratio = hooks["monitor_ms"] / ours["monitor_ms"]
+        add("ResNet-50: per-layer hooks >= 20x the monitoring time of gradwatch", ratio, ratio >= 20.0, "x")
+    return out
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The results as markdown: one table per workload and the notes needed to read them."""
     env = results["environment"]
@@ -457,6 +551,11 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| {label} | {m['computes']} | {_fmt(m['step_ms'], 1)} ({_fmt(m['step_ms_iqr'], 1)}) | "
                 f"{_fmt(m['overhead_pct'], 1)} | {alone} | {_fmt(m['monitor_pct_of_step'], 2)} | {c1} | {c2} |"
             )
+    targets = evaluate_targets(results)
+    if targets:
+        lines += ["", "Targets (from issue 6; benchmarks, not tests):", ""]
+        for t in targets:
+            lines.append(f"- {'met' if t['met'] else '**not met**'}: {t['target']}: {t['value']:.3g}{t['unit']}")
     lines += ["", *(_NOTES_CUDA if cuda else _NOTES_CPU)]
     return "\n".join(lines) + "\n"
 
@@ -518,6 +617,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"overhead_{results['environment']['device']}" + ("_quick" if results["environment"]["quick"] else "")
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    results["targets"] = evaluate_targets(results)
     paths["json"].write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
     paths["md"].write_text(render_markdown(results))
     plot(results, paths["png"])

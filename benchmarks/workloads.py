@@ -167,11 +167,14 @@ def build_workload(name: str, device: torch.device, *, quick: bool = False, seed
         import torchvision  # imported here: only this workload needs it
 
         model = torchvision.models.resnet50(num_classes=s["classes"]).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        # channels_last is how ResNets are trained on GPUs (tensor-core convolutions).
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        model = model.to(memory_format=layout)
         batches = [
             (
-                torch.randn(s["batch"], 3, s["image"], s["image"], generator=generator).to(device),
+                torch.randn(s["batch"], 3, s["image"], s["image"], generator=generator).to(
+                    device, memory_format=layout
+                ),
                 torch.randint(0, s["classes"], (s["batch"],), generator=generator).to(device),
             )
             for _ in range(_NUM_BATCHES)
