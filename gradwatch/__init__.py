@@ -6,6 +6,7 @@ The compiled op :func:`grad_stats` measures every gradient in one fused pass on 
 from ._ops import GradStats, combine_rows, cpu_kernel_capability, grad_stats, grad_stats_packed, native_backends, scale_
 from .detect import Detector, DetectorConfig
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
+from .history import HistoryWriter, RunHistory, read_history
 from .monitor import GradientMonitor, GradWatch
 from .policies import AdaptiveClip, Clip, LRBackoff, Policy, PolicySet, Raise, Rollback, Skip, Warn, Zero
 
@@ -35,6 +36,9 @@ __all__ = [
     "Raise",
     "LRBackoff",
     "Rollback",
+    "HistoryWriter",
+    "RunHistory",
+    "read_history",
 ]
 
 __version__ = "0.1.0"

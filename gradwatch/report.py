@@ -404,7 +404,9 @@ def plot_report(
                 label=f"{baseline.get('label', 'baseline')} NaN",
             )
     if np.isfinite(loss).any() or (isinstance(baseline, dict) and baseline.get("loss")):
-        plot_series(ax_loss, loss, np.array([r.loss is not None for r in records], dtype=bool), "loss", "#2ca02c")
+        has_baseline = isinstance(baseline, dict) and bool(baseline.get("loss"))
+        observed = np.array([r.loss is not None for r in records], dtype=bool)
+        plot_series(ax_loss, loss, observed, "gradwatch loss" if has_baseline else "loss", "#2ca02c")
         finite = loss[np.isfinite(loss)]
         if isinstance(baseline, dict) and baseline.get("loss"):
             finite = np.concatenate([finite, b_loss[np.isfinite(b_loss)]])
@@ -435,7 +437,20 @@ def plot_report(
         for k in {e.kind for e in r.events}:
             label = None if k in kinds_seen else k.value
             kinds_seen.add(k)
-            if math.isfinite(r.total_norm) and r.total_norm > 0:
+            if k in (AnomalyKind.LOSS_SPIKE, AnomalyKind.LOSS_NONFINITE):  # loss kinds: on the loss curve
+                finite_loss = r.loss is not None and math.isfinite(r.loss)
+                ax_loss.scatter(
+                    [r.step],
+                    [r.loss if finite_loss else 0.9],
+                    transform=ax_loss.transData if finite_loss else ax_loss.get_xaxis_transform(),
+                    color=_KIND_COLORS[k],
+                    s=40,
+                    zorder=6,
+                    edgecolor="white",
+                    linewidth=0.6,
+                    label=label,
+                )
+            elif math.isfinite(r.total_norm) and r.total_norm > 0:
                 ax_norm.scatter(
                     [r.step],
                     [r.total_norm],
