@@ -133,8 +133,8 @@ class RunResult:
 
     @property
     def final_loss(self) -> float:
-        """Loss of the last step."""
-        return self.losses[-1]
+        """Mean loss of the last (up to) 5 steps: per-batch losses of a few images are noisy."""
+        return _mean(self.losses[-5:])
 
     def seconds_per_step(self, skip: int = 3) -> float:
         """Median step time, leaving out the first ``skip`` (warm-up) steps."""
@@ -159,10 +159,13 @@ class DemoResult:
         return self.protected.seconds_per_step() / self.unprotected.seconds_per_step() - 1.0
 
     def diverged(self, run: RunResult) -> bool:
-        """Whether a run ended non-finite or at more than 10x its loss before the fault."""
-        before = self.config.fault_step - 1
-        reference = max(abs(run.losses[before]), 1.0)
+        """Whether a run's final loss is non-finite or over 10x its mean loss over the 5 steps before the fault."""
+        reference = max(abs(_mean(run.losses[max(0, self.config.fault_step - 5) : self.config.fault_step])), 1.0)
         return not math.isfinite(run.final_loss) or run.final_loss > 10 * reference
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -385,13 +388,17 @@ def format_table(result: DemoResult) -> str:
     u, p = result.unprotected, result.protected
     rows = [
         ("", "unprotected", f"gradwatch ({'+'.join(config.policy)})"),
-        (f"loss before fault (step {f - 1})", _fmt(u.losses[f - 1]), _fmt(p.losses[f - 1])),
+        (
+            f"loss before fault (mean, steps {max(0, f - 5)}-{f - 1})",
+            _fmt(_mean(u.losses[max(0, f - 5) : f])),
+            _fmt(_mean(p.losses[max(0, f - 5) : f])),
+        ),
         (f"loss at fault step ({f})", _fmt(u.losses[f]), _fmt(p.losses[f])),
         (f"loss after fault (step {f + 1})", _fmt(u.losses[f + 1]), _fmt(p.losses[f + 1])),
         ("anomaly acted on at step", "-", "-" if p.detected_step is None else str(p.detected_step)),
         ("layer", "-", p.layer or "-"),
         ("action taken", "none", p.action or "-"),
-        (f"final loss (step {last})", _fmt(u.final_loss), _fmt(p.final_loss)),
+        (f"final loss (mean, steps {max(0, last - 4)}-{last})", _fmt(u.final_loss), _fmt(p.final_loss)),
         ("anomaly events (all steps)", "-", str(len(p.events))),
         ("diverged", "yes" if result.diverged(u) else "no", "yes" if result.diverged(p) else "no"),
         ("time per step", f"{u.seconds_per_step() * 1e3:.0f} ms", f"{p.seconds_per_step() * 1e3:.0f} ms"),

@@ -19,6 +19,7 @@ from .history import RunHistory, read_history
 
 __all__ = ["RunSummary", "WorstStep", "summarize", "format_summary", "plot_report", "layer_of", "anomaly_counts"]
 
+_MAX_PAIRS = 12  # (kind, layer) rows printed by format_summary
 _PARAM_LEAVES = {"weight", "bias", "in_proj_weight", "in_proj_bias", "running_mean", "running_var"}
 
 # One colour per kind, stable across plots.
@@ -231,9 +232,13 @@ def format_summary(summary: RunSummary) -> str:
     if summary.by_kind:
         lines.append("")
         lines.append("  anomalies by kind and layer:")
-        width = max(len(layer) for _, layer in summary.by_kind_layer)
-        for (kind, layer), n in sorted(summary.by_kind_layer.items(), key=lambda kv: (-kv[1], kv[0])):
+        rows = sorted(summary.by_kind_layer.items(), key=lambda kv: (-kv[1], kv[0]))
+        width = max(len(layer) for (_, layer), _ in rows[:_MAX_PAIRS])
+        for (kind, layer), n in rows[:_MAX_PAIRS]:
             lines.append(f"    {kind:<16} {layer:<{width}}  {n}")
+        if len(rows) > _MAX_PAIRS:
+            rest = sum(n for _, n in rows[_MAX_PAIRS:])
+            lines.append(f"    ... {len(rows) - _MAX_PAIRS} more (kind, layer) pairs with {rest} events")
         lines.append("  by kind:   " + ", ".join(f"{k} {n}" for k, n in summary.by_kind.most_common()))
         lines.append("  by action: " + ", ".join(f"{k} {n}" for k, n in summary.actions.most_common()))
     if summary.worst:
