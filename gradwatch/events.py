@@ -88,10 +88,21 @@ class StepRecord:
 
 
 class GradientAnomalyError(RuntimeError):
-    """Raised by the ``"raise"`` policy; ``events`` holds the anomalies that triggered it."""
+    """Raised by the ``"raise"`` policy; ``events`` holds the anomalies that triggered it.
 
-    def __init__(self, events: Sequence[AnomalyEvent]):
+    Under ``torch.distributed`` every rank raises in the same step; a rank that saw no anomaly
+    itself raises with no events and ``step`` set, saying another rank decided.
+    """
+
+    def __init__(self, events: Sequence[AnomalyEvent], step: int | None = None):
         self.events = list(events)
+        self.step = self.events[0].step if self.events else step
+        if not self.events:
+            super().__init__(
+                f"gradient anomaly at step {step}: raised because another rank detected it "
+                "(decisions are agreed across ranks; see that rank's events)"
+            )
+            return
         lines = [
             f"step {e.step}: {e.kind.value} in {e.param or '<global>'} (value {e.value:.6g}"
             + (f", threshold {e.threshold:.6g})" if e.threshold is not None else ")")

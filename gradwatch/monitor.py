@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._ops import combine_rows, grad_stats_packed, scale_
 from .detect import KIND_INDEX, NUM_KINDS, Detector, DetectorConfig, LossDetection
+from .distributed import ShardedStats, agree, is_distributed, local_gradient
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
@@ -148,8 +149,11 @@ class GradWatch:
         every: check every N-th optimizer step (or backward pass). Default 1.
         history: a path; a :class:`gradwatch.history.HistoryWriter` on it is added as a sink.
         sinks: callables ``fn(record: StepRecord)`` called once per drained step, in step order.
-        process_group: the group the distributed seams (``_reduce``, ``_agree``) would use;
-            stored, unused while None.
+        process_group: the ranks that must agree on every decision (see :mod:`gradwatch.distributed`);
+            None means the default group once ``torch.distributed`` is initialized. Statistics of
+            FSDP2/DTensor-sharded gradients are reduced over their own mesh groups.
+        log_rank: the only rank whose sinks (history file, TensorBoard, ...) run; None runs them
+            on every rank. Events and decisions are kept on every rank. Default 0.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -185,6 +189,7 @@ class GradWatch:
         history: Any = None,
         sinks: Iterable[Callable[[StepRecord], Any]] = (),
         process_group: Any = None,
+        log_rank: int | None = 0,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -197,6 +202,9 @@ class GradWatch:
         self.optimizer = optimizer
         self.every = every
         self.process_group = process_group
+        self._sharded: dict[tuple[int, ...], ShardedStats] = {}
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        self._runs_sinks = log_rank is None or log_rank == rank
         self.policy: PolicySet = make_policy(policy)
         if optimizer is None and self.policy.needs_optimizer:
             names = [p.name for p in self.policy.policies if p.needs_optimizer]
@@ -226,7 +234,7 @@ class GradWatch:
         self._history = None
         for fn in sinks:
             self.add_sink(fn)
-        if history is not None:
+        if history is not None and self._runs_sinks:
             from .history import HistoryWriter  # lazily: reporting is optional
 
             self._history = HistoryWriter(history)
@@ -403,7 +411,7 @@ class GradWatch:
                 return
             packed = self._measure(grads)
             packed, ignore = self._unscale(packed)
-            packed = self._reduce(packed)
+            packed = self._reduce(packed, index)
             device = packed.device
             index_t = self._index_tensor(index, device)
             detection = self.detector.detect(packed, index_t, ignore)
@@ -436,7 +444,7 @@ class GradWatch:
             if g is None or g.is_sparse or not g.is_floating_point():
                 continue
             index.append(i)
-            grads.append(g)
+            grads.append(local_gradient(g))  # a DTensor's local shard; statistics are reduced later
         return index, grads
 
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -468,22 +476,41 @@ class GradWatch:
             ignore = found_inf.to(device).reshape(()) > 0
         return packed, ignore
 
-    def _reduce(self, packed: torch.Tensor) -> torch.Tensor:
-        """Distributed seam 1: combine the packed statistics across ``process_group``.
+    def _reduce(self, packed: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """Distributed seam 1: statistics of the full gradients from the local shards.
 
-        Single process: the identity. A sharded setup (FSDP, tensor parallel) would all-reduce the
-        squared norms and counts (sum) and the maxima (max) of ``packed`` here, in place, so that
-        every rank detects on the statistics of the whole model. Rows stay per parameter shard.
+        Single process, DDP and replicated parameters: the identity (DDP gradients are already
+        all-reduced). FSDP2/DTensor shards: two collectives (sum, max) per sharding layout, see
+        :class:`~gradwatch.distributed.ShardedStats`. Every rank then holds identical statistics.
         """
-        return packed
+        if not is_distributed():
+            return packed
+        key = tuple(index)
+        reducer = self._sharded.get(key)
+        if reducer is None:
+            reducer = self._sharded[key] = ShardedStats([self._params[i] for i in index])
+        return reducer.reduce(packed)
 
     def _agree(self, decision: Decision) -> Decision:
-        """Distributed seam 2: make every rank take the same decision.
+        """Distributed seam 2: every rank takes the most severe decision of any rank.
 
-        Single process: the identity. Across ranks, ``skip`` and ``raise_now`` would be OR-ed
-        (all-reduce max) and ``clip_factor``/``factors`` taken from the agreed statistics, so that
-        no rank steps while another skips.
+        Statistics are identical across ranks after :meth:`_reduce`, but a loss, a rank-local
+        gradient fault or a GradScaler flag may not be. One all-reduce (max) over ``process_group``
+        of [skip, raise, -clip factor, -per-parameter factors] makes skip and raise global and
+        takes the smallest factors, so no rank steps while another skips.
         """
+        if not is_distributed(self.process_group):
+            return decision
+        f64 = torch.float64
+        packed = torch.cat([
+            torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
+            -decision.factors.to(f64),
+        ])
+        agree(packed, self.process_group)
+        decision.skip = packed[0] > 0
+        decision.raise_now = packed[1] > 0
+        decision.clip_factor = -packed[2]
+        decision.factors = (-packed[3:]).to(torch.float32)
         return decision
 
     def _act(self, grads: list[torch.Tensor], decision: Decision) -> None:
@@ -704,11 +731,12 @@ class GradWatch:
         self._publish_events(events)
         for p, o in zip(self.policy.policies, outcomes, strict=True):
             p.on_record(record, o, self)
-        for fn in list(self._sinks.values()):
-            fn(record)
+        if self._runs_sinks:
+            for fn in list(self._sinks.values()):
+                fn(record)
         self._on_record(record)
         if base.raised:
-            raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events)
+            raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events, step=step)
 
     def _on_record(self, record: StepRecord) -> None:
         """Subclass hook, called for every drained record after the sinks."""

@@ -106,3 +106,149 @@ def test_single_process_is_a_no_op():
     assert ShardedStats(params).reduce(packed) is packed
     flags = torch.tensor([1.0, 0.0])
     assert agree(flags) is flags and flags.tolist() == [1.0, 0.0]
+
+
+# ---- GradWatch across ranks ------------------------------------------------------------------
+
+
+def _sharded_model(world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = small_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _full_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().clone() for p in model.parameters()]
+
+
+def _fsdp2_nan_in_one_shard_skips_everywhere(rank: int, world: int) -> None:
+    import gradwatch
+
+    model = _sharded_model(world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    watch = gradwatch.GradWatch(model, opt, policy="skip", sinks=[records.append], log_rank=None)
+    for step in range(4):
+        model(rank_batch(rank + 10 * step)).square().mean().backward()
+        if step == 2 and rank == 1:  # corrupt rank 1's shard of 2.weight only
+            local_gradient(model[2].weight.grad).view(-1)[0] = float("nan")
+        before = _full_params(model)
+        opt.step()
+        opt.zero_grad()
+        after = _full_params(model)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert unchanged == (step == 2), f"rank {rank} step {step}: params changed={not unchanged}"
+    watch.flush()
+    assert [r.skipped for r in records] == [False, False, True, False]
+    nonfinite = [(e.step, e.param) for e in watch.events if e.kind == gradwatch.AnomalyKind.NONFINITE]
+    assert nonfinite == [(2, "2.weight")]  # detected on both ranks, from the reduced statistics
+    # The rows describe full parameters: compare the last healthy step with gathered gradients.
+    assert records[3].names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_fsdp2_nan_in_one_rank_shard_is_detected_and_skipped_on_all_ranks():
+    run_ranks(_fsdp2_nan_in_one_shard_skips_everywhere)
+
+
+def _ddp_rank_local_fault_skips_everywhere(rank: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradwatch
+
+    model = DistributedDataParallel(small_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    gradwatch.GradWatch(model.module, opt, policy="skip", sinks=[records.append], log_rank=None)
+    before = None
+    for step in range(3):
+        model(rank_batch(rank + 10 * step)).square().mean().backward()
+        if step == 1 and rank == 0:  # corrupted after DDP's all-reduce, on rank 0 only
+            model.module[0].bias.grad[3] = float("inf")
+        if step == 1:
+            before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        if step == 1:
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert [r.skipped for r in records] == [False, True, False]  # rank 1 skips too
+
+
+def test_ddp_rank_local_fault_skips_on_all_ranks():
+    run_ranks(_ddp_rank_local_fault_skips_everywhere)
+
+
+def _spike_on_one_rank_same_clip(rank: int, world: int, sharded: bool) -> None:
+    import gradwatch
+
+    if sharded:
+        model = _sharded_model(world)
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(small_model())
+    watched = model if sharded else model.module
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    records = []
+    watch = gradwatch.GradWatch(watched, opt, policy=gradwatch.Clip(max_norm=1.0), sinks=[records.append], log_rank=None)
+    x = rank_batch(rank) * (1000.0 if rank == 1 else 1.0)  # a spike in rank 1's data only
+    model(x).square().mean().backward()
+    full = [p.grad.full_tensor() if sharded else p.grad for p in model.parameters()]
+    true_total = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in full])).item()
+    opt.step()
+    watch.flush()
+    factor = torch.tensor([records[0].clip_factor])
+    factors = [torch.empty(1, dtype=factor.dtype) for _ in range(world)]
+    dist.all_gather(factors, factor)
+    assert factors[0].item() == factors[1].item()  # bit-identical on both ranks
+    assert factors[0].item() == pytest.approx(1.0 / true_total, rel=1e-5)
+    assert records[0].total_norm == pytest.approx(true_total, rel=1e-6)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp2"])
+def test_spike_on_one_rank_gives_the_same_clip_factor_everywhere(sharded):
+    run_ranks(_spike_on_one_rank_same_clip, sharded)
+
+
+def _history_on_rank_zero_only(rank: int, world: int, path: str) -> None:
+    import gradwatch
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gradwatch.GradWatch(model, opt, history=f"{path}/rank{rank}.jsonl")
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    watch.flush()
+    watch.remove()
+
+
+def test_history_written_by_rank_zero_only(tmp_path):
+    run_ranks(_history_on_rank_zero_only, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.jsonl"]
+
+
+def _raise_on_all_ranks(rank: int, world: int) -> None:
+    import gradwatch
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gradwatch.GradWatch(model, opt, policy="raise", log_rank=None)
+    model(torch.randn(3, 4)).sum().backward()
+    if rank == 1:
+        model.weight.grad[0, 0] = float("nan")  # only rank 1 sees the fault
+    with pytest.raises(gradwatch.GradientAnomalyError) as raised:
+        opt.step()  # non-fused SGD: the decision is read in this step, so it raises here
+        watch.flush()
+    assert raised.value.step == 0
+    if rank == 1:
+        assert "nonfinite in weight" in str(raised.value)
+    else:
+        assert raised.value.events == [] and "another rank" in str(raised.value)
+
+
+def test_raise_raises_on_all_ranks():
+    run_ranks(_raise_on_all_ranks)
