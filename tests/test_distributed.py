@@ -194,7 +194,9 @@ def _spike_on_one_rank_same_clip(rank: int, world: int, sharded: bool) -> None:
     watched = model if sharded else model.module
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     records = []
-    watch = gradwatch.GradWatch(watched, opt, policy=gradwatch.Clip(max_norm=1.0), sinks=[records.append], log_rank=None)
+    watch = gradwatch.GradWatch(
+        watched, opt, policy=gradwatch.Clip(max_norm=1.0), sinks=[records.append], log_rank=None
+    )
     x = rank_batch(rank) * (1000.0 if rank == 1 else 1.0)  # a spike in rank 1's data only
     model(x).square().mean().backward()
     full = [p.grad.full_tensor() if sharded else p.grad for p in model.parameters()]
