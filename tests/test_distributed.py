@@ -64,6 +64,26 @@ def test_fsdp2_statistics_of_full_parameters_from_shards():
     run_ranks(_fsdp2_full_statistics)
 
 
+def _dtensor_mixed_placements(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(7)
+    full = [torch.randn(5, 9, generator=g), torch.randn(7, generator=g), torch.randn(4, 6, generator=g)]
+    full[0][4, 8] = float("nan")  # lands in the last column shard: rank 1's
+    placements = [[Shard(1)], [Shard(0)], [Replicate()]]  # tensor-parallel style, and a replicated one
+    params = [distribute_tensor(t, mesh, pl) for t, pl in zip(full, placements, strict=True)]
+    reducer = ShardedStats(params)
+    assert reducer.num_collectives == 2  # Shard(0) and Shard(1) share one layout: same mesh dim
+    got = reducer.reduce(grad_stats_packed([local_gradient(p) for p in params]))
+    assert_stats_equal(got, grad_stats_reference(full))
+
+
+def test_dtensor_tensor_parallel_and_replicated_placements():
+    run_ranks(_dtensor_mixed_placements)
+
+
 def _ddp_statistics(rank: int, world: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
