@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest ruff matplotlib tqdm tensorboard zclip
+	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest ruff matplotlib tqdm tensorboard zclip lightning
 	touch $@
 
 # Builds gradwatch._C in place (ninja: quick when nothing changed); run from the repo root.
