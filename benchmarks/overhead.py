@@ -182,6 +182,25 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class _TrainingState:
+    """A snapshot of weights and optimizer state, restored before each block of steps.
+
+    Every method then trains from the same weights on the same batches, and no run can drift into
+    divergence (NaN gradients would change what every method costs, and stop detect_anomaly).
+    """
+
+    def __init__(self, workload: Workload):
+        opt = workload.optimizer
+        tensors = [p for p in workload.model.parameters()]
+        tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        self.pairs = [(t, t.detach().clone()) for t in tensors]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, saved in self.pairs:
+                t.copy_(saved)
+
+
 class _Grads:
     """A snapshot of the gradients, restored before each monitoring-alone call."""
 
@@ -292,11 +311,14 @@ def run_workload(name: str, config: SuiteConfig, progress: _Progress) -> dict[st
             finally:
                 method.detach()
 
-    # 2. Whole training steps, round-robin; batch k of a block is the same batch for every method.
+    # 2. Whole training steps, round-robin; every block starts from the same weights, and batch k
+    # of a block is the same batch for every method.
+    state = _TrainingState(workload)
     steps: dict[str, list[float]] = {m.name: [] for m in methods}
     for r in range(config.rounds):
         for method in _rotated(methods, r):
             progress.update(0, workload=name, phase="steps", method=method.name)
+            state.restore()
             method.attach(workload)
             try:
                 for k in range(config.warmup_steps):
@@ -310,6 +332,7 @@ def run_workload(name: str, config: SuiteConfig, progress: _Progress) -> dict[st
 
     # Work that cannot be separated from the step (detect_anomaly) is counted as a step difference.
     def step_counts(method: Method) -> Counts:
+        state.restore()
         method.attach(workload)
         try:
             return count_work(lambda: train_step(workload, method, 0), device)
