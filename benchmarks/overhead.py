@@ -202,18 +202,24 @@ class _TrainingState:
 
 
 class _Grads:
-    """A snapshot of the gradients, restored before each monitoring-alone call."""
+    """A snapshot of the gradients, restored before each monitoring-alone call.
 
-    def __init__(self, model: torch.nn.Module):
+    Each restore scales the snapshot by a seeded factor near 1 (log-normal, sigma 0.1): the same
+    gradients over and over would drive adaptive detectors' variances to zero (and, in float32, into
+    slow denormals), a state no real run reaches.
+    """
+
+    def __init__(self, model: torch.nn.Module, seed: int = 0):
         self.pairs = [(p, p.grad.detach().clone()) for p in model.parameters() if p.grad is not None]
+        self.generator = torch.Generator().manual_seed(seed)
 
     def restore(self) -> None:
+        factor = float(torch.randn((), generator=self.generator).mul(0.1).exp())
         with torch.no_grad():
             for p, g in self.pairs:
                 if p.grad is None:
                     p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+                torch.mul(g, factor, out=p.grad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class TinyParams(nn.Module):
 _SIZES: dict[str, dict[str, dict[str, int]]] = {
     "resnet50": {
         "quick": {"batch": 2, "image": 32, "classes": 10},
-        "cpu": {"batch": 2, "image": 112, "classes": 1000},
+        "cpu": {"batch": 8, "image": 112, "classes": 1000},
         "cuda": {"batch": 64, "image": 224, "classes": 1000},
     },
     "gpt2s": {
