@@ -83,12 +83,18 @@ def make_extension():
     with_cuda = _choose_cuda()
     sources = [str(CSRC / "gradwatch.cpp"), str(CSRC / "cpu" / "grad_stats_cpu.cpp")]
     cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"] + [f"-DGRADWATCH_HAVE_{c}" for c in CPU_CAPABILITIES]
+    # at::parallel_for is header code around `#pragma omp parallel`: without -fopenmp in this
+    # extension it silently runs on one thread. torch's OpenMP builds share the same libgomp.
+    link = []
+    if "OpenMP" in torch.__config__.parallel_info():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     extra = {"cxx": cxx}
     if with_cuda:
         sources.append(str(CSRC / "cuda" / "grad_stats_cuda.cu"))
         extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
-        return cpp_extension.CUDAExtension("gradwatch._C", sources, extra_compile_args=extra)
-    return cpp_extension.CppExtension("gradwatch._C", sources, extra_compile_args=extra)
+        return cpp_extension.CUDAExtension("gradwatch._C", sources, extra_compile_args=extra, extra_link_args=link)
+    return cpp_extension.CppExtension("gradwatch._C", sources, extra_compile_args=extra, extra_link_args=link)
 
 
 setup(

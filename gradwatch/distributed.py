@@ -34,12 +34,19 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor
-        return None
-    return DTensor
+_DTENSOR: type | None | bool = False  # False: not looked up yet
+
+
+def _dtensor_type() -> type | None:
+    """DTensor's class, imported once (the monitor asks for every parameter, every step)."""
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch without DTensor
+            DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
 
 
 def local_gradient(grad: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,10 @@ def _entry(rank: int, fn, port: int, world_size: int, args: tuple) -> None:
         world_size=world_size,
         timeout=datetime.timedelta(seconds=30),
     )
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    # Leave together: a rank that tears down while its peer still talks to the store can abort.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn, *args, world_size: int = 2, timeout: float = 90.0) -> None:

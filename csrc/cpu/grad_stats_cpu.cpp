@@ -7,6 +7,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -38,7 +39,7 @@ const Selected& selected() {
 
 // Elements per chunk: 128 KiB of float32, small enough to balance threads on mixed sizes.
 constexpr int64_t kChunk = 32768;
-// Below this many elements per thread, threading costs more than it saves.
+// Below this many elements per task, threading costs more than it saves.
 constexpr int64_t kMinElementsPerTask = 65536;
 
 struct Chunk {
@@ -60,10 +61,27 @@ std::vector<Chunk> split_into_chunks(const std::vector<FlatTensor>& inputs, int6
   return chunks;
 }
 
-int64_t grain_for(int64_t num_chunks, int64_t total_elements) {
-  if (total_elements == 0) return 1;
-  const int64_t grain = (num_chunks * kMinElementsPerTask + total_elements - 1) / total_elements;
-  return std::max<int64_t>(1, grain);
+// Runs fn(chunk index) for every chunk, in one at::parallel_for whose tasks hold about the same
+// number of elements (not chunks: a bias is a chunk too), each task a contiguous chunk range.
+template <typename F>
+void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements, const F& fn) {
+  const int64_t num_tasks =
+      std::clamp<int64_t>(total_elements / kMinElementsPerTask, 1, std::max<int64_t>(1, at::get_num_threads()));
+  std::vector<int64_t> bounds{0};
+  int64_t seen = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    seen += chunks[c].length;
+    if (static_cast<int64_t>(bounds.size()) < num_tasks && seen * num_tasks >= total_elements * static_cast<int64_t>(bounds.size())) {
+      bounds.push_back(static_cast<int64_t>(c) + 1);
+    }
+  }
+  bounds.resize(num_tasks + 1, static_cast<int64_t>(chunks.size()));
+  bounds.back() = static_cast<int64_t>(chunks.size());
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      for (int64_t c = bounds[task]; c < bounds[task + 1]; ++c) fn(c);
+    }
+  });
 }
 
 inline double nan_max(double a, double b) { return (std::isnan(a) || a >= b) ? a : b; }
@@ -76,15 +94,11 @@ at::Tensor grad_stats_cpu(at::TensorList tensors) {
   const std::vector<Chunk> chunks = split_into_chunks(inputs, &total_elements);
   std::vector<ChunkStats> partials(chunks.size());
   const KernelTable& table = *selected().table;
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain_for(chunks.size(), total_elements),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t c = begin; c < end; ++c) {
-                       const Chunk& chunk = chunks[c];
-                       const FlatTensor& in = inputs[chunk.tensor];
-                       partials[c] = table.stats[static_cast<int>(in.dtype)](
-                           in.data + chunk.offset * in.element_size, chunk.length);
-                     }
-                   });
+  parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
+    const Chunk& chunk = chunks[c];
+    const FlatTensor& in = inputs[chunk.tensor];
+    partials[c] = table.stats[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, chunk.length);
+  });
 
   // Chunks are ordered by tensor, so one sequential pass combines them deterministically.
   std::vector<ChunkStats> per_tensor(tensors.size());
@@ -138,15 +152,12 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& factors) {
   int64_t total_elements = 0;
   const std::vector<Chunk> chunks = split_into_chunks(inputs, &total_elements);
   const KernelTable& table = *selected().table;
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain_for(chunks.size(), total_elements),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t c = begin; c < end; ++c) {
-                       const Chunk& chunk = chunks[c];
-                       const FlatTensor& in = inputs[chunk.tensor];
-                       table.scale[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size,
-                                                               chunk.length, input_factors[chunk.tensor]);
-                     }
-                   });
+  parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
+    const Chunk& chunk = chunks[c];
+    const FlatTensor& in = inputs[chunk.tensor];
+    table.scale[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, chunk.length,
+                                            input_factors[chunk.tensor]);
+  });
 }
 
 }  // namespace
