@@ -144,7 +144,11 @@ def combine_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows[:, 0].square().sum().sqrt(), rows[:, 1].amax(), rows[:, 2].sum()])
 
 
-def _stats_one_device(tensors: list[torch.Tensor]) -> torch.Tensor:
+def measure_unchecked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Packed statistics of floating tensors known to share one device, without re-validating them.
+
+    For callers that validated once up front (the monitor, every step, on thousands of gradients).
+    """
     if _use_native(tensors[0].device):
         return torch.ops.gradwatch.grad_stats(tensors)
     return grad_stats_reference(tensors)
@@ -159,14 +163,14 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     tensors = _checked_list(tensors, "grad_stats")
     device = tensors[0].device
     if all(t.device == device for t in tensors):
-        return _stats_one_device(tensors)
+        return measure_unchecked(tensors)
     groups: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.device, []).append(i)
     rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
     for index in groups.values():
         # A non-blocking copy into CPU memory could be read before it lands: only async on devices.
-        packed = _stats_one_device([tensors[i] for i in index]).to(device, non_blocking=device.type != "cpu")
+        packed = measure_unchecked([tensors[i] for i in index]).to(device, non_blocking=device.type != "cpu")
         rows[torch.tensor(index, device=device)] = packed[:-1]
     return torch.cat([rows, combine_rows(rows)[None]])
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ._ops import combine_rows
 
-__all__ = ["ShardedStats", "agree", "local_gradient", "is_distributed"]
+__all__ = ["ShardedStats", "agree", "local_gradient", "is_distributed", "is_dtensor"]
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -47,6 +47,12 @@ def _dtensor_type() -> type | None:
             DTensor = None
         _DTENSOR = DTensor
     return _DTENSOR
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 or tensor-parallel parameter/gradient)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_gradient(grad: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._ops import combine_rows, grad_stats_packed, scale_
+from ._ops import combine_rows, grad_stats_packed, measure_unchecked, scale_
 from .detect import KIND_INDEX, NUM_KINDS, Detector, DetectorConfig, LossDetection
-from .distributed import ShardedStats, agree, is_distributed, local_gradient
+from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
@@ -100,7 +100,7 @@ def _select_parameters(model: nn.Module, include: list[Selector] | None,
     chosen = []
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
+            if id(p) in seen or not p.is_floating_point():  # only floating parameters have gradients
                 continue
             seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
@@ -214,6 +214,10 @@ class GradWatch:
             raise ValueError(f"no parameters selected (include={include!r}, exclude={exclude!r})")
         self.param_names: list[str] = [n for n, _ in selected]
         self._params: list[nn.Parameter] = [p for _, p in selected]
+        # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
+        self._has_dtensor = any(is_dtensor(p) for p in self._params)
+        self._one_device = len({p.device for p in self._params}) == 1
+        self._all_index = list(range(len(self._params)))
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         self.events: list[AnomalyEvent] = []
         self.step = 0
@@ -437,21 +441,27 @@ class GradWatch:
             self._in_check = None
 
     def _collect(self) -> tuple[list[int], list[torch.Tensor]]:
-        """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash)."""
-        index, grads = [], []
-        for i, p in enumerate(self._params):
-            g = p.grad
-            if g is None or g.is_sparse or not g.is_floating_point():
-                continue
-            index.append(i)
-            grads.append(local_gradient(g))  # a DTensor's local shard; statistics are reduced later
+        """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash).
+
+        Written for thousands of parameters: a gradient has its parameter's dtype and device, so
+        only presence and layout are checked per step, in two list passes.
+        """
+        grads = [p.grad for p in self._params]
+        present = [g is not None and not g.is_sparse for g in grads]
+        if all(present):
+            index = self._all_index
+        else:
+            index = [i for i, ok in enumerate(present) if ok]
+            grads = [grads[i] for i in index]
+        if self._has_dtensor:
+            grads = [local_gradient(g) for g in grads]  # shards; _reduce makes them whole-parameter
         return index, grads
 
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Stage 2: one ``grad_stats_packed`` per device; rows gathered on the first device."""
+        if self._one_device:  # checked and validated once, at construction
+            return measure_unchecked(grads)
         device = grads[0].device
-        if all(g.device == device for g in grads):
-            return grad_stats_packed(grads)
         groups: dict[torch.device, list[int]] = {}
         for i, g in enumerate(grads):
             groups.setdefault(g.device, []).append(i)
@@ -668,17 +678,20 @@ class GradWatch:
         self.events.extend(events)
 
     def _finish_record(self, item: _Pending, loss_item: _Pending | None) -> None:
-        v = item.host.tolist()
         step = item.step
+        pos = _G_FIELDS + NUM_KINDS + sum(item.extras_sizes)
+        v = item.host[:pos].tolist()
         head, gflags = v[:_G_FIELDS], v[_G_FIELDS:_G_FIELDS + NUM_KINDS]
-        pos = _G_FIELDS + NUM_KINDS
         extras = []
+        cut = _G_FIELDS + NUM_KINDS
         for size in item.extras_sizes:
-            extras.append(v[pos:pos + size])
-            pos += size
-        per = v[pos:]
+            extras.append(v[cut:cut + size])
+            cut += size
         n = len(item.index)
-        rows = [per[i * _P_FIELDS:(i + 1) * _P_FIELDS] for i in range(n)]
+        # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
+        per = item.host[pos:].view(n, _P_FIELDS)
+        cols = per[:, :6].t().tolist()
+        flagged = per[:, 6:].nonzero().tolist()  # [row, kind column] pairs, row-major
         names = [self.param_names[i] for i in item.index]
         skipped = bool(head[_G_SKIP]) and self.optimizer is not None
         base = Outcome(step=step, skipped=skipped, raised=bool(head[_G_RAISE]),
@@ -698,18 +711,17 @@ class GradWatch:
             if gflags[KIND_INDEX[kind]]:
                 value, thr = thresholds[kind]
                 raw.append(AnomalyEvent(step, kind, None, value, thr, "none"))
+        norm, _, count, spike_thr, vanish_thr, _ = cols
         for kind in _PARAM_EVENT_KINDS:
-            col = 6 + KIND_INDEX[kind]
-            for name, row in zip(names, rows, strict=True):
-                if not row[col]:
-                    continue
+            col = KIND_INDEX[kind]
+            for r in (r for r, c in flagged if c == col):
                 value, thr = {
-                    AnomalyKind.NONFINITE: (row[2], None),
-                    AnomalyKind.NORM_LIMIT: (row[0], self.detector.config.max_norm),
-                    AnomalyKind.SPIKE: (row[0], row[3]),
-                    AnomalyKind.VANISHING: (row[0], row[4]),
+                    AnomalyKind.NONFINITE: (count[r], None),
+                    AnomalyKind.NORM_LIMIT: (norm[r], self.detector.config.max_norm),
+                    AnomalyKind.SPIKE: (norm[r], spike_thr[r]),
+                    AnomalyKind.VANISHING: (norm[r], vanish_thr[r]),
                 }[kind]
-                raw.append(AnomalyEvent(step, kind, name, value, thr, "none"))
+                raw.append(AnomalyEvent(step, kind, names[r], value, thr, "none"))
 
         outcomes = [Outcome(**{**base.__dict__, "extras": ex}) for ex in extras]
         events = [self._label(e, outcomes) for e in raw]
@@ -719,9 +731,9 @@ class GradWatch:
         record = StepRecord(
             step=step,
             names=names,
-            norms=[r[0] for r in rows],
-            max_abs=[r[1] for r in rows],
-            nonfinite=[int(r[2]) for r in rows],
+            norms=norm,
+            max_abs=cols[1],
+            nonfinite=[int(c) for c in count],
             total_norm=head[_G_TOTAL],
             loss=loss_value,
             clip_factor=head[_G_CLIP],
