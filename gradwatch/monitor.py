@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._ops import combine_rows, grad_stats_packed, measure_unchecked, scale_
+from ._ops import grad_stats_packed, measure_unchecked, scale_
 from .detect import KIND_INDEX, NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
@@ -458,18 +458,10 @@ class GradWatch:
         return index, grads
 
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Stage 2: one ``grad_stats_packed`` per device; rows gathered on the first device."""
-        if self._one_device:  # checked and validated once, at construction
+        """Stage 2: one fused ``grad_stats`` pass per device; rows gathered on the first device."""
+        if self._one_device:  # the common case: validated once, at construction
             return measure_unchecked(grads)
-        device = grads[0].device
-        groups: dict[torch.device, list[int]] = {}
-        for i, g in enumerate(grads):
-            groups.setdefault(g.device, []).append(i)
-        rows = torch.empty((len(grads), 3), dtype=torch.float64, device=device)
-        for idx in groups.values():
-            part = grad_stats_packed([grads[i] for i in idx]).to(device, non_blocking=True)
-            rows[self._index_tensor(idx, device)] = part[:-1]
-        return torch.cat([rows, combine_rows(rows)[None]])
+        return grad_stats_packed(grads)
 
     def _unscale(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Removes a GradScaler's scale from the statistics; flags the scaler's own inf-steps."""

@@ -10,14 +10,7 @@ from gradwatch._reference import grad_stats_reference
 from gradwatch.detect import KIND_INDEX, Detector, DetectorConfig, RunningStats
 from gradwatch.events import AnomalyKind
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 SPIKE, VANISH, NONFINITE = (KIND_INDEX[k] for k in (AnomalyKind.SPIKE, AnomalyKind.VANISHING, AnomalyKind.NONFINITE))

@@ -11,16 +11,9 @@ from torch.nn import functional as F
 import gradwatch
 from gradwatch import AnomalyKind, GradientAnomalyError, GradWatch
 from gradwatch.policies import Clip, Raise, Skip
+from tests.conftest import requires_cuda
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 K = 14  # fault step, after the warm-up of 10
