@@ -667,8 +667,8 @@ def update_results_md(results: dict[str, Any], path: Path) -> None:
     body = f"{key}: {where}\n\n{render_markdown(results)}"
     if env["device"] != "cuda":
         body += (
-            "- The CPU was shared with other jobs while this ran: whole-step medians carry several percent of "
-            "noise; the monitoring-alone column is the reliable one.\n"
+            "- CPU whole-step medians carry several percent of run-to-run noise (see the IQR column), even on an "
+            "idle machine; the monitoring-alone column is the reliable one.\n"
         )
     sections = _split_sections(path.read_text() if path.exists() else "# Benchmark results\n", "## ")
     subsections = _split_sections(sections.get(RESULTS_SECTION, RESULTS_SECTION + "\n\n" + _INTRO), "### ")
