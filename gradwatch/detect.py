@@ -268,8 +268,10 @@ class RunningStats:
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """Copies of the state tensors (None before the first observation)."""
-        return {k: None if v is None else v.clone() for k, v in (("mean", self.mean), ("var", self.var),
-                                                                  ("count", self.count))}
+        return {
+            k: None if v is None else v.clone()
+            for k, v in (("mean", self.mean), ("var", self.var), ("count", self.count))
+        }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor | None], device: torch.device | None = None) -> None:
         """Restores :meth:`state_dict` output, optionally onto ``device``."""

@@ -94,8 +94,9 @@ def _selectors(value: Selector | Iterable[Selector] | None, arg: str) -> list[Se
     return items
 
 
-def _select_parameters(model: nn.Module, include: list[Selector] | None,
-                       exclude: list[Selector] | None) -> list[tuple[str, nn.Parameter]]:
+def _select_parameters(
+    model: nn.Module, include: list[Selector] | None, exclude: list[Selector] | None
+) -> list[tuple[str, nn.Parameter]]:
     seen: set[int] = set()
     chosen = []
     for module_name, module in model.named_modules():
@@ -504,10 +505,12 @@ class GradWatch:
         if not is_distributed(self.process_group):
             return decision
         f64 = torch.float64
-        packed = torch.cat([
-            torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
-            -decision.factors.to(f64),
-        ])
+        packed = torch.cat(
+            [
+                torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
+                -decision.factors.to(f64),
+            ]
+        )
         agree(packed, self.process_group)
         decision.skip = packed[0] > 0
         decision.raise_now = packed[1] > 0
@@ -582,20 +585,43 @@ class GradWatch:
         if item.event is not None:
             self._pinned.setdefault(item.host.numel(), []).append(item.host)
 
-    def _record(self, step: int, index: list[int], packed: torch.Tensor, detection: Any, decision: Decision,
-                ignore: torch.Tensor) -> None:
+    def _record(
+        self,
+        step: int,
+        index: list[int],
+        packed: torch.Tensor,
+        detection: Any,
+        decision: Decision,
+        ignore: torch.Tensor,
+    ) -> None:
         """Stage 'record': pack everything into one float64 vector and start its copy to the host."""
         d = detection
         f64 = torch.float64
-        head = torch.stack([
-            packed[-1, 0], packed[-1, 1], packed[-1, 2], decision.clip_factor.to(f64), decision.skip.to(f64),
-            decision.raise_now.to(f64), ignore.to(f64), d.total_threshold, d.rolling_mean, d.total_z,
-        ])
+        head = torch.stack(
+            [
+                packed[-1, 0],
+                packed[-1, 1],
+                packed[-1, 2],
+                decision.clip_factor.to(f64),
+                decision.skip.to(f64),
+                decision.raise_now.to(f64),
+                ignore.to(f64),
+                d.total_threshold,
+                d.rolling_mean,
+                d.total_z,
+            ]
+        )
         extras = [t.reshape(()).to(f64) for group in decision.extras for t in group]
-        per = torch.cat([
-            packed[:-1], d.spike_threshold[:, None], d.vanish_threshold[:, None], d.z[:, None],
-            d.param_flags.to(f64),
-        ], dim=1)
+        per = torch.cat(
+            [
+                packed[:-1],
+                d.spike_threshold[:, None],
+                d.vanish_threshold[:, None],
+                d.z[:, None],
+                d.param_flags.to(f64),
+            ],
+            dim=1,
+        )
         parts = [head, d.global_flags.to(f64)] + ([torch.stack(extras)] if extras else []) + [per.reshape(-1)]
         host, event = self._to_host(torch.cat(parts))
         sizes = tuple(len(group) for group in decision.extras)
@@ -657,27 +683,36 @@ class GradWatch:
             a = p.action_for(event, o)
             if a and a not in actions:
                 actions.append(a)
-        return AnomalyEvent(event.step, event.kind, event.param, event.value, event.threshold,
-                            "+".join(actions) if actions else "none")
+        return AnomalyEvent(
+            event.step, event.kind, event.param, event.value, event.threshold, "+".join(actions) if actions else "none"
+        )
 
     def _publish_events(self, events: list[AnomalyEvent]) -> None:
         for e in events:
             level = logging.WARNING if e.action != "none" else logging.INFO
             where = e.param if e.param is not None else "<global>"
             thr = "" if e.threshold is None else f" (threshold {e.threshold:.6g})"
-            logger.log(level, "gradwatch: step %d: %s in %s: value %.6g%s; action %s",
-                       e.step, e.kind.value, where, e.value, thr, e.action)
+            logger.log(
+                level,
+                "gradwatch: step %d: %s in %s: value %.6g%s; action %s",
+                e.step,
+                e.kind.value,
+                where,
+                e.value,
+                thr,
+                e.action,
+            )
         self.events.extend(events)
 
     def _finish_record(self, item: _Pending, loss_item: _Pending | None) -> None:
         step = item.step
         pos = _G_FIELDS + NUM_KINDS + sum(item.extras_sizes)
         v = item.host[:pos].tolist()
-        head, gflags = v[:_G_FIELDS], v[_G_FIELDS:_G_FIELDS + NUM_KINDS]
+        head, gflags = v[:_G_FIELDS], v[_G_FIELDS : _G_FIELDS + NUM_KINDS]
         extras = []
         cut = _G_FIELDS + NUM_KINDS
         for size in item.extras_sizes:
-            extras.append(v[cut:cut + size])
+            extras.append(v[cut : cut + size])
             cut += size
         n = len(item.index)
         # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
@@ -686,8 +721,14 @@ class GradWatch:
         flagged = per[:, 6:].nonzero().tolist()  # [row, kind column] pairs, row-major
         names = [self.param_names[i] for i in item.index]
         skipped = bool(head[_G_SKIP]) and self.optimizer is not None
-        base = Outcome(step=step, skipped=skipped, raised=bool(head[_G_RAISE]),
-                       clip_factor=head[_G_CLIP], total_norm=head[_G_TOTAL], scaler_skipped=bool(head[_G_IGNORE]))
+        base = Outcome(
+            step=step,
+            skipped=skipped,
+            raised=bool(head[_G_RAISE]),
+            clip_factor=head[_G_CLIP],
+            total_norm=head[_G_TOTAL],
+            scaler_skipped=bool(head[_G_IGNORE]),
+        )
 
         raw: list[AnomalyEvent] = []
         loss_value = None
@@ -774,8 +815,14 @@ class GradientMonitor(GradWatch):
 
     _auto_attach = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 policy: str | Policy | Iterable[str | Policy] = "warn", **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        policy: str | Policy | Iterable[str | Policy] = "warn",
+        **kwargs: Any,
+    ):
         self._grad_norms: list[float] = []
         self._grad_norm_names: list[str] = []
         self._total_norms: list[float] = []

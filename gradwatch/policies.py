@@ -80,8 +80,9 @@ PARAM_KINDS: frozenset[AnomalyKind] = frozenset(
 """Kinds detected per parameter."""
 
 
-def _kinds(kinds: Iterable[AnomalyKind | str] | AnomalyKind | str | None, default: frozenset[AnomalyKind],
-           owner: str) -> frozenset[AnomalyKind]:
+def _kinds(
+    kinds: Iterable[AnomalyKind | str] | AnomalyKind | str | None, default: frozenset[AnomalyKind], owner: str
+) -> frozenset[AnomalyKind]:
     if kinds is None:
         return default
     if isinstance(kinds, (str, AnomalyKind)):
@@ -215,8 +216,11 @@ class Policy:
     scales: ClassVar[bool] = False
     needs_optimizer: ClassVar[bool] = False
 
-    def __init__(self, kinds: Iterable[AnomalyKind | str] | AnomalyKind | str | None = None,
-                 default: frozenset[AnomalyKind] = HARMFUL_KINDS):
+    def __init__(
+        self,
+        kinds: Iterable[AnomalyKind | str] | AnomalyKind | str | None = None,
+        default: frozenset[AnomalyKind] = HARMFUL_KINDS,
+    ):
         self.kinds = _kinds(kinds, default, type(self).__name__)
 
     def attach(self, host: PolicyHost) -> None:
@@ -471,8 +475,13 @@ class LRBackoff(Policy):
     name = "lr_backoff"
     needs_optimizer = True
 
-    def __init__(self, factor: float = 0.5, recovery_steps: int = 100, min_scale: float = 1e-3,
-                 kinds: Iterable[AnomalyKind | str] | None = None):
+    def __init__(
+        self,
+        factor: float = 0.5,
+        recovery_steps: int = 100,
+        min_scale: float = 1e-3,
+        kinds: Iterable[AnomalyKind | str] | None = None,
+    ):
         super().__init__(kinds, HARMFUL_KINDS | {AnomalyKind.ROLLING_MEAN})
         if _positive("LRBackoff", "factor", factor) >= 1:
             raise ValueError(f"LRBackoff: factor must be < 1, got {factor!r}")
@@ -545,8 +554,12 @@ class Rollback(Policy):
     name = "rollback"
     can_skip = True
 
-    def __init__(self, every: int = 100, kinds: Iterable[AnomalyKind | str] | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        every: int = 100,
+        kinds: Iterable[AnomalyKind | str] | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__(kinds)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Rollback: every must be an integer >= 1, got {every!r}")
@@ -589,8 +602,9 @@ class Rollback(Policy):
             self._candidates = []
             self.rollbacks += 1
             host.request_skip(record.step)
-            logger.warning("gradwatch: step %d: rolled back model and optimizer to the snapshot of step %d",
-                           record.step, step)
+            logger.warning(
+                "gradwatch: step %d: rolled back model and optimizer to the snapshot of step %d", record.step, step
+            )
             return
         if hit and not outcome.skipped:
             self._candidates = [c for c in self._candidates if c[0] <= record.step]
@@ -725,4 +739,3 @@ def make_policy(spec: str | Policy | Iterable[str | Policy]) -> PolicySet:
     if isinstance(spec, Iterable):
         return PolicySet(list(spec))
     raise TypeError(f"policy must be a name, a Policy or a list of them, got {type(spec).__name__} {spec!r}")
-

@@ -96,8 +96,9 @@ def test_resnet18_fakedata_spike_event_and_skip():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    data = torchvision.datasets.FakeData(size=16, image_size=(3, 32, 32), num_classes=10,
-                                         transform=torchvision.transforms.ToTensor())
+    data = torchvision.datasets.FakeData(
+        size=16, image_size=(3, 32, 32), num_classes=10, transform=torchvision.transforms.ToTensor()
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
     watch = GradWatch(model, opt, policy="skip", warmup=4)
@@ -161,7 +162,7 @@ def test_clip_in_training_loop_total_norm_after_is_at_most_limit():
     opt.register_step_post_hook(post)
     train(model, opt, K + 2, watch=watch, fault_step=K, fault="spike")
     watch.flush()
-    assert max(after_norms[:K] + after_norms[K + 1:]) <= 1.0 + 1e-6
+    assert max(after_norms[:K] + after_norms[K + 1 :]) <= 1.0 + 1e-6
     assert records[K].skipped and not any(r.skipped for r in records[:K])
     for r, n in zip(records, after_norms, strict=True):
         if not r.skipped:
@@ -227,8 +228,14 @@ def test_raise_names_the_parameter():
     watch = GradWatch(model, opt, policy="raise")
     before = {}
     with pytest.raises(GradientAnomalyError, match=r"step 3: nonfinite in 2\.weight") as info:
-        train(model, opt, 6, watch=watch, fault_step=3,
-              before_step=lambda s: before.setdefault(s, snapshot(model, opt)) if s == 3 else None)
+        train(
+            model,
+            opt,
+            6,
+            watch=watch,
+            fault_step=3,
+            before_step=lambda s: before.setdefault(s, snapshot(model, opt)) if s == 3 else None,
+        )
     assert info.value.events[0].param == "2.weight" and info.value.events[0].step == 3
     # fused: raised one step late from the next step's pre-hook; the faulty step was skipped
     assert watch.step == 5 and not hasattr(opt, "found_inf")
@@ -467,12 +474,20 @@ def test_bfloat16_model():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     watch = GradWatch(model, opt, policy=["clip", "skip"], warmup=10)
     before = {}
-    train(model, opt, K + 2, watch=watch, fault_step=K, fault="inf",
-          before_step=lambda s: before.setdefault(s, snapshot(model)) if s == K else None,
-          on_step=lambda s: before.setdefault(-1, snapshot(model)) if s == K else None)
+    train(
+        model,
+        opt,
+        K + 2,
+        watch=watch,
+        fault_step=K,
+        fault="inf",
+        before_step=lambda s: before.setdefault(s, snapshot(model)) if s == K else None,
+        on_step=lambda s: before.setdefault(-1, snapshot(model)) if s == K else None,
+    )
     watch.flush()
     assert [(e.step, e.kind, e.param) for e in watch.events if e.kind is AnomalyKind.NONFINITE] == [
-        (K, AnomalyKind.NONFINITE, "2.weight")]
+        (K, AnomalyKind.NONFINITE, "2.weight")
+    ]
     assert_same(before[K], before[-1])
 
 
@@ -522,8 +537,7 @@ def test_gradient_monitor_runs_the_hand_written_pattern_unchanged():
             self.grad_norms = []
 
         def register_hooks(self):
-            return [p.register_hook(lambda g: self.grad_norms.append(g.norm().item()))
-                    for p in self.model.parameters()]
+            return [p.register_hook(lambda g: self.grad_norms.append(g.norm().item())) for p in self.model.parameters()]
 
     def usage(monitor_cls, model):
         monitor = monitor_cls(model)
@@ -531,7 +545,7 @@ def test_gradient_monitor_runs_the_hand_written_pattern_unchanged():
         per_step = []
         for x, y in batches(3):
             F.cross_entropy(model(x), y).backward()
-            per_step.append(sorted(monitor.grad_norms[-len(list(model.parameters())):]))
+            per_step.append(sorted(monitor.grad_norms[-len(list(model.parameters())) :]))
             recent = sum(monitor.grad_norms[-10:]) / 10
             model.zero_grad()
         for h in handles:

@@ -30,7 +30,11 @@ def context(grads, detector=None, step=0, ignore=False, loss_flags=None):
     detector = detector or Detector(len(grads))
     detection = detector.detect(packed)
     return DecisionContext(
-        step, packed, detection, [f"p{i}" for i in range(len(grads))], torch.tensor(ignore),
+        step,
+        packed,
+        detection,
+        [f"p{i}" for i in range(len(grads))],
+        torch.tensor(ignore),
         torch.zeros(NUM_KINDS, dtype=torch.bool) if loss_flags is None else loss_flags,
     )
 
