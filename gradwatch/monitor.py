@@ -152,7 +152,8 @@ class GradWatch:
         sinks: callables ``fn(record: StepRecord)`` called once per drained step, in step order.
         process_group: the ranks that must agree on every decision (see :mod:`gradwatch.distributed`);
             None means the default group once ``torch.distributed`` is initialized. Statistics of
-            FSDP2/DTensor-sharded gradients are reduced over their own mesh groups.
+            FSDP2/DTensor-sharded gradients are reduced over their own mesh groups. Create the
+            monitor after ``fully_shard``: FSDP2 replaces the parameters it shards.
         log_rank: the only rank whose sinks (history file, TensorBoard, ...) run; None runs them
             on every rank. Events and decisions are kept on every rank. Default 0.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
