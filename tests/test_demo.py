@@ -1,3 +1,5 @@
+"""The demo end to end at reduced size: the protected run survives the fault, the unprotected one diverges."""
+
 import math
 
 import pytest

@@ -1,3 +1,5 @@
+"""Run history files: round trips (NaN included), crash-safe lines, writer options and errors."""
+
 import json
 import math
 

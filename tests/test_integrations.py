@@ -1,3 +1,5 @@
+"""TensorBoard sink and Lightning callback, fed from the monitor's asynchronous records."""
+
 import math
 
 import pytest

@@ -1,3 +1,5 @@
+"""The report (counts, PNG) and the CLI, including the --fail-on CI gate's exit codes."""
+
 import struct
 import subprocess
 import sys

@@ -1,3 +1,5 @@
+"""gradwatch.testing.assert_stable: passes healthy runs, fails injected faults with readable messages."""
+
 import pytest
 import torch
 from torch import nn
