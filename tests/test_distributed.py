@@ -146,11 +146,16 @@ def _full_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor().clone() for p in model.parameters()]
 
 
-def _fsdp2_nan_in_one_shard_skips_everywhere(rank: int, world: int) -> None:
+def _fsdp2_nan_in_one_shard_skips_everywhere(rank: int, world: int, fused: bool) -> None:
     import gradwatch
 
     model = _sharded_model(world)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # fused: the skip flag goes into found_inf (on device); plain SGD: the one-read fallback.
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        if fused
+        else torch.optim.SGD(model.parameters(), lr=0.1)
+    )
     records = []
     watch = gradwatch.GradWatch(model, opt, policy="skip", sinks=[records.append], log_rank=None)
     for step in range(4):
@@ -171,8 +176,9 @@ def _fsdp2_nan_in_one_shard_skips_everywhere(rank: int, world: int) -> None:
     assert records[3].names == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
-def test_fsdp2_nan_in_one_rank_shard_is_detected_and_skipped_on_all_ranks():
-    run_ranks(_fsdp2_nan_in_one_shard_skips_everywhere)
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adamw"])
+def test_fsdp2_nan_in_one_rank_shard_is_detected_and_skipped_on_all_ranks(fused):
+    run_ranks(_fsdp2_nan_in_one_shard_skips_everywhere, fused)
 
 
 def _ddp_rank_local_fault_skips_everywhere(rank: int, world: int) -> None:
