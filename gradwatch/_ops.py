@@ -144,6 +144,18 @@ def combine_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows[:, 0].square().sum().sqrt(), rows[:, 1].amax(), rows[:, 2].sum()])
 
 
+def _indices_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return groups
+
+
+def _async_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A non-blocking copy into CPU memory could be read before it lands: only async on devices.
+    return t.to(device, non_blocking=device.type != "cpu")
+
+
 def measure_unchecked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Packed statistics of floating tensors known to share one device, without re-validating them.
 
@@ -164,13 +176,9 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     if all(t.device == device for t in tensors):
         return measure_unchecked(tensors)
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
     rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
-    for index in groups.values():
-        # A non-blocking copy into CPU memory could be read before it lands: only async on devices.
-        packed = measure_unchecked([tensors[i] for i in index]).to(device, non_blocking=device.type != "cpu")
+    for index in _indices_by_device(tensors).values():
+        packed = _async_to(measure_unchecked([tensors[i] for i in index]), device)
         rows[torch.tensor(index, device=device)] = packed[:-1]
     return torch.cat([rows, combine_rows(rows)[None]])
 
@@ -223,14 +231,19 @@ def scale_(tensors: Iterable[torch.Tensor], factors: torch.Tensor | Sequence[flo
             f"scale_: factors must have shape [{len(tensors)}] (one per tensor); got {tuple(factors.shape)}"
         )
     factors = factors.to(torch.float32)
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
+    groups = _indices_by_device(tensors)
     for group_device, index in groups.items():
         group = [tensors[i] for i in index]
         group_factors = factors if len(groups) == 1 else factors[torch.tensor(index, device=factors.device)]
-        group_factors = group_factors.to(group_device, non_blocking=True)
-        if _use_native(group_device):
-            torch.ops.gradwatch.scale_(group, group_factors)
-        else:
-            scale_reference_(group, group_factors)
+        scale_unchecked(group, _async_to(group_factors, group_device))
+
+
+def scale_unchecked(tensors: list[torch.Tensor], factors: torch.Tensor) -> None:
+    """:func:`scale_` for floating tensors on one device with float32 ``factors`` already there.
+
+    For callers that validated once up front (the monitor's clipping, every step).
+    """
+    if _use_native(tensors[0].device):
+        torch.ops.gradwatch.scale_(tensors, factors)
+    else:
+        scale_reference_(tensors, factors)

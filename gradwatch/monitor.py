@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._ops import grad_stats_packed, measure_unchecked, scale_
+from ._ops import grad_stats_packed, measure_unchecked, scale_, scale_unchecked
 from .detect import KIND_INDEX, NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
@@ -522,7 +522,8 @@ class GradWatch:
     def _act(self, grads: list[torch.Tensor], decision: Decision) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
         if self.policy.scales:
-            scale_(grads, decision.factors)
+            # validated once at construction; the factors live on the gradients' device
+            (scale_unchecked if self._one_device else scale_)(grads, decision.factors)
         if self.optimizer is None or not (self.policy.can_skip or self._force_skip):
             return
         if self._fused_skip_ok():
