@@ -361,28 +361,25 @@ def plot_report(
     total = np.array([r.total_norm for r in records], dtype=float)
     loss = np.array([np.nan if r.loss is None else r.loss for r in records], dtype=float)
 
+    def mark_top_edge(ax: Any, xs: np.ndarray, label: str, **style: Any) -> None:
+        """Non-finite values have no place on a log axis: crosses along the top edge instead."""
+        if xs.size:
+            ax.scatter(
+                xs, np.full(xs.size, 0.97), transform=ax.get_xaxis_transform(), color="#d62728", label=label, **style
+            )
+
     def plot_series(ax: Any, y: np.ndarray, observed: np.ndarray, label: str, color: str) -> None:
         ok = np.isfinite(y) & (y > 0)
         ax.plot(steps[ok], y[ok], color=color, lw=1.4, label=label)
-        bad = observed & ~np.isfinite(y)  # NaN/Inf: drawn as crosses along the top edge
-        if bad.any():
-            ax.scatter(
-                steps[bad],
-                np.full(bad.sum(), 0.97),
-                transform=ax.get_xaxis_transform(),
-                marker="X",
-                s=60,
-                color="#d62728",
-                zorder=5,
-                label=f"{label} NaN/Inf",
-            )
+        mark_top_edge(ax, steps[observed & ~np.isfinite(y)], f"{label} NaN/Inf", marker="X", s=60, zorder=5)
 
     plot_series(ax_norm, total, np.ones(len(records), dtype=bool), "total norm", "#1f77b4")
     ax_norm.set_yscale("log")
     ax_norm.set_ylabel("total gradient norm")
 
     baseline = history.summary.get("baseline_loss")
-    if isinstance(baseline, dict) and baseline.get("loss"):
+    has_baseline = isinstance(baseline, dict) and bool(baseline.get("loss"))
+    if has_baseline:
         b_steps = np.asarray(baseline.get("steps") or range(len(baseline["loss"])), dtype=float)
         b_loss = np.array(
             [np.nan if v is None else float(v) if not isinstance(v, str) else np.nan for v in baseline["loss"]]
@@ -397,23 +394,12 @@ def plot_report(
             ls="--",
             label=baseline.get("label", "baseline"),
         )
-        nan_b = ~ok
-        if nan_b.any():
-            ax_loss.scatter(
-                b_steps[nan_b],
-                np.full(nan_b.sum(), 0.97),
-                transform=ax_loss.get_xaxis_transform(),
-                marker="x",
-                s=25,
-                color="#d62728",
-                label=f"{baseline.get('label', 'baseline')} NaN",
-            )
-    if np.isfinite(loss).any() or (isinstance(baseline, dict) and baseline.get("loss")):
-        has_baseline = isinstance(baseline, dict) and bool(baseline.get("loss"))
+        mark_top_edge(ax_loss, b_steps[~ok], f"{baseline.get('label', 'baseline')} NaN", marker="x", s=25)
+    if np.isfinite(loss).any() or has_baseline:
         observed = np.array([r.loss is not None for r in records], dtype=bool)
         plot_series(ax_loss, loss, observed, "gradwatch loss" if has_baseline else "loss", "#2ca02c")
         finite = loss[np.isfinite(loss)]
-        if isinstance(baseline, dict) and baseline.get("loss"):
+        if has_baseline:
             finite = np.concatenate([finite, b_loss[np.isfinite(b_loss)]])
         if finite.size and finite.min() > 0 and finite.max() / finite.min() > 50:
             ax_loss.set_yscale("log")
