@@ -64,7 +64,10 @@ class Method:
         """Work done between ``loss.backward()`` and ``optimizer.step()``."""
 
     def monitor_once(self, workload: Workload) -> bool:
-        """Does the per-step monitoring work once on the current gradients.
+        """Does the per-step monitoring work after backward once, on the current gradients.
+
+        Work a method does in backward hooks is not repeated here: the benchmark runs the hooks
+        (and times them) as it writes each gradient, the way backward does.
 
         Returns:
             False when the work cannot be separated from the step (it then is measured as the
@@ -158,10 +161,7 @@ class HookMethod(Method):
 
     def monitor_once(self, workload: Workload) -> bool:
         assert self.monitor is not None
-        # The same calls the hooks make during backward, in the same order.
-        for name, weight in reversed(self.monitor.layers):
-            if weight.grad is not None:
-                self.monitor.check(name, weight.grad)
+        # The per-layer checks ran in the hooks, as each gradient was written (see overhead._Grads).
         self.monitor.end_step()
         return True
 
@@ -274,14 +274,17 @@ class GradWatchMethod(Method):
 
     computes = "per-param L2, max|g|, non-finite; total norm; per-param + total adaptive z-score rules"
 
-    def __init__(self, name: str, label: str, policy: str | list[str], every: int = 1, extra: str = ""):
+    def __init__(self, name: str, label: str, policy: str | list[str], every: int = 1, extra: str = "", **options: Any):
         self.name, self.label, self.policy, self.period = name, label, policy, every
         self.computes = self.computes + extra
+        self.options = options
         self.watch: gradwatch.GradWatch | None = None
 
     def attach(self, workload: Workload) -> None:
         if self.watch is None:
-            self.watch = gradwatch.GradWatch(workload.model, workload.optimizer, policy=self.policy, every=self.period)
+            self.watch = gradwatch.GradWatch(
+                workload.model, workload.optimizer, policy=self.policy, every=self.period, **self.options
+            )
         else:
             self.watch.register_hooks()
 
@@ -321,6 +324,14 @@ METHODS: dict[str, MethodSpec] = {
     "gradwatch_stats": MethodSpec(GradStatsOpMethod),
     "gradwatch_detect": MethodSpec(
         lambda: GradWatchMethod("gradwatch_detect", "gradwatch: + adaptive detection (warn)", "warn")
+    ),
+    "gradwatch_at_check": MethodSpec(
+        lambda: GradWatchMethod(
+            "gradwatch_at_check",
+            "gradwatch: + adaptive detection, all measured after backward",
+            "warn",
+            measure_in_backward=False,
+        )
     ),
     "gradwatch_clip": MethodSpec(
         lambda: GradWatchMethod("gradwatch_clip", "gradwatch: + clip (max-norm 1.0)", ["warn", "clip"], extra="; clip")

@@ -202,7 +202,13 @@ class _TrainingState:
 
 
 class _Grads:
-    """A snapshot of the gradients, restored before each monitoring-alone call.
+    """A snapshot of the gradients, written back before each monitoring-alone call as backward would.
+
+    Gradients are written in backward order (last parameter first) and each parameter's backward
+    hooks run right after its gradient is written, as in a real backward pass. Per-layer hooks thus
+    read each gradient while it is still in cache, as they do in training, and so does gradwatch's
+    in-backward measurement; a check after backward finds the latest-written gradients in cache
+    first. Only the hooks' time is counted, not the writes.
 
     Each restore scales the snapshot by a seeded factor near 1 (log-normal, sigma 0.1): the same
     gradients over and over would drive adaptive detectors' variances to zero (and, in float32, into
@@ -213,13 +219,51 @@ class _Grads:
         self.pairs = [(p, p.grad.detach().clone()) for p in model.parameters() if p.grad is not None]
         self.generator = torch.Generator().manual_seed(seed)
 
-    def restore(self) -> None:
+    def restore(self, device: torch.device, run_hooks: bool = True) -> float:
+        """Writes every gradient back, running backward hooks; returns the seconds spent in hooks."""
         factor = float(torch.randn((), generator=self.generator).mul(0.1).exp())
+        spent = 0.0
         with torch.no_grad():
-            for p, g in self.pairs:
+            for p, g in reversed(self.pairs):
                 if p.grad is None:
                     p.grad = g.clone()
                 torch.mul(g, factor, out=p.grad)
+                if run_hooks and (p._backward_hooks or p._post_accumulate_grad_hooks):
+                    spent += _timed(lambda p=p: _run_backward_hooks(p), device)
+        return spent
+
+
+def _run_backward_hooks(p: torch.Tensor) -> None:
+    """What autograd runs for a leaf once its gradient is ready: tensor hooks, then post-accumulate hooks."""
+    for hook in (p._backward_hooks or {}).values():
+        hook(p.grad)
+    for hook in (p._post_accumulate_grad_hooks or {}).values():
+        hook(p)
+
+
+def _monitoring_alone(grads: _Grads, method: Method, workload: Workload) -> float:
+    """Seconds of one step's monitoring work, amortized over ``method.period`` steps."""
+    device = workload.device
+    spent = 0.0
+    for _ in range(method.period):
+        spent += grads.restore(device)
+        spent += _timed(lambda: method.monitor_once(workload), device)
+    return spent / method.period
+
+
+def _count_monitoring(grads: _Grads, method: Method, workload: Workload) -> Counts:
+    """Counts of one step's monitoring work (hooks included), less those of the restores themselves."""
+
+    def steps(monitor: bool) -> None:
+        for _ in range(method.period):
+            grads.restore(workload.device, run_hooks=monitor)
+            if monitor:
+                method.monitor_once(workload)
+
+    device = workload.device
+    return count_work(lambda: steps(True), device, method.period).minus(
+        count_work(lambda: steps(False), device, method.period)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,19 +345,14 @@ def run_workload(name: str, config: SuiteConfig, progress: _Progress) -> dict[st
             try:
                 warm_calls = method.warm_calls if r == 0 else 1
                 for _ in range(min(warm_calls, config.max_warm_calls or warm_calls)):  # untimed
-                    grads.restore()
+                    grads.restore(device)
                     separable[method.name] = method.monitor_once(workload)
                 progress.update(1)
                 for _ in range(config.alone_calls):
-                    grads.restore()
-                    elapsed = _timed(lambda m=method: [m.monitor_once(workload) for _ in range(m.period)], device)
-                    alone[method.name].append(elapsed / method.period)
+                    alone[method.name].append(_monitoring_alone(grads, method, workload))
                     progress.update(1)
                 if r == 0 and separable[method.name]:
-                    grads.restore()
-                    counts[method.name] = count_work(
-                        lambda m=method: [m.monitor_once(workload) for _ in range(m.period)], device, method.period
-                    )
+                    counts[method.name] = _count_monitoring(grads, method, workload)
             finally:
                 method.detach()
 

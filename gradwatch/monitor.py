@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._in_backward import InBackwardStats
 from ._ops import grad_stats_packed, measure_unchecked, scale_, scale_unchecked
 from .detect import KIND_INDEX, NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
@@ -156,6 +157,12 @@ class GradWatch:
             monitor after ``fully_shard``: FSDP2 replaces the parameters it shards.
         log_rank: the only rank whose sinks (history file, TensorBoard, ...) run; None runs them
             on every rank. Events and decisions are kept on every rank. Default 0.
+        measure_in_backward: measure gradients of 256 KiB and more during backward, in 4 MiB
+            buckets, while they are still in cache (see :mod:`gradwatch._in_backward`); the rest
+            is measured at the check. Results are the same either way: a gradient changed or
+            replaced after its bucket was measured is measured again. None (default): on when all
+            watched parameters are on the CPU (where it takes up to a third off the monitoring
+            time), off on GPUs and for DTensor or multi-device models (where it is refused).
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -192,6 +199,7 @@ class GradWatch:
         sinks: Iterable[Callable[[StepRecord], Any]] = (),
         process_group: Any = None,
         log_rank: int | None = 0,
+        measure_in_backward: bool | None = None,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -220,6 +228,7 @@ class GradWatch:
         self._has_dtensor = any(is_dtensor(p) for p in self._params)
         self._one_device = len({p.device for p in self._params}) == 1
         self._all_index = list(range(len(self._params)))
+        self._in_backward = self._make_in_backward(measure_in_backward)
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         self.events: list[AnomalyEvent] = []
         self.step = 0
@@ -267,7 +276,25 @@ class GradWatch:
             for p in self._params:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        if self._in_backward is not None:
+            self._handles.extend(self._in_backward.register())
         return list(self._handles)
+
+    def _make_in_backward(self, wanted: bool | None) -> InBackwardStats | None:
+        supported = self._one_device and not self._has_dtensor
+        if wanted is None:
+            wanted = supported and self._params[0].device.type == "cpu"
+        elif not isinstance(wanted, bool):
+            raise TypeError(f"measure_in_backward must be a bool or None, got {wanted!r}")
+        if not wanted:
+            return None
+        if not supported:
+            raise ValueError(
+                "measure_in_backward=True needs all watched parameters on one device and none a DTensor; "
+                "pass measure_in_backward=None or False"
+            )
+        # Measure only during a backward whose check will run (every=N).
+        return InBackwardStats(self._params, lambda: self.step % self.every == 0)
 
     def remove(self) -> None:
         """Detaches every hook and closes the history writer. Pending records stay drainable."""
@@ -414,6 +441,8 @@ class GradWatch:
             index, grads = self._collect()
             loss, self._loss = self._loss, None
             if not grads:
+                if self._in_backward is not None:
+                    self._in_backward.discard()
                 return
             packed = self._measure(grads)
             packed, ignore = self._unscale(packed)
@@ -461,6 +490,10 @@ class GradWatch:
 
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Stage 2: one fused ``grad_stats`` pass per device; rows gathered on the first device."""
+        if self._in_backward is not None:
+            if len(grads) == len(self._params):
+                return self._in_backward.take(grads)
+            self._in_backward.discard()  # some gradients are missing: measure what is there
         if self._one_device:  # the common case: validated once, at construction
             return measure_unchecked(grads)
         return grad_stats_packed(grads)
