@@ -20,7 +20,7 @@ export MAX_JOBS=${MAX_JOBS:-16} GRADWATCH_FORCE_CUDA=1
 echo "build ok" | tee -a "$OUT/summary.txt"
 
 # Tests that exercise the CUDA kernels and the sync-free monitor (the rest run in CI already).
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_build.py tests/test_monitor.py \
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_build.py tests/test_monitor.py tests/test_in_backward.py \
   > "$OUT/tests_cuda.log" 2>&1
 echo "tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))" | tee -a "$OUT/summary.txt"
 

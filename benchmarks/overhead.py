@@ -633,7 +633,10 @@ def render_markdown(results: dict[str, Any]) -> str:
 _NOTES_COMMON = [
     "- *step overhead %*: median monitored step vs median unmonitored step. Differences under a few percent "
     "are within run-to-run noise; read *monitoring alone* for small overheads.",
-    "- *monitoring alone*: only the per-step monitoring call, timed on fixed gradients restored before each call. "
+    "- *monitoring alone*: only the monitoring work of one step, on fixed gradients written back before each "
+    "call the way backward writes them (last parameter first), with each parameter's backward hooks run and timed "
+    "right after its gradient is written, as in training (per-layer hooks and gradwatch's in-backward buckets "
+    "read gradients still in cache), plus the call after backward. "
     "For `every=N` it is the cost amortized over N steps (the step median then shows an unsampled step). "
     "`detect_anomaly` cannot be separated from the step, so its figure is the step-time difference.",
 ]

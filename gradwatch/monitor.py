@@ -5,6 +5,8 @@ every stage on the device, nothing read back on the host::
 
     collect  watched gradients, grouped by device          (host: Python lists only)
     measure  one grad_stats_packed call per device         -> packed [n + 1, 3]
+             (CPU default: large gradients already measured during backward, in buckets, see
+             _in_backward.py; only the rest is measured here)
     reduce   seam for distributed training (_reduce)       -> packed over all ranks
     detect   Detector: running statistics -> flags
     decide   policies -> factors [n], skip, raise, clip factor

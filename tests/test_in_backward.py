@@ -32,8 +32,9 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def backward(model: nn.Module, seed: int) -> None:
+    device = next(model.parameters()).device
     x, y = batch(seed)
-    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
 
 
 @pytest.fixture
@@ -77,10 +78,13 @@ def assert_matches(record: gradwatch.StepRecord, expected) -> None:
     assert record.total_norm == pytest.approx(total, rel=1e-6, nan_ok=True)
 
 
-def test_default_is_on_for_cpu_models_and_bit_identical_to_measuring_at_the_check(backward_calls):
-    model = mlp()
+def test_default_is_on_for_cpu_models_and_bit_identical_to_measuring_at_the_check(backward_calls, device):
+    model = mlp().to(device)
     twin = copy.deepcopy(model)
-    on, on_opt, on_records = watched(model)
+    default = gradwatch.GradWatch(copy.deepcopy(model))
+    assert (default._in_backward is not None) == (device.type == "cpu")  # the default: CPU only
+    default.remove()
+    on, on_opt, on_records = watched(model, measure_in_backward=True if device.type == "cuda" else None)
     off, off_opt, off_records = watched(twin, measure_in_backward=False)
     assert on._in_backward is not None and off._in_backward is None
     assert len(on._in_backward.hooked) == 6  # the six 1 MiB weights
@@ -112,9 +116,9 @@ def test_gradient_accumulation_measures_the_accumulated_gradients(backward_calls
     assert_matches(records[0], expected)
 
 
-def test_gradients_changed_or_replaced_after_backward_are_measured_again(backward_calls):
-    model = mlp()
-    watch, opt, records = watched(model)
+def test_gradients_changed_or_replaced_after_backward_are_measured_again(backward_calls, device):
+    model = mlp().to(device)
+    watch, opt, records = watched(model, measure_in_backward=True)
     backward(model, 0)
     weights = [p for p in model.parameters() if p.dim() == 2]
     weights[-2].grad.mul_(1e3)  # in place, as GradScaler.unscale_ or a manual clip would
