@@ -325,12 +325,13 @@ METHODS: dict[str, MethodSpec] = {
     "gradwatch_detect": MethodSpec(
         lambda: GradWatchMethod("gradwatch_detect", "gradwatch: + adaptive detection (warn)", "warn")
     ),
-    "gradwatch_at_check": MethodSpec(
+    "gradwatch_in_backward": MethodSpec(
         lambda: GradWatchMethod(
-            "gradwatch_at_check",
-            "gradwatch: + adaptive detection, all measured after backward",
+            "gradwatch_in_backward",
+            "gradwatch: + adaptive detection, measure_in_backward=True",
             "warn",
-            measure_in_backward=False,
+            extra="; large gradients measured during backward",
+            measure_in_backward=True,
         )
     ),
     "gradwatch_clip": MethodSpec(

@@ -527,15 +527,17 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     ratio >= 5.0,
                     "x",
                 )
-            ours, hooks = method(w, watched), method(w, "hooks")
-            if ours is not None and hooks is not None:
-                ratio = hooks["monitor_ms"] / ours["monitor_ms"]
-                add(
-                    f"{w}: no more monitoring time than the per-layer hooks (hooks / gradwatch)",
-                    ratio,
-                    ratio >= 1.0,
-                    "x",
-                )
+            hooks = method(w, "hooks")
+            for name, how in ((watched, "defaults"), ("gradwatch_in_backward", "measure_in_backward=True")):
+                ours = method(w, name)
+                if ours is not None and hooks is not None:
+                    ratio = hooks["monitor_ms"] / ours["monitor_ms"]
+                    add(
+                        f"{w}: no more monitoring time than the per-layer hooks (hooks / gradwatch, {how})",
+                        ratio,
+                        ratio >= 1.0,
+                        "x",
+                    )
             ours, zclip = method(w, "gradwatch_adaptive_clip"), method(w, "zclip")
             if ours is not None and zclip is not None:
                 ratio = zclip["monitor_ms"] / ours["monitor_ms"]

@@ -6,10 +6,12 @@ instead: on a CPU this takes a third off the monitoring time of GPT-2 small (see
 ``benchmarks/RESULTS.md``). Only gradients of at least ``min_bytes`` are hooked, so the Python
 hook calls stay few; the small ones are measured at the check, in one call, as before.
 
-Correctness never depends on the gradients staying put: each measured row remembers its gradient
-(weakly) and the gradient's version counter. At the check, a row whose gradient was replaced
-(``zero_grad(set_to_none=True)``, an assignment) or changed in place afterwards (gradient
-accumulation, ``GradScaler.unscale_``, a manual clip) is measured again from the current gradient.
+Each measured row remembers its gradient (weakly) and the gradient's version counter. At the
+check, a row whose gradient was replaced (``zero_grad(set_to_none=True)``, an assignment) or
+changed in place through autograd afterwards (gradient accumulation, ``clip_grad_norm_``,
+``mul_``) is measured again from the current gradient. Writes that bypass version counting
+(``.data``, collectives, ``torch._amp_foreach_non_finite_check_and_unscale_`` inside
+``GradScaler.unscale_``) cannot be seen; that is why the monitor makes this opt-in.
 """
 
 from __future__ import annotations

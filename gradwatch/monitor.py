@@ -5,8 +5,8 @@ every stage on the device, nothing read back on the host::
 
     collect  watched gradients, grouped by device          (host: Python lists only)
     measure  one grad_stats_packed call per device         -> packed [n + 1, 3]
-             (CPU default: large gradients already measured during backward, in buckets, see
-             _in_backward.py; only the rest is measured here)
+             (measure_in_backward=True: large gradients already measured during backward,
+             in buckets, see _in_backward.py; only the rest is measured here)
     reduce   seam for distributed training (_reduce)       -> packed over all ranks
     detect   Detector: running statistics -> flags
     decide   policies -> factors [n], skip, raise, clip factor
@@ -161,10 +161,14 @@ class GradWatch:
             on every rank. Events and decisions are kept on every rank. Default 0.
         measure_in_backward: measure gradients of 256 KiB and more during backward, in 4 MiB
             buckets, while they are still in cache (see :mod:`gradwatch._in_backward`); the rest
-            is measured at the check. Results are the same either way: a gradient changed or
-            replaced after its bucket was measured is measured again. None (default): on when all
-            watched parameters are on the CPU (where it takes up to a third off the monitoring
-            time), off on GPUs and for DTensor or multi-device models (where it is refused).
+            is measured at the check. On a CPU this takes up to a third off the monitoring time.
+            A gradient replaced or changed in place afterwards (accumulation, ``clip_grad_norm_``,
+            ``mul_``) is measured again, found through autograd's version counters. Writes those
+            counters do not see go unnoticed, so leave it off when gradients are changed between
+            backward and the check by ``GradScaler.unscale_`` on a non-fused optimizer (its
+            unscale kernel does not bump versions), through ``.data``, or by collectives; it is
+            refused under ``torch.distributed`` (DDP all-reduces in place), for DTensors and for
+            models on several devices. Default False.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -201,7 +205,7 @@ class GradWatch:
         sinks: Iterable[Callable[[StepRecord], Any]] = (),
         process_group: Any = None,
         log_rank: int | None = 0,
-        measure_in_backward: bool | None = None,
+        measure_in_backward: bool = False,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -282,18 +286,16 @@ class GradWatch:
             self._handles.extend(self._in_backward.register())
         return list(self._handles)
 
-    def _make_in_backward(self, wanted: bool | None) -> InBackwardStats | None:
-        supported = self._one_device and not self._has_dtensor
-        if wanted is None:
-            wanted = supported and self._params[0].device.type == "cpu"
-        elif not isinstance(wanted, bool):
-            raise TypeError(f"measure_in_backward must be a bool or None, got {wanted!r}")
+    def _make_in_backward(self, wanted: bool) -> InBackwardStats | None:
+        if not isinstance(wanted, bool):
+            raise TypeError(f"measure_in_backward must be a bool, got {wanted!r}")
         if not wanted:
             return None
-        if not supported:
+        if is_distributed() or self._has_dtensor or not self._one_device:
             raise ValueError(
-                "measure_in_backward=True needs all watched parameters on one device and none a DTensor; "
-                "pass measure_in_backward=None or False"
+                "measure_in_backward=True needs a single process with all watched parameters on one device "
+                "and none a DTensor (collectives change gradients after backward, unseen); "
+                "pass measure_in_backward=False"
             )
         # Measure only during a backward whose check will run (every=N).
         return InBackwardStats(self._params, lambda: self.step % self.every == 0)

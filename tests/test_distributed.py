@@ -259,6 +259,19 @@ def test_history_written_by_rank_zero_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.jsonl"]
 
 
+def _in_backward_refused(rank: int, world: int) -> None:
+    import gradwatch
+
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(512, 512))
+    with pytest.raises(ValueError, match="single process"):  # DDP all-reduces after the hooks, unseen
+        gradwatch.GradWatch(model, measure_in_backward=True)
+    assert gradwatch.GradWatch(model)._in_backward is None
+
+
+def test_measure_in_backward_is_refused_under_torch_distributed():
+    run_ranks(_in_backward_refused)
+
+
 def _raise_on_all_ranks(rank: int, world: int) -> None:
     import gradwatch
 

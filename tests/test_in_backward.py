@@ -66,6 +66,7 @@ def oracle(model: nn.Module) -> tuple[list[float], list[float], list[int], float
 def watched(model: nn.Module, **kw) -> tuple[gradwatch.GradWatch, torch.optim.Optimizer, list]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     records: list[gradwatch.StepRecord] = []
+    kw.setdefault("measure_in_backward", True)
     watch = gradwatch.GradWatch(model, opt, sinks=[records.append], **kw)
     return watch, opt, records
 
@@ -78,13 +79,13 @@ def assert_matches(record: gradwatch.StepRecord, expected) -> None:
     assert record.total_norm == pytest.approx(total, rel=1e-6, nan_ok=True)
 
 
-def test_default_is_on_for_cpu_models_and_bit_identical_to_measuring_at_the_check(backward_calls, device):
+def test_bit_identical_to_measuring_at_the_check(backward_calls, device):
     model = mlp().to(device)
     twin = copy.deepcopy(model)
     default = gradwatch.GradWatch(copy.deepcopy(model))
-    assert (default._in_backward is not None) == (device.type == "cpu")  # the default: CPU only
+    assert default._in_backward is None  # opt-in
     default.remove()
-    on, on_opt, on_records = watched(model, measure_in_backward=True if device.type == "cuda" else None)
+    on, on_opt, on_records = watched(model)
     off, off_opt, off_records = watched(twin, measure_in_backward=False)
     assert on._in_backward is not None and off._in_backward is None
     assert len(on._in_backward.hooked) == 6  # the six 1 MiB weights
@@ -118,7 +119,7 @@ def test_gradient_accumulation_measures_the_accumulated_gradients(backward_calls
 
 def test_gradients_changed_or_replaced_after_backward_are_measured_again(backward_calls, device):
     model = mlp().to(device)
-    watch, opt, records = watched(model, measure_in_backward=True)
+    watch, opt, records = watched(model)
     backward(model, 0)
     weights = [p for p in model.parameters() if p.dim() == 2]
     weights[-2].grad.mul_(1e3)  # in place, as GradScaler.unscale_ or a manual clip would
@@ -181,7 +182,7 @@ def test_every_n_measures_only_during_backward_passes_that_are_checked(backward_
 def test_without_optimizer_and_after_remove(backward_calls):
     model = mlp()
     records: list[gradwatch.StepRecord] = []
-    watch = gradwatch.GradWatch(model, sinks=[records.append])
+    watch = gradwatch.GradWatch(model, sinks=[records.append], measure_in_backward=True)
     backward(model, 0)
     expected = oracle(model)
     watch.flush()
@@ -196,9 +197,9 @@ def test_without_optimizer_and_after_remove(backward_calls):
 
 
 def test_bad_measure_in_backward_values_are_refused():
-    with pytest.raises(TypeError, match="measure_in_backward must be a bool or None, got 'yes'"):
+    with pytest.raises(TypeError, match="measure_in_backward must be a bool, got 'yes'"):
         gradwatch.GradWatch(mlp(), measure_in_backward="yes")
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
     with pytest.raises(ValueError, match="one device"):
         gradwatch.GradWatch(model, measure_in_backward=True)
-    assert gradwatch.GradWatch(model)._in_backward is None  # the default just turns it off
+    assert gradwatch.GradWatch(model)._in_backward is None
