@@ -284,8 +284,37 @@ class RunningStats:
             setattr(self, key, value)
 
 
+def _join_streams(params: Mapping[str, Any], total: Mapping[str, Any], n: int) -> dict[str, torch.Tensor | None]:
+    """One ``n + 1``-stream state from the saved parameter and total parts (either may be unset)."""
+    joined: dict[str, torch.Tensor | None] = {}
+    for key in ("mean", "var", "count"):
+        p, t = params[key], total[key]
+        if p is None and t is None:
+            joined[key] = None
+            continue
+        like = p if p is not None else t
+        dtype = torch.int64 if key == "count" else torch.float64
+        p = torch.zeros(n, dtype=dtype, device=like.device) if p is None else p  # never observed
+        t = torch.zeros(1, dtype=dtype, device=like.device) if t is None else t.to(p.device)
+        joined[key] = torch.cat([p, t])
+    return joined
+
+
+class _StatsView(NamedTuple):
+    """Read-only slices of a :class:`RunningStats` (for inspection and tests)."""
+
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    count: torch.Tensor | None
+
+
 class Detector:
     """Device-side anomaly detection for ``num_params`` watched parameters.
+
+    The log-norm of every parameter and of the total norm are ``num_params + 1`` streams of one
+    :class:`RunningStats` (the total is the last), so one check is one pass of elementwise ops
+    over ``n + 1`` values, whatever the number of parameters: on a GPU, a constant number of
+    small launches.
 
     Args:
         num_params: number of watched parameters (the rows of the statistics it will see; a check
@@ -311,12 +340,37 @@ class Detector:
         self.config = config if config is not None else DetectorConfig.from_options(options)
         self.num_params = num_params
         c = self.config
-        stats = {"ema": c.ema, "warmup": c.warmup, "sigma": c.sigma}
-        self.params = RunningStats(num_params, **stats)
-        self.total = RunningStats(1, **stats)
+        self.norms = RunningStats(num_params + 1, ema=c.ema, warmup=c.warmup, sigma=c.sigma)
         self.loss = RunningStats(1, ema=c.ema, warmup=c.warmup, sigma=c.loss_sigma or c.sigma)
         self.window: torch.Tensor | None = None  # last rolling_window total norms, oldest first
         self.window_count: torch.Tensor | None = None
+        self._constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def params(self) -> _StatsView:
+        """The per-parameter running statistics of the log-norms (a read-only view)."""
+        return self._view(slice(None, -1))
+
+    @property
+    def total(self) -> _StatsView:
+        """The running statistics of the log total norm (a read-only view, one stream)."""
+        return self._view(slice(-1, None))
+
+    def _view(self, part: slice) -> _StatsView:
+        s = self.norms
+        return _StatsView(*(None if t is None else t[part] for t in (s.mean, s.var, s.count)))
+
+    def _rows_constants(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(is-a-parameter-row mask [rows], the total's stream index [1]), cached per device."""
+        key = (rows, device)
+        cached = self._constants.get(key)
+        if cached is None:
+            if len(self._constants) > 16:
+                self._constants.clear()
+            param_rows = torch.arange(rows, device=device) < rows - 1
+            total_stream = torch.full((1,), self.num_params, dtype=torch.int64, device=device)
+            cached = self._constants[key] = (param_rows, total_stream)
+        return cached
 
     def detect(
         self,
@@ -346,63 +400,54 @@ class Detector:
         c = self.config
         device = packed.device
         packed = packed.to(torch.float64)
-        norms, nonfinite = packed[:-1, 0], packed[:-1, 2]
-        total = packed[-1, 0:1]
+        param_rows, total_stream = self._rows_constants(n + 1, device)
+        streams = None if index is None else torch.cat([index.to(device), total_stream])
+        norm = packed[:, 0]  # rows 0..n-1 the parameters, row n the total
+        bad = packed[:, 2] > 0
         keep = torch.ones((), dtype=torch.bool, device=device) if ignore is None else ~ignore.to(device, torch.bool)
 
-        pflags = torch.zeros((n, NUM_KINDS), dtype=torch.bool, device=device)
-        gflags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
-        bad = nonfinite > 0
-        pflags[:, KIND_INDEX[AnomalyKind.NONFINITE]] = bad
-        gflags[KIND_INDEX[AnomalyKind.NONFINITE]] = packed[-1, 2] > 0
+        # Adaptive rules on the log-norms, all n + 1 streams at once.
+        x = norm.clamp_min(_TINY).log()
+        mean, std, armed = self.norms.view(streams, device)
+        ok = keep & ~bad  # NaN/Inf never enter the statistics
+        if not c.per_param:  # only the total stream is judged and learned
+            armed = armed & ~param_rows
+            ok = ok & ~param_rows
+        diff = x - mean
+        up = (c.sigma * std).clamp_min(math.log(c.min_spike_ratio))
+        down = (-c.sigma * std).clamp_max(math.log(c.vanishing_ratio))
+        z = torch.where(armed, diff / std.clamp_min(1e-12), 0.0)
+        spike_thr = torch.where(armed, (mean + up).exp(), math.inf)
+        vanish_thr = torch.where(armed, (mean + down).exp(), 0.0)
+        judged = armed & torch.isfinite(x)
+        self.norms.update_(x, ok, streams)
+
+        # Flags of every row, columns in KINDS order; the last row becomes the step-level flags.
+        none = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        columns = dict.fromkeys(KINDS, none)
+        columns[AnomalyKind.NONFINITE] = bad
+        columns[AnomalyKind.SPIKE] = judged & (diff > up)
+        columns[AnomalyKind.VANISHING] = judged & (diff < down) & param_rows
         if c.max_norm is not None:
-            pflags[:, KIND_INDEX[AnomalyKind.NORM_LIMIT]] = norms > c.max_norm
+            columns[AnomalyKind.NORM_LIMIT] = (norm > c.max_norm) & param_rows
         if c.max_total_norm is not None:
-            gflags[KIND_INDEX[AnomalyKind.TOTAL_NORM_LIMIT]] = total[0] > c.max_total_norm
-
-        log_spike, log_vanish = math.log(c.min_spike_ratio), math.log(c.vanishing_ratio)
-        inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
-        if c.per_param:
-            x = norms.clamp_min(_TINY).log()
-            mean, std, armed = self.params.view(index, device)
-            z = torch.where(armed, (x - mean) / std.clamp_min(1e-12), torch.zeros_like(x))
-            up = torch.maximum(c.sigma * std, torch.full_like(std, log_spike))
-            down = torch.minimum(-c.sigma * std, torch.full_like(std, log_vanish))
-            spike_thr = torch.where(armed, (mean + up).exp(), inf)
-            vanish_thr = torch.where(armed, (mean + down).exp(), torch.zeros_like(x))
-            finite = torch.isfinite(x)
-            pflags[:, KIND_INDEX[AnomalyKind.SPIKE]] = armed & finite & (x - mean > up)
-            pflags[:, KIND_INDEX[AnomalyKind.VANISHING]] = armed & finite & (x - mean < down)
-            self.params.update_(x, keep.expand(n) & ~bad, index)
-        else:
-            z, spike_thr, vanish_thr = torch.zeros_like(norms), inf, torch.zeros_like(norms)
-
-        tx = total.clamp_min(_TINY).log()
-        tmean, tstd, tarmed = self.total.view(None, device)
-        tup = torch.maximum(c.sigma * tstd, torch.full_like(tstd, log_spike))
-        total_z = torch.where(tarmed, (tx - tmean) / tstd.clamp_min(1e-12), torch.zeros_like(tx))
-        total_thr = torch.where(tarmed, (tmean + tup).exp(), torch.full_like(tx, math.inf))
-        gflags[KIND_INDEX[AnomalyKind.SPIKE]] = (tarmed & torch.isfinite(tx) & (tx - tmean > tup))[0]
-        self.total.update_(tx, keep.reshape(1))
-
-        rolling = self._roll_(total, keep)
+            columns[AnomalyKind.TOTAL_NORM_LIMIT] = (norm > c.max_total_norm) & ~param_rows
+        rolling = self._roll_(norm[-1:], keep)
         if c.rolling_limit is not None:
-            gflags[KIND_INDEX[AnomalyKind.ROLLING_MEAN]] = rolling > c.rolling_limit
-
-        pflags &= keep
-        gflags &= keep
+            columns[AnomalyKind.ROLLING_MEAN] = (rolling > c.rolling_limit) & ~param_rows
+        flags = torch.stack([columns[k] for k in KINDS], dim=1) & keep
         return Detection(
-            param_flags=pflags,
-            global_flags=gflags,
-            z=z,
-            total_z=total_z[0],
-            spike_threshold=spike_thr,
-            vanish_threshold=vanish_thr,
-            total_threshold=total_thr[0],
+            param_flags=flags[:-1],
+            global_flags=flags[-1],
+            z=z[:-1],
+            total_z=z[-1],
+            spike_threshold=spike_thr[:-1],
+            vanish_threshold=vanish_thr[:-1],
+            total_threshold=spike_thr[-1],
             rolling_mean=rolling,
-            total_log_mean=tmean[0],
-            total_log_std=tstd[0],
-            total_armed=tarmed[0],
+            total_log_mean=mean[-1],
+            total_log_std=std[-1],
+            total_armed=armed[-1],
         )
 
     def _roll_(self, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -444,13 +489,20 @@ class Detector:
         self.loss.update_(value, keep)
         return LossDetection(flags=flags, value=value[0], threshold=threshold[0])
 
+    def _split_state(self) -> dict[str, dict[str, torch.Tensor | None]]:
+        params, total = self.params, self.total
+        return {
+            "params": {k: None if v is None else v.clone() for k, v in params._asdict().items()},
+            "total": {k: None if v is None else v.clone() for k, v in total._asdict().items()},
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Copies of every running statistic, plus the config (checked on load)."""
         return {
             "config": asdict(self.config),
             "num_params": self.num_params,
-            "params": self.params.state_dict(),
-            "total": self.total.state_dict(),
+            # Saved as two parts, as before the streams were merged: old checkpoints still load.
+            **self._split_state(),
             "loss": self.loss.state_dict(),
             "window": None if self.window is None else self.window.clone(),
             "window_count": None if self.window_count is None else self.window_count.clone(),
@@ -469,8 +521,7 @@ class Detector:
         if state["num_params"] != self.num_params:
             raise ValueError(f"state is for {state['num_params']} parameters; this detector watches {self.num_params}")
         device = None if device is None else torch.device(device)
-        self.params.load_state_dict(state["params"], device)
-        self.total.load_state_dict(state["total"], device)
+        self.norms.load_state_dict(_join_streams(state["params"], state["total"], self.num_params), device)
         self.loss.load_state_dict(state["loss"], device)
         for key in ("window", "window_count"):
             value = state[key]

@@ -169,6 +169,47 @@ def test_state_dict_round_trip_is_exact():
         Detector(3).load_state_dict(a.state_dict())
 
 
+def test_state_saved_before_streams_were_merged_still_loads():
+    # Older checkpoints of a per_param=False detector hold the total's statistics but none per
+    # parameter; loading them resumes the total exactly and leaves the parameters unobserved.
+    a = Detector(3, warmup=5, per_param=False)
+    for row in lognormal_norms(12, 3, seed=4):
+        a.detect(packed_from_norms(row))
+    state = a.state_dict()
+    state["params"] = {"mean": None, "var": None, "count": None}
+    b = Detector(3, warmup=5, per_param=False)
+    b.load_state_dict(state)
+    assert torch.equal(b.total.mean, a.total.mean) and torch.equal(b.total.count, a.total.count)
+    assert b.params.count.tolist() == [0, 0, 0]
+    row = packed_from_norms([1.0, 2.0, 50.0])
+    for x, y in zip(a.detect(row), b.detect(row.clone()), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_detection_dispatches_the_same_ops_for_5_or_5000_parameters():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (5, 5000):
+        det = Detector(n, warmup=2, max_norm=10.0, max_total_norm=100.0, rolling_limit=50.0)
+        norms = lognormal_norms(4, n, seed=5)
+        for row in norms[:3]:
+            det.detect(packed_from_norms(row))
+        packed = packed_from_norms(norms[3])
+        Count.ops = 0
+        with Count():
+            det.detect(packed)
+        counts.append(Count.ops)
+    assert counts[0] == counts[1] < 120  # one vectorized pass over n + 1 streams: launches stay constant
+
+
 @pytest.mark.parametrize(
     "options, error, match",
     [
