@@ -2,7 +2,7 @@
 
 A check that runs after backward reads every gradient back from memory. Backward has just
 written them, so a bucket of a few MiB measured the moment it is complete is read from cache
-instead: on a CPU this takes a third off the monitoring time of GPT-2 small (see
+instead: on a CPU this takes about a quarter off the monitoring time of GPT-2 small (see
 ``benchmarks/RESULTS.md``). Only gradients of at least ``min_bytes`` are hooked, so the Python
 hook calls stay few; the small ones are measured at the check, in one call, as before.
 
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ._ops import combine_rows, measure_unchecked
+from ._ops import IndexCache, combine_rows, measure_unchecked
 
 
 class _Row(NamedTuple):
@@ -69,7 +69,7 @@ class InBackwardStats:
         self._rows: dict[int, _Row] = {}
         self._buckets: dict[int, _Bucket] = {}
         self._next_bucket = 0
-        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._index_cache = IndexCache(limit=256)  # bucket layouts repeat step to step
 
     def register(self) -> list[RemovableHandle]:
         """Hooks every large watched parameter; returns the removable handles."""
@@ -95,18 +95,9 @@ class InBackwardStats:
         rows = measure_unchecked(grads)
         seq = self._next_bucket
         self._next_bucket += 1
-        self._buckets[seq] = _Bucket(rows, self._index(index, rows.device))
+        self._buckets[seq] = _Bucket(rows, self._index_cache.get(index, rows.device))
         for i, g in zip(index, grads, strict=True):
             self._rows[i] = _Row(weakref.ref(g), g._version, seq)
-
-    def _index(self, index: list[int], device: torch.device) -> torch.Tensor:
-        key = tuple(index)
-        cached = self._index_cache.get(key)
-        if cached is None:
-            if len(self._index_cache) > 256:  # bucket layouts repeat step to step; never grow unbounded
-                self._index_cache.clear()
-            cached = self._index_cache[key] = torch.tensor(index, dtype=torch.int64).to(device, non_blocking=True)
-        return cached
 
     def discard(self) -> None:
         """Forgets everything measured so far (the check measured from scratch, or did not run)."""
@@ -147,7 +138,7 @@ class InBackwardStats:
             for b in buckets:
                 out.index_copy_(0, b.index, b.rows[:-1])
         if now:
-            out.index_copy_(0, self._index(now, device), measure_unchecked([grads[i] for i in now])[:-1])
+            out.index_copy_(0, self._index_cache.get(now, device), measure_unchecked([grads[i] for i in now])[:-1])
         out[-1] = combine_rows(out[:-1])
         self.discard()
         return out

@@ -151,6 +151,27 @@ def _indices_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, li
     return groups
 
 
+class IndexCache:
+    """Device int64 tensors for index lists that repeat step to step, each built once.
+
+    Building one is a host-to-device copy, which a monitored CUDA step must not pay every time.
+    Cleared whenever it would hold more than ``limit`` lists, so it never grows unbounded.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._tensors: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+    def get(self, index: Sequence[int], device: torch.device) -> torch.Tensor:
+        key = (device, tuple(index))
+        cached = self._tensors.get(key)
+        if cached is None:
+            if len(self._tensors) > self.limit:
+                self._tensors.clear()
+            cached = self._tensors[key] = torch.tensor(index, dtype=torch.int64).to(device, non_blocking=True)
+        return cached
+
+
 def _async_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # A non-blocking copy into CPU memory could be read before it lands: only async on devices.
     return t.to(device, non_blocking=device.type != "cpu")

@@ -490,10 +490,9 @@ class Detector:
         return LossDetection(flags=flags, value=value[0], threshold=threshold[0])
 
     def _split_state(self) -> dict[str, dict[str, torch.Tensor | None]]:
-        params, total = self.params, self.total
         return {
-            "params": {k: None if v is None else v.clone() for k, v in params._asdict().items()},
-            "total": {k: None if v is None else v.clone() for k, v in total._asdict().items()},
+            part: {k: None if v is None else v.clone() for k, v in view._asdict().items()}
+            for part, view in (("params", self.params), ("total", self.total))
         }
 
     def state_dict(self) -> dict[str, Any]:
