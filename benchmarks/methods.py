@@ -61,7 +61,11 @@ class Method:
         return contextlib.nullcontext()
 
     def after_backward(self, workload: Workload) -> None:
-        """Work done between ``loss.backward()`` and ``optimizer.step()``."""
+        """Work done between ``loss.backward()`` and ``optimizer.step()``: by default, :meth:`monitor_once`.
+
+        Methods whose work runs elsewhere (backward hooks, optimizer hooks) override this.
+        """
+        self.monitor_once(workload)
 
     def monitor_once(self, workload: Workload) -> bool:
         """Does the per-step monitoring work after backward once, on the current gradients.
@@ -171,9 +175,6 @@ class ClipGradNormMethod(Method):
     label = "clip_grad_norm_ (foreach)"
     computes = "total norm, clip"
 
-    def after_backward(self, workload: Workload) -> None:
-        self.monitor_once(workload)
-
     def monitor_once(self, workload: Workload) -> bool:
         torch.nn.utils.clip_grad_norm_(workload.model.parameters(), 1.0, error_if_nonfinite=False, foreach=True)
         return True
@@ -200,9 +201,6 @@ class TorchLoopMethod(Method):
     label = "torch composites, per tensor"
     computes = "per-param L2, max|g|, non-finite count; total norm"
 
-    def after_backward(self, workload: Workload) -> None:
-        self.monitor_once(workload)
-
     def monitor_once(self, workload: Workload) -> bool:
         norms, max_abs, nonfinite = [], [], []
         for g in _grads(workload.model):  # what a user would write; stays on the device
@@ -217,9 +215,6 @@ class TorchForeachMethod(Method):
     name = "torch_foreach"
     label = "torch composites, foreach"
     computes = "per-param L2, max|g|, non-finite count; total norm"
-
-    def after_backward(self, workload: Workload) -> None:
-        self.monitor_once(workload)
 
     def monitor_once(self, workload: Workload) -> bool:
         grads = _grads(workload.model)
@@ -244,9 +239,6 @@ class ZClipMethod(Method):
         self.warm_calls = self.zclip.warmup_steps + 1
         self.implementation = f"zclip {importlib.metadata.version('zclip')} from PyPI"
 
-    def after_backward(self, workload: Workload) -> None:
-        self.zclip.step(workload.model)
-
     def monitor_once(self, workload: Workload) -> bool:
         self.zclip.step(workload.model)
         return True
@@ -256,9 +248,6 @@ class GradStatsOpMethod(Method):
     name = "gradwatch_stats"
     label = "gradwatch: statistics only (grad_stats)"
     computes = "per-param L2, max|g|, non-finite count; total norm"
-
-    def after_backward(self, workload: Workload) -> None:
-        self.monitor_once(workload)
 
     def monitor_once(self, workload: Workload) -> bool:
         self.stats = gradwatch.grad_stats(_grads(workload.model))
@@ -291,6 +280,9 @@ class GradWatchMethod(Method):
     def detach(self) -> None:
         assert self.watch is not None
         self.watch.remove()
+
+    def after_backward(self, workload: Workload) -> None:
+        pass  # the check runs in the optimizer's step pre-hook that GradWatch registered
 
     def monitor_once(self, workload: Workload) -> bool:
         assert self.watch is not None
