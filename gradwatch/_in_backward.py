@@ -67,8 +67,7 @@ class InBackwardStats:
         self._waiting: list[int] = []
         self._waiting_bytes = 0
         self._rows: dict[int, _Row] = {}
-        self._buckets: dict[int, _Bucket] = {}
-        self._next_bucket = 0
+        self._buckets: list[_Bucket] = []  # a row's bucket is its position here; cleared with _rows
         self._index_cache = IndexCache(limit=256)  # bucket layouts repeat step to step
 
     def register(self) -> list[RemovableHandle]:
@@ -93,9 +92,8 @@ class InBackwardStats:
         index, self._waiting, self._waiting_bytes = self._waiting, [], 0
         grads = [self.params[i].grad for i in index]
         rows = measure_unchecked(grads)
-        seq = self._next_bucket
-        self._next_bucket += 1
-        self._buckets[seq] = _Bucket(rows, self._index_cache.get(index, rows.device))
+        seq = len(self._buckets)
+        self._buckets.append(_Bucket(rows, self._index_cache.get(index, rows.device)))
         for i, g in zip(index, grads, strict=True):
             self._rows[i] = _Row(weakref.ref(g), g._version, seq)
 

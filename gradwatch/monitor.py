@@ -22,7 +22,6 @@ actions are at most one step late. :meth:`GradWatch.flush` drains everything now
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import logging
 import math
 from collections import OrderedDict, deque
@@ -65,9 +64,8 @@ class _Pending:
     step: int
     host: torch.Tensor
     event: torch.cuda.Event | None
-    index: tuple[int, ...] = ()
+    names: list[str] = field(default_factory=list)  # records: the measured parameters, in row order
     extras_sizes: tuple[int, ...] = ()
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -244,7 +242,6 @@ class GradWatch:
         self._pinned: dict[int, list[torch.Tensor]] = {}
         self._index_cache = IndexCache(limit=64)
         self._sinks: OrderedDict[int, Callable[[StepRecord], Any]] = OrderedDict()
-        self._sink_ids = itertools.count()
         self._handles: list[RemovableHandle] = []
         self._queued = False
         self._loss: tuple[LossDetection, int] | None = None  # observed for the upcoming check
@@ -466,13 +463,16 @@ class GradWatch:
                 decision.skip = torch.ones_like(decision.skip)
                 self._force_skip = False
             decision = self._agree(decision)
-            self._act(grads, decision)
-            self._record(step, index, packed, detection, decision, ignore)
+            skippable = self.optimizer is not None and self.policy.can_skip
+            fused_skip = skippable and self._fused_skip_ok()
+            self._act(grads, decision, fused_skip)
+            self._record(step, names, packed, detection, decision, ignore)
             if loss is not None and loss[1] == step:
                 self._enqueue_loss(step, loss[0])
             if self.optimizer is None:
                 self._last_checked = step
-            self._skip_fallback(decision)
+            if skippable and not fused_skip:
+                self._skip_fallback(decision)
         finally:
             self._in_check = None
 
@@ -557,14 +557,12 @@ class GradWatch:
         decision.factors = (-packed[3:]).to(torch.float32)
         return decision
 
-    def _act(self, grads: list[torch.Tensor], decision: Decision) -> None:
+    def _act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
         if self.policy.scales:
             # validated once at construction; the factors live on the gradients' device
             (scale_unchecked if self._one_device else scale_)(grads, decision.factors)
-        if self.optimizer is None or not (self.policy.can_skip or self._force_skip):
-            return
-        if self._fused_skip_ok():
+        if fused_skip:
             current = getattr(self.optimizer, "found_inf", None)
             self._found_inf_saved = (hasattr(self.optimizer, "found_inf"), current)
             flag = decision.skip.to(torch.float32)
@@ -585,8 +583,6 @@ class GradWatch:
 
     def _skip_fallback(self, decision: Decision) -> None:
         """Non-fused optimizers: one sync to learn the skip flag; hide all grads for that step."""
-        if self.optimizer is None or not self.policy.can_skip or self._fused_skip_ok():
-            return
         if bool(decision.skip.item()):
             stashed = []
             for group in self.optimizer.param_groups:
@@ -600,7 +596,7 @@ class GradWatch:
     # ----------------------------------------------------------------------------- records
 
     def _index_tensor(self, index: Sequence[int], device: torch.device) -> torch.Tensor | None:
-        if len(index) == len(self._params) and index[-1] == len(self._params) - 1 and index[0] == 0:
+        if index is self._all_index:  # every parameter, in order (see _collect)
             return None
         return self._index_cache.get(index, device)
 
@@ -621,7 +617,7 @@ class GradWatch:
     def _record(
         self,
         step: int,
-        index: list[int],
+        names: list[str],
         packed: torch.Tensor,
         detection: Any,
         decision: Decision,
@@ -658,7 +654,7 @@ class GradWatch:
         parts = [head, d.global_flags.to(f64)] + ([torch.stack(extras)] if extras else []) + [per.reshape(-1)]
         host, event = self._to_host(torch.cat(parts))
         sizes = tuple(len(group) for group in decision.extras)
-        self._pending.append(_Pending("record", step, host, event, tuple(index), sizes))
+        self._pending.append(_Pending("record", step, host, event, names, sizes))
 
     def _enqueue_loss(self, step: int, loss: LossDetection) -> None:
         payload = torch.cat([torch.stack([loss.value, loss.threshold]), loss.flags.to(torch.float64)])
@@ -747,12 +743,12 @@ class GradWatch:
         for size in item.extras_sizes:
             extras.append(v[cut : cut + size])
             cut += size
-        n = len(item.index)
+        names = item.names
+        n = len(names)
         # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
         per = item.host[pos:].view(n, _P_FIELDS)
         cols = per[:, :6].t().tolist()
         flagged = per[:, 6:].nonzero().tolist()  # [row, kind column] pairs, row-major
-        names = [self.param_names[i] for i in item.index]
         skipped = bool(head[_G_SKIP]) and self.optimizer is not None
         base = Outcome(
             step=step,
