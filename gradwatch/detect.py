@@ -478,7 +478,7 @@ class Detector:
         device = loss.device
         value = loss.detach().reshape(1).to(torch.float64)
         keep = torch.ones(1, dtype=torch.bool, device=device) if ignore is None else ~ignore.reshape(1).bool()
-        sigma = self.config.loss_sigma or self.config.sigma
+        sigma = self.loss.sigma
         mean, std, armed = self.loss.view(None, device)
         margin = torch.maximum(sigma * std, 0.01 * mean.abs())
         threshold = torch.where(armed, mean + margin, torch.full_like(mean, math.inf))

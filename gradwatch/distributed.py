@@ -57,8 +57,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 def local_gradient(grad: torch.Tensor) -> torch.Tensor:
     """The part of ``grad`` this rank holds: the local shard of a DTensor, else ``grad`` itself."""
-    dtensor = _dtensor_type()
-    return grad.to_local() if dtensor is not None and isinstance(grad, dtensor) else grad
+    return grad.to_local() if is_dtensor(grad) else grad
 
 
 @dataclass
@@ -86,10 +85,9 @@ class ShardedStats:
     """
 
     def __init__(self, params: Sequence[torch.Tensor]):
-        dtensor = _dtensor_type()
         by_layout: dict[tuple, _ReduceGroup] = {}
         for row, p in enumerate(params):
-            if dtensor is None or not isinstance(p, dtensor):
+            if not is_dtensor(p):
                 continue
             if any(pl.is_partial() for pl in p.placements):
                 raise ValueError(

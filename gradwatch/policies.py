@@ -286,6 +286,7 @@ class Clip(Policy):
     name = "clip"
     priority = 10
     scales = True
+    event_kind: ClassVar[AnomalyKind] = AnomalyKind.TOTAL_NORM_LIMIT  # what a clipped step reports
 
     def __init__(self, max_norm: float = 1.0):
         super().__init__(None)
@@ -317,8 +318,7 @@ class Clip(Policy):
         total, limit, coef = outcome.extras
         if coef >= 1.0 or outcome.skipped:
             return []
-        kind = AnomalyKind.TOTAL_NORM_LIMIT if self.name == "clip" else AnomalyKind.SPIKE
-        return [AnomalyEvent(outcome.step, kind, None, total, limit, self.name)]
+        return [AnomalyEvent(outcome.step, self.event_kind, None, total, limit, self.name)]
 
     def __repr__(self) -> str:
         return f"Clip(max_norm={self.max_norm})"
@@ -339,6 +339,7 @@ class AdaptiveClip(Clip):
     """
 
     name = "adaptive_clip"
+    event_kind = AnomalyKind.SPIKE
 
     def __init__(self, z: float = 2.5, max_norm: float | None = None):
         Policy.__init__(self, None)
@@ -710,9 +711,6 @@ class PolicySet(Policy):
             )
         for p, s in zip(self.policies, saved, strict=True):
             p.load_state_dict(s["state"])
-
-    def __add__(self, other: Policy | PolicySet) -> PolicySet:
-        return PolicySet([self, other])
 
     def __repr__(self) -> str:
         return f"PolicySet({self.policies!r})"

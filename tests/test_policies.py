@@ -135,6 +135,14 @@ def test_adaptive_clip_uses_detector_statistics():
     assert decide(AdaptiveClip(max_norm=1.0), fresh).clip_factor.item() == pytest.approx(1 / (total + 1e-6), rel=1e-6)
 
 
+def test_clip_events_name_their_kind():
+    # A clipped step reports a norm limit for a fixed clip, a spike for an adaptive one; no event unclipped.
+    clipped = Outcome(step=3, skipped=False, raised=False, clip_factor=0.5, total_norm=8.0, extras=[8.0, 4.0, 0.5])
+    for policy, kind in [(Clip(4.0), AnomalyKind.TOTAL_NORM_LIMIT), (AdaptiveClip(), AnomalyKind.SPIKE)]:
+        assert policy.events_for(clipped) == [AnomalyEvent(3, kind, None, 8.0, 4.0, policy.name)]
+        assert policy.events_for(Outcome(3, False, False, 1.0, 2.0, extras=[2.0, 4.0, 1.0])) == []
+
+
 def test_composition_order_and_names():
     policy = make_policy(["clip", Skip(), "raise"])
     assert [type(p).__name__ for p in policy.policies] == ["Clip", "Skip", "Raise"]
