@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .events import AnomalyEvent
-from .history import HistoryWriter, read_history
+from .history import HistoryWriter, _encode_float, read_history
+from .report import badness_of
 
 __all__ = ["DemoConfig", "DemoResult", "RunResult", "run_demo", "format_table"]
 
@@ -72,7 +73,7 @@ class DemoConfig:
     image_size: int = 64
     num_classes: int = 10
     fault_step: int | None = None
-    fault: str = "corrupt_batch"
+    fault: Fault = "corrupt_batch"
     fault_scale: float = 1e5
     lr: float = 0.01
     policy: tuple[str, ...] = ("skip",)
@@ -288,7 +289,7 @@ def _describe_detection(result: RunResult, history: HistoryWriter | None) -> Non
     result.detected_step = first
     result.action = ",".join(sorted({e.action for e in at_first}))
     if named:
-        worst = max(named, key=lambda e: e.value if math.isfinite(e.value) else math.inf)
+        worst = max(named, key=lambda e: badness_of(e.value))
         result.layer = f"{worst.param} ({worst.kind.value})"
     elif history is not None:
         # Only global statistics fired (total norm, loss): name the largest gradient of that step.
@@ -347,7 +348,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             baseline_loss={
                 "label": "unprotected loss",
                 "steps": list(range(len(unprotected.losses))),
-                "loss": [_json_float(x) for x in unprotected.losses],
+                "loss": [_encode_float(x) for x in unprotected.losses],
             },
         )
     try:
@@ -362,14 +363,6 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     except ImportError as error:
         logger.warning("gradwatch demo: no report.png (%s)", error)
     return result
-
-
-def _json_float(x: float) -> float | str:
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Infinity" if x > 0 else "-Infinity"
-    return float(f"{x:.7g}")
 
 
 def _fmt(x: float | None) -> str:

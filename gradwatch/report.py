@@ -12,12 +12,21 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .events import AnomalyKind, StepRecord
 from .history import RunHistory, read_history
 
-__all__ = ["RunSummary", "WorstStep", "summarize", "format_summary", "plot_report", "layer_of", "anomaly_counts"]
+__all__ = [
+    "RunSummary",
+    "WorstStep",
+    "summarize",
+    "format_summary",
+    "plot_report",
+    "layer_of",
+    "LayerNorms",
+    "anomaly_counts",
+]
 
 _MAX_PAIRS = 12  # (kind, layer) rows printed by format_summary
 _PARAM_LEAVES = {"weight", "bias", "in_proj_weight", "in_proj_bias", "running_mean", "running_var"}
@@ -52,6 +61,44 @@ def layer_of(name: str) -> str:
     """Return the module a parameter belongs to: ``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``."""
     head, _, leaf = name.rpartition(".")
     return head if head and leaf in _PARAM_LEAVES else name
+
+
+class LayerNorms:
+    """Combines a record's per-parameter norms into one L2 norm per module (or keeps them per parameter).
+
+    The grouping of names into rows is worked out once per list of names, so calling this every
+    step on thousands of parameters stays cheap.
+
+    Args:
+        group: ``"layer"`` combines a module's parameters (see :func:`layer_of`); ``"param"``
+            keeps one row per parameter.
+    """
+
+    def __init__(self, group: Literal["layer", "param"] = "layer"):
+        self.group = group
+        self._cached: tuple[tuple[str, ...], list[str], list[int]] | None = None
+
+    def _rows(self, names: tuple[str, ...]) -> tuple[list[str], list[int]]:
+        if self._cached is None or self._cached[0] != names:
+            labels: list[str] = []
+            rows: list[int] = []
+            seen: dict[str, int] = {}
+            for name in names:
+                key = layer_of(name) if self.group == "layer" else name
+                if key not in seen:
+                    seen[key] = len(labels)
+                    labels.append(key)
+                rows.append(seen[key])
+            self._cached = (names, labels, rows)
+        return self._cached[1], self._cached[2]
+
+    def __call__(self, names: Sequence[str], norms: Sequence[float]) -> dict[str, float]:
+        """Returns ``{label: norm}``, in first-seen order; NaN and Inf propagate to their layer."""
+        labels, rows = self._rows(tuple(names))
+        squares = [0.0] * len(labels)
+        for row, norm in zip(rows, norms, strict=False):
+            squares[row] += norm * norm
+        return {label: math.sqrt(sq) for label, sq in zip(labels, squares, strict=True)}
 
 
 def _finite(x: float | None) -> bool:
@@ -143,11 +190,8 @@ def summarize(history: RunHistory | str | os.PathLike[str], *, top: int = 5) -> 
     losses = [r.loss for r in steps if r.loss is not None]
     finite_losses = [x for x in losses if math.isfinite(x)]
 
-    def badness(r: StepRecord) -> float:
-        return math.inf if not math.isfinite(r.total_norm) else r.total_norm
-
     worst = []
-    for r in sorted(steps, key=badness, reverse=True)[:top]:
+    for r in sorted(steps, key=lambda r: badness_of(r.total_norm), reverse=True)[:top]:
         top_param, top_norm = None, None
         if r.norms:
             i = max(range(len(r.norms)), key=lambda j: badness_of(r.norms[j]))

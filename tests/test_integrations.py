@@ -111,3 +111,35 @@ def test_lightning_callback(tmp_path):
 
     history = read_history(tmp_path / "run.jsonl")
     assert len(history) == 8 and history.steps[6].skipped
+
+
+def test_lightning_layer_metrics():
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from gradwatch.events import StepRecord
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    logged = []
+
+    class Logger:
+        def log_metrics(self, metrics, step):
+            logged.append((step, metrics))
+
+    callback = GradWatchCallback(log_layers=True, prefix="gw")
+    callback._trainer = SimpleNamespace(loggers=[Logger()])
+    norms = [3.0, 4.0, float("inf")]
+    callback._log(StepRecord(7, ["a.weight", "a.bias", "b.weight"], norms, norms, [0, 0, 1], math.inf))
+    assert logged == [
+        (
+            7,
+            {
+                "gw/total_norm": math.inf,
+                "gw/clip_factor": 1.0,
+                "gw/skipped": 0.0,
+                "gw/anomalies": 0.0,
+                "gw/norm/a": 5.0,  # sqrt(3^2 + 4^2): weight and bias are one layer
+                "gw/norm/b": math.inf,
+            },
+        )
+    ]

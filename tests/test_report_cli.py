@@ -1,5 +1,6 @@
 """The report (counts, PNG) and the CLI, including the --fail-on CI gate's exit codes."""
 
+import math
 import struct
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from history_utils import NAN_STEP, SPIKE_STEP, faulty_records, make_record, write_history
 
 from gradwatch.cli import main
-from gradwatch.report import format_summary, layer_of, plot_report, summarize
+from gradwatch.report import LayerNorms, format_summary, layer_of, plot_report, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,3 +147,14 @@ def test_python_dash_m_entry_point(faulty_run):
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith("FAIL (--fail-on nonfinite)")
+
+
+def test_layer_norms_combine_a_modules_parameters():
+    names = ["conv.weight", "conv.bias", "fc.weight", "fc.bias", "scale"]
+    norms = [3.0, 4.0, 1.0, float("nan"), 2.0]
+    by_layer = LayerNorms()
+    # Oracle: the L2 norm of a module's parameters is the root of the sum of their squared norms.
+    assert by_layer(names, norms) == pytest.approx({"conv": 5.0, "fc": math.nan, "scale": 2.0}, nan_ok=True)
+    assert list(by_layer(names, norms)) == ["conv", "fc", "scale"]  # first-seen order
+    assert by_layer(names[:2], [6.0, 8.0]) == {"conv": 10.0}  # another name list regroups
+    assert LayerNorms("param")(names[:3], norms[:3]) == {"conv.weight": 3.0, "conv.bias": 4.0, "fc.weight": 1.0}

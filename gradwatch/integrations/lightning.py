@@ -21,7 +21,7 @@ import torch
 
 from ..events import StepRecord
 from ..monitor import GradWatch
-from ..report import layer_of
+from ..report import LayerNorms
 
 try:
     import lightning.pytorch as pl
@@ -73,6 +73,7 @@ class GradWatchCallback(pl.Callback):
         self.policy = policy
         self.history = history
         self.log_layers = log_layers
+        self._layer_norms = LayerNorms()
         self.prefix = prefix.rstrip("/")
         self.options = options
         self.watch: GradWatch | None = None
@@ -116,10 +117,8 @@ class GradWatchCallback(pl.Callback):
             f"{p}/anomalies": float(len(record.events)),
         }
         if self.log_layers:
-            squares: dict[str, float] = {}
-            for name, norm in zip(record.names, record.norms, strict=False):
-                squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + norm * norm
-            metrics.update({f"{p}/norm/{layer}": sq**0.5 for layer, sq in squares.items()})
+            layer_norms = self._layer_norms(record.names, record.norms)
+            metrics.update({f"{p}/norm/{layer}": norm for layer, norm in layer_norms.items()})
         self.events.extend(record.events)
         for pl_logger in getattr(self._trainer, "loggers", []) or []:
             pl_logger.log_metrics(metrics, step=record.step)

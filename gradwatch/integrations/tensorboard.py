@@ -15,7 +15,7 @@ import os
 from typing import Any, Literal
 
 from ..events import StepRecord
-from ..report import layer_of
+from ..report import LayerNorms
 
 __all__ = ["TensorBoardSink"]
 
@@ -77,29 +77,11 @@ class TensorBoardSink:
         self.histograms = histograms
         self.group = group
         self.every = every
-        self._groups: tuple[tuple[str, ...], list[str], list[int]] | None = None
-
-    def _layers(self, names: tuple[str, ...]) -> tuple[list[str], list[int]]:
-        if self._groups is None or self._groups[0] != names:
-            labels: list[str] = []
-            rows: list[int] = []
-            seen: dict[str, int] = {}
-            for name in names:
-                key = layer_of(name) if self.group == "layer" else name
-                if key not in seen:
-                    seen[key] = len(labels)
-                    labels.append(key)
-                rows.append(seen[key])
-            self._groups = (names, labels, rows)
-        return self._groups[1], self._groups[2]
+        self._layer_norms = LayerNorms(group)
 
     def layer_norms(self, record: StepRecord) -> dict[str, float]:
         """Return the record's norm per layer (or per parameter with ``group="param"``)."""
-        labels, rows = self._layers(tuple(record.names))
-        squares = [0.0] * len(labels)
-        for row, norm in zip(rows, record.norms, strict=False):
-            squares[row] += norm * norm  # NaN/Inf propagate: a broken layer shows as such
-        return {label: math.sqrt(sq) for label, sq in zip(labels, squares, strict=True)}
+        return self._layer_norms(record.names, record.norms)  # NaN/Inf propagate: a broken layer shows
 
     def __call__(self, record: StepRecord) -> None:
         """Log one step."""
