@@ -216,3 +216,30 @@ def test_fp16_is_refused_with_a_clear_error():
 def test_measure_in_backward_is_refused():
     with pytest.raises(ValueError, match="measure_in_backward"):
         GradWatchCallback(measure_in_backward=True)
+
+
+def _ddp_trainer_run(rank: int, world: int, out: str, port: int) -> None:
+    import os
+
+    # accelerate finds the process group run_ranks made; these tell it that this is a 2-rank run.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from pathlib import Path
+
+    records: list[StepRecord] = []
+    callback = GradWatchCallback(sinks=[records.append], log_rank=None)
+    trainer = _trainer(Path(out), [callback], ddp_backend="gloo", max_steps=3, max_grad_norm=1e-3)
+    assert trainer.args.world_size == world
+    trainer.train()
+    logged = _logged(trainer, "grad_norm")
+    # The Trainer's grad_norm is that of the all-reduced gradients: gradwatch measured after DDP's reduction
+    # (rank-local gradients differ: each rank has its own batches).
+    assert [r.step for r in records] == [0, 1, 2]
+    for record in records:
+        assert record.total_norm == pytest.approx(logged[record.step + 1]["grad_norm"], rel=1e-4)
+
+
+def test_ddp_trainer_measures_the_synchronized_gradients(tmp_path):
+    from tests.dist_utils import _free_port, run_ranks
+
+    run_ranks(_ddp_trainer_run, str(tmp_path), _free_port(), timeout=240.0)
