@@ -103,14 +103,16 @@ class GradWatchCallback(TrainerCallback):
     * gradients: at the end of the backward pass of the last micro-batch of each optimizer step
       (accumulated over the micro-batches, DDP-synced), before ``max_grad_norm`` clipping; on
       healthy steps the total norm equals the ``grad_norm`` the ``Trainer`` logs;
-    * loss: the mean over the step's micro-batches of the model output's ``loss`` (a forward
-      hook, device ops only), NaN included: ``logging_nan_inf_filter`` hides NaN losses from the
-      ``Trainer``'s logged loss, not from gradwatch's records;
+    * loss: the step's loss as the ``Trainer`` counts it, from each micro-batch's model output
+      ``loss`` (a forward hook, device ops only): their sum where the ``Trainer`` passes
+      ``num_items_in_batch`` (each is then normalized by the whole step's item count), else their
+      mean. NaN included: ``logging_nan_inf_filter`` hides NaN losses from the ``Trainer``'s
+      logged loss, not from gradwatch's records;
     * step numbers: gradwatch's step is the ``Trainer``'s ``state.global_step`` while that step
       runs (0-based; the ``Trainer`` logs it as ``global_step`` + 1 after the step).
 
     Logging: in ``on_log`` the latest drained record is added to the ``Trainer``'s logs as
-    ``{prefix}/total_norm``, ``{prefix}/clip_factor``, ``{prefix}/norm/{layer}`` (``log_layers``),
+    ``{prefix}/total_norm``, ``{prefix}/clip_factor``, ``{prefix}/loss``, ``{prefix}/norm/{layer}`` (``log_layers``),
     plus ``{prefix}/anomalies`` and ``{prefix}/skipped`` counted since the previous log, all from
     the monitor's asynchronous host copies (no sync). Callbacks after this one and
     ``trainer.state.log_history`` see them; ``report_to`` loggers, which the ``Trainer`` places
