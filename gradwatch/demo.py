@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .events import AnomalyEvent
-from .history import HistoryWriter, _encode_float, read_history
-from .report import badness_of
+from .history import HistoryWriter, encode_float, read_history
+from .summary import badness_of
 
 __all__ = ["DemoConfig", "DemoResult", "RunResult", "run_demo", "format_table"]
 
@@ -348,7 +348,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             baseline_loss={
                 "label": "unprotected loss",
                 "steps": list(range(len(unprotected.losses))),
-                "loss": [_encode_float(x) for x in unprotected.losses],
+                "loss": [encode_float(x) for x in unprotected.losses],
             },
         )
     try:

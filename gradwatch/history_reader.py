@@ -56,7 +56,7 @@ def decode_float(x: Any, what: str = "value") -> float:
 
 
 def _show(x: Any) -> str:
-    text = json.dumps(x) if not isinstance(x, float) or math.isfinite(x) else repr(x)
+    text = json.dumps(x)  # as the file spells it (Infinity, NaN)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -276,8 +276,8 @@ class HistoryReader:
 
     def _step(self, obj: dict[str, Any], names: list[str] | None, nullable: bool, per_param_all: bool) -> StepRecord:
         step = obj.get("step")
-        if type(step) is not int:
-            raise _BadLine(f"step must be an integer; got {_show(step)}")
+        if type(step) is not int or step < 0:
+            raise _BadLine(f"step must be a non-negative integer; got {_show(step)}")
         total = decode_float(obj.get("total_norm"), "total_norm")
         loss = obj.get("loss")
         loss = None if loss is None else decode_float(loss, "loss")
