@@ -50,6 +50,7 @@ def write_history_file(
     seed: int = 0,
     nan_every: int = 0,
     sparse: bool = False,
+    version: int = HISTORY_VERSION,
 ) -> Path:
     """Write a synthetic version-2 history of ``steps`` step lines over ``params`` parameters.
 
@@ -60,6 +61,8 @@ def write_history_file(
         seed: random seed of the values.
         nan_every: every ``nan_every``-th step has a NaN norm (with a nonfinite event); 0 for none.
         sparse: every other step leaves the last quarter of the parameters without a gradient (``null``).
+        version: the header's schema version; 1 (without ``sparse``) makes a file older gradwatch reads,
+            for before/after comparisons.
 
     Returns:
         The path written.
@@ -69,7 +72,7 @@ def write_history_file(
     header = {
         "type": "header",
         "format": HISTORY_FORMAT,
-        "version": HISTORY_VERSION,
+        "version": version,
         "created": "2026-01-01T00:00:00+00:00",
         "names": names,
         "per_param": "all",
@@ -114,19 +117,22 @@ def write_history_file(
 
 
 def measure_report(path: str | Path, *, png: str | None = None, fail_on: str = "nonfinite") -> dict[str, float]:
-    """Run ``gradwatch report`` on ``path`` in a child process; return its wall seconds, peak RSS and exit code."""
+    """Run ``gradwatch report`` on ``path`` in a child process; return its wall and CPU seconds, peak RSS, exit code."""
     argv = [sys.executable, "-m", "gradwatch", "report", str(path), "--quiet", "--fail-on", fail_on]
     if png:
         argv += ["--png", png]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kibibytes on Linux
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kib = usage.ru_maxrss  # kibibytes on Linux
     if peak_kib <= before:
         peak_kib = float("nan")  # an earlier child was larger; run measure once per process
     return {
         "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_before,  # less sensitive to a shared machine
         "peak_rss_mb": peak_kib / 1024,
         "exit_code": proc.returncode,
         "file_mb": Path(path).stat().st_size / 1e6,
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--nan-every", type=int, default=0)
     write.add_argument("--sparse", action="store_true", help="every other step: a quarter of the parameters null")
+    write.add_argument("--version", type=int, default=HISTORY_VERSION, help="header version (1: readable by old code)")
     measure = sub.add_parser("measure", help="time gradwatch report on a history; print seconds and peak RSS")
     measure.add_argument("path")
     measure.add_argument("--png")
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             nan_every=args.nan_every,
             sparse=args.sparse,
+            version=args.version,
         )
         print(f"wrote {out} ({out.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
     else:

@@ -66,8 +66,11 @@ def _numbers(values: Any, key: str, width: int, nullable: bool) -> list[Any]:
         raise _BadLine(f"{key} must be a list; got {_show(values)}")
     if len(values) != width:
         raise _BadLine(f"{key} has {len(values)} entries for {width} parameter names")
-    if set(map(type, values)) <= _NUMBER_TYPES:  # the common case, checked in C
+    try:
+        sum(values)  # the common case, all numbers, checked in C (a JSON true/false would pass as 1/0)
         return values
+    except TypeError:
+        pass  # strings ("NaN"), nulls, or garbage: look at each entry
     out: list[Any] = []
     for i, x in enumerate(values):
         out.append(None if x is None and nullable else decode_float(x, f"{key}[{i}]"))
@@ -139,16 +142,19 @@ class HistoryReader:
         path: the ``.jsonl`` file.
         strict: raise :class:`HistoryError` at the first unreadable line instead of skipping it
             (an incomplete last line, the mark of a crashed run, is still only reported).
+        max_abs: False leaves the records' ``max_abs`` lists empty, without parsing them: the
+            report does not show them, and they are a third of a step line (ignored with ``strict``).
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, strict: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, strict: bool = False, max_abs: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"read_history: no such file: {self.path}")
         self.strict = strict
+        self._drop_max_abs = not max_abs and not strict
         self.names: list[str] = []
         self.meta: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
@@ -174,6 +180,8 @@ class HistoryReader:
                 if not raw.strip():
                     continue
                 try:
+                    if self._drop_max_abs:
+                        raw = _without_max_abs(raw)
                     obj = json.loads(raw)
                     if not isinstance(obj, dict):
                         raise _BadLine(f"not a JSON object: {_show(obj)}")
@@ -293,7 +301,10 @@ class HistoryReader:
                 self._headerless += 1
                 nullable = True
             for key in ("norms", "max_abs", "nonfinite"):
-                lists.append(_numbers(obj.get(key), key, len(names), nullable))
+                if key == "max_abs" and self._drop_max_abs and key not in obj:
+                    lists.append([])
+                else:
+                    lists.append(_numbers(obj.get(key), key, len(names), nullable))
         elif names is None:
             self._headerless += 1
         events = obj.get("events", [])
@@ -343,6 +354,15 @@ class HistoryReader:
                         header = obj
                 offset += len(raw)
         return offset, header
+
+
+def _without_max_abs(raw: bytes) -> bytes:
+    """Cut the writer's ``,"max_abs":[...]`` out of a line before parsing (its entries hold no ``]``)."""
+    start = raw.find(b',"max_abs":[')
+    if start < 0:
+        return raw
+    end = raw.find(b"]", start)
+    return raw if end < 0 else raw[:start] + raw[end + 1 :]
 
 
 def _event(d: Any) -> AnomalyEvent:

@@ -41,6 +41,7 @@ _KIND_COLORS = {
 _LOSS_KINDS = (AnomalyKind.LOSS_SPIKE, AnomalyKind.LOSS_NONFINITE)
 _BAD = "#d62728"
 _KEEP_RESTARTS = 50
+_BATCH = 256  # records whose norms are folded into the heatmap in one vectorized step
 
 
 def _require_matplotlib() -> Any:
@@ -122,12 +123,17 @@ class PlotData:
         self._row_of: dict[str, int] = {}
         self._index: tuple[Sequence[str], np.ndarray] | None = None
         self._previous: int | None = None
+        self._batch: list[tuple[int, Sequence[float | None], Sequence[int | None]]] = []
+        self._batch_rows: np.ndarray | None = None
+        self._grouped: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._low = self._high = 0  # smallest and largest bin key
 
     # ------------------------------------------------------------------------- gathering
 
     def _rows_for(self, names: Sequence[str]) -> np.ndarray:
         if self._index is not None and (self._index[0] is names or list(self._index[0]) == list(names)):
             return self._index[1]
+        self._flush()  # queued norms use the current rows
         new = [n for n in names if n not in self._known]
         if new:
             self._regroup(new)
@@ -160,8 +166,8 @@ class PlotData:
         b = self.bins.get(key)
         if b is None:
             b = self.bins[key] = _Bin()
-            low, high = min(self.bins), max(self.bins)
-            while high - low + 1 > self.max_columns:  # coarser bins: merge neighbours pairwise
+            self._low, self._high = (key, key) if len(self.bins) == 1 else (min(self._low, key), max(self._high, key))
+            while self._high - self._low + 1 > self.max_columns:  # coarser bins: merge neighbours pairwise
                 self.bin_size *= 2
                 merged: dict[int, _Bin] = {}
                 for k in sorted(self.bins):
@@ -170,7 +176,7 @@ class PlotData:
                     else:
                         merged[k // 2] = self.bins[k]
                 self.bins = merged
-                low, high = min(self.bins), max(self.bins)
+                self._low, self._high = self._low // 2, self._high // 2
             b = self.bins[step // self.bin_size]
         return b
 
@@ -202,26 +208,58 @@ class PlotData:
             if e.param is not None:
                 b.rings.add((layer_of(e.param), e.kind))
         if r.norms:
-            self._add_norms(b, r)
+            self._queue_norms(r)
 
-    def _add_norms(self, b: _Bin, r: StepRecord) -> None:
-        rows = self._rows_for(r.names)
-        norms = np.array(r.norms, dtype=np.float64)  # None (no gradient) becomes NaN here ...
-        present = np.array([n is not None for n in r.norms]) if np.isnan(norms).any() else None  # ... so tell apart
-        nonfinite = np.array(r.nonfinite, dtype=np.float64) if r.nonfinite else 0.0  # None -> NaN, never > 0
-        bad = ~np.isfinite(norms) | (nonfinite > 0)
-        if present is not None:
-            bad &= present
-        width = len(self.labels)
-        squares = np.bincount(rows, weights=np.where(bad | np.isnan(norms), 0.0, norms * norms), minlength=width)
-        has = np.bincount(rows, weights=np.ones(len(rows)) if present is None else present, minlength=width) > 0
-        cell = np.where(has, squares, np.nan)
-        bad_rows = np.bincount(rows, weights=bad, minlength=width) > 0
-        if b.heat is None or len(b.heat) != width:
-            b.heat, b.heat_bad = cell, bad_rows
-        else:
-            b.heat = np.fmax(b.heat, cell)
-            b.heat_bad = b.heat_bad | bad_rows  # type: ignore[operator]
+    def _queue_norms(self, r: StepRecord) -> None:
+        """Queue a record's norms; they are folded into the bins a batch at a time (vectorized)."""
+        rows = self._rows_for(r.names)  # flushes the queue first if the grouping changes
+        self._batch_rows = rows
+        self._batch.append((r.step, r.norms, r.nonfinite))
+        if len(self._batch) >= _BATCH:
+            self._flush()
+
+    def _grouping(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Parameter order that puts each row's parameters together, where each row starts, and the rows."""
+        if self._grouped is None or self._grouped[0] is not rows:
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
+            starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+            self._grouped = (rows, order, starts, sorted_rows[starts])
+        return self._grouped[1], self._grouped[2], self._grouped[3]
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        rows, batch = self._batch_rows, self._batch
+        self._batch = []
+        assert rows is not None
+        width, count = len(self.labels), len(rows)
+        norms = np.array([n for _, n, _ in batch], dtype=np.float64)  # None (no gradient) -> NaN
+        zeros = [0] * count
+        counts = np.array([c if len(c) == count else zeros for _, _, c in batch], dtype=np.float64)
+        # No gradient: null count (NaN here). A NaN norm with a zero count is a missing value as well.
+        present = ~np.isnan(counts) & ~(np.isnan(norms) & (counts == 0))
+        bad = present & (~np.isfinite(norms) | (counts > 0))
+        order, starts, groups = self._grouping(rows)
+        squares = np.full((len(batch), width), np.nan)
+        squares[:, groups] = np.add.reduceat(np.where(present & ~bad, norms * norms, 0.0)[:, order], starts, axis=1)
+        has = np.zeros((len(batch), width), dtype=bool)
+        has[:, groups] = np.logical_or.reduceat(present[:, order], starts, axis=1)
+        cells = np.where(has, squares, np.nan)
+        bad_rows = np.zeros((len(batch), width), dtype=bool)
+        bad_rows[:, groups] = np.logical_or.reduceat(bad[:, order], starts, axis=1)
+        keys, where = np.unique(np.array([s for s, _, _ in batch]) // self.bin_size, return_inverse=True)
+        heat = np.full((len(keys), width), np.nan)
+        np.fmax.at(heat, where, cells)  # the largest per bin
+        heat_bad = np.zeros((len(keys), width), dtype=bool)
+        np.logical_or.at(heat_bad, where, bad_rows)
+        for key, h, hb in zip(keys.tolist(), heat, heat_bad, strict=True):
+            b = self.bins[key]
+            if b.heat is None or len(b.heat) != width:
+                b.heat, b.heat_bad = h, hb
+            else:
+                b.heat = np.fmax(b.heat, h)
+                b.heat_bad = b.heat_bad | hb  # type: ignore[operator]
 
     # ------------------------------------------------------------------------- views for drawing
 
@@ -239,6 +277,7 @@ class PlotData:
 
     def heatmap(self) -> tuple[np.ndarray, np.ndarray] | None:
         """log10 norm per (layer, column) with NaN where not recorded, and the NaN/Inf mask; None if no norms."""
+        self._flush()
         if not self.labels or not any(b.heat is not None for b in self.bins.values()):
             return None
         low, high = min(self.bins), max(self.bins)
@@ -487,7 +526,7 @@ def plot_report(
     """
     data = PlotData(max_layers, max_columns)
     _require_matplotlib()
-    source = history if isinstance(history, RunHistory) else HistoryReader(history)
+    source = history if isinstance(history, RunHistory) else HistoryReader(history, max_abs=False)
     for record in source if isinstance(source, HistoryReader) else source.steps:
         data.add(record)
     return draw_report(data, source.summary, path, title=title or f"gradwatch report: {source.path.name}")

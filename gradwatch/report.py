@@ -71,7 +71,7 @@ def build_report(
         from .plot import _require_matplotlib
 
         _require_matplotlib()  # fail before reading a large file, not after
-    source = history if isinstance(history, RunHistory) else HistoryReader(history, strict=strict)
+    source = history if isinstance(history, RunHistory) else HistoryReader(history, strict=strict, max_abs=False)
     for record in records_of(source):
         builder.add(record)
         if plot is not None:

@@ -119,7 +119,7 @@ class RunSummary:
 
 
 def _record_nonfinite(record: StepRecord) -> bool:
-    return not math.isfinite(record.total_norm) or any(n for n in record.nonfinite)
+    return not math.isfinite(record.total_norm) or any(record.nonfinite)  # None (no gradient) is falsy
 
 
 class SummaryBuilder:
@@ -261,7 +261,7 @@ def summarize(history: RunHistory | str | os.PathLike[str], *, top: int = 5, str
         HistoryError: the file is not a usable history (see :class:`HistoryReader`).
     """
     builder = SummaryBuilder(top)
-    source = history if isinstance(history, RunHistory) else HistoryReader(history, strict=strict)
+    source = history if isinstance(history, RunHistory) else HistoryReader(history, strict=strict, max_abs=False)
     for record in records_of(source):
         builder.add(record)
     return builder.finish(source)

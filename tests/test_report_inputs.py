@@ -243,3 +243,24 @@ def test_long_runs_are_binned_to_the_picture(tmp_path):
     assert np.argmax(log_norm[3]) == spike_column  # fc carries the spike; max per bin keeps it
     spike = make_record(517, scale=1000.0).norms
     assert log_norm[3, spike_column] == pytest.approx(math.log10(math.hypot(spike[4], spike[5])), abs=1e-9)
+
+
+def test_the_report_runs_without_importing_torch(tmp_path):
+    """Reading a history is plain JSON: the CLI must not pay torch's import (~1 GB RSS here) to report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "run.jsonl"
+    write_history(path, faulty_records(30))
+    code = (
+        "import sys; from gradwatch.cli import main; "
+        f"rc = main(['report', {str(path)!r}, '--quiet', '--fail-on', 'nonfinite']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    import gradwatch
+
+    assert set(gradwatch.__all__) == set(gradwatch._MODULE_OF)
