@@ -127,7 +127,7 @@ def _encode_event(event: AnomalyEvent) -> dict[str, Any]:
 
 
 class HistoryLockedError(RuntimeError):
-    """Another live process holds the history file's advisory lock."""
+    """Another live writer (another process, or an open writer in this one) holds the history file's lock."""
 
 
 class HistoryWriter:
@@ -209,9 +209,10 @@ class HistoryWriter:
                 if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     os.close(fd)
                     raise HistoryLockedError(
-                        f"HistoryWriter: {self.path} is being written by another live process (its advisory "
-                        "lock is held); give each run its own history path (under DDP keep log_rank=0, or "
-                        "log_rank=None writes one file per rank)"
+                        f"HistoryWriter: {self.path} is being written by another live writer (its advisory lock "
+                        "is held, by another process or an open writer here); give each run its own history path, "
+                        "or remove()/close() the other one first (under DDP keep log_rank=0, or log_rank=None "
+                        "writes one file per rank)"
                     ) from None
                 # A file system without locks (some network mounts): write without one.
         self._fd = fd

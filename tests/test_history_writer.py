@@ -74,7 +74,7 @@ def test_a_second_live_writer_is_refused_and_the_lock_is_released_on_close(tmp_p
     path = tmp_path / "run.jsonl"
     first = HistoryWriter(path)
     first(make_record(0))
-    with pytest.raises(HistoryLockedError, match="another live process"):
+    with pytest.raises(HistoryLockedError, match="another live writer"):
         HistoryWriter(path)
     assert [r.step for r in read_history(path)] == [0]  # the refused writer did not truncate it
     first.close()
