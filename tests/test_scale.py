@@ -9,7 +9,7 @@ import gradwatch
 from gradwatch import _ops
 from gradwatch._reference import scale_reference_
 from gradwatch.detect import NUM_KINDS, Detector
-from gradwatch.policies import Clip, Decision, DecisionContext
+from gradwatch.policies import AdaptiveClip, Clip, Decision, DecisionContext
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -138,16 +138,17 @@ def test_multi_device_paths_reuse_index_tensors(monkeypatch):
     assert len(_ops._INDEX_CACHE._tensors) >= 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_clip_factor_keeps_the_gradients_precision(dtype):
+@pytest.mark.parametrize("policy", [Clip(1.0), AdaptiveClip(max_norm=1.0)], ids=repr)
+@pytest.mark.parametrize(("dtype", "spike"), [(torch.float64, 1e50), (torch.float64, 1e150), (torch.float32, 1e30)])
+def test_clip_factor_keeps_the_gradients_precision(dtype, spike, policy):
     """Clip(1.0) on gradients of 1e50: the factor (~1e-51) was rounded to float32 0, which zeroed them."""
-    grads = [torch.full((10,), 1e50 if dtype == torch.float64 else 1e30, dtype=dtype), torch.ones(3, dtype=dtype)]
+    grads = [torch.full((10,), spike, dtype=dtype), torch.ones(3, dtype=dtype)]
     packed = gradwatch.grad_stats_packed(grads)
     ctx = DecisionContext(
         0, packed, Detector(2).detect(packed), ["a", "b"], torch.tensor(False), torch.zeros(NUM_KINDS, dtype=torch.bool)
     )
     decision = Decision.neutral(2, packed.device)
-    Clip(1.0).decide(ctx, decision)
+    policy.decide(ctx, decision)
     assert decision.factors.dtype == torch.float64 and (decision.factors > 0).all()
     expected = [g.double() * (1.0 / (packed[-1, 0].item() + 1e-6)) for g in grads]
     gradwatch.scale_(grads, decision.factors)
