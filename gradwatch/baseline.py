@@ -13,10 +13,11 @@ thresholds from it") as files:
 
 :func:`calibrate` reads a run history (:mod:`gradwatch.history`) and computes, per watched
 parameter and for the total norm, the mean and variance of the log-norm over the healthy steps
-(steps with non-finite values, skipped steps and steps with anomaly events are left out), and the
-mean and variance of the loss. :meth:`gradwatch.detect.Detector.load_baseline` puts them into the
-detector's running statistics with their count raised to the warm-up, so every adaptive rule is
-armed from the first step; the statistics then keep adapting as usual.
+(steps with non-finite values, skipped steps and steps with anomaly events are left out), the same
+for each parameter's log share of the total norm, and the mean and variance of the loss.
+:meth:`gradwatch.detect.Detector.load_baseline` puts them into the detector's running statistics
+with their count raised to the warm-up, so every adaptive rule is armed from the first step; the
+statistics then keep adapting as usual.
 
 The variance is over the whole chosen range, so a run whose norms drift (they usually shrink as
 training converges) gives a wider, more conservative baseline than the EMA's; pick the range with
@@ -68,8 +69,9 @@ def calibrate(records: Iterable[StepRecord], steps: tuple[int | None, int | None
 
     Returns:
         A baseline dict (see :func:`save_baseline`): ``names``, per-parameter ``mean``/``var``/``count``
-        of the log-norms as float64/int64 tensors, ``total`` and ``loss`` (each ``mean``/``var``/``count``),
-        and ``steps`` (the first and last step used).
+        of the log-norms and ``share_mean``/``share_var`` of their log share of the total norm, as
+        float64/int64 tensors, ``total`` and ``loss`` (each ``mean``/``var``/``count``), and ``steps``
+        (the first and last step used).
 
     Raises:
         ValueError: no usable step in the range, or records without per-parameter norms.
@@ -86,13 +88,17 @@ def calibrate(records: Iterable[StepRecord], steps: tuple[int | None, int | None
         raise ValueError("calibrate: the records have no per-parameter norms (history written with per_param='none'?)")
     names: list[str] = []
     logs: dict[str, list[float]] = {}
+    shares: dict[str, list[float]] = {}
     for r in used:
+        log_total = math.log(max(r.total_norm, 1e-30))
         for name, norm in zip(r.names, r.norms, strict=False):
             if name not in logs:
                 names.append(name)
-                logs[name] = []
+                logs[name], shares[name] = [], []
             logs[name].append(math.log(max(norm, 1e-30)))
+            shares[name].append(logs[name][-1] - log_total)
     moments = [_moments(logs[n]) for n in names]
+    share_moments = [_moments(shares[n]) for n in names]
     total = _moments([math.log(max(r.total_norm, 1e-30)) for r in used])
     loss = _moments([r.loss for r in used if r.loss is not None])
 
@@ -109,6 +115,8 @@ def calibrate(records: Iterable[StepRecord], steps: tuple[int | None, int | None
         "mean": torch.tensor([m[0] for m in moments], dtype=torch.float64),
         "var": torch.tensor([m[1] for m in moments], dtype=torch.float64),
         "count": torch.tensor([m[2] for m in moments], dtype=torch.int64),
+        "share_mean": torch.tensor([m[0] for m in share_moments], dtype=torch.float64),
+        "share_var": torch.tensor([m[1] for m in share_moments], dtype=torch.float64),
         "total": pack(total),
         "loss": pack(loss),
         "steps": [used[0].step, used[-1].step],
@@ -134,7 +142,7 @@ def load_baseline_file(source: str | os.PathLike[str] | Mapping[str, Any]) -> di
         found = baseline.get("format") if isinstance(baseline, dict) else type(baseline).__name__
         raise ValueError(f"{source!r} is not a gradwatch baseline (format {found!r}; expected {BASELINE_FORMAT!r})")
     n = len(baseline["names"])
-    for key in ("mean", "var", "count"):
+    for key in ("mean", "var", "count", "share_mean", "share_var"):
         if tuple(baseline[key].shape) != (n,):
             raise ValueError(f"baseline[{key!r}] has shape {tuple(baseline[key].shape)}; expected ({n},) for its names")
     return baseline

@@ -326,19 +326,22 @@ class RunningStats:
             setattr(self, key, value)
 
 
-def _join_streams(params: Mapping[str, Any], total: Mapping[str, Any], n: int) -> dict[str, torch.Tensor | None]:
-    """One ``n + 1``-stream state from the saved parameter and total parts (either may be unset)."""
+def _join_streams(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, torch.Tensor | None]:
+    """One state from saved parts of the given sizes (a part never observed may be all None)."""
     joined: dict[str, torch.Tensor | None] = {}
-    for key in total:
-        p, t = params.get(key), total[key]
-        if p is None and t is None:
+    for key in parts[1]:
+        values = [p.get(key) for p in parts]
+        like = next((v for v in values if v is not None), None)
+        if like is None:
             joined[key] = None
             continue
-        like = p if p is not None else t
         dtype = torch.int64 if key == "count" else torch.float64
-        p = torch.zeros(n, dtype=dtype, device=like.device) if p is None else p  # never observed
-        t = torch.zeros(1, dtype=dtype, device=like.device) if t is None else t.to(p.device)
-        joined[key] = torch.cat([p, t])
+        joined[key] = torch.cat(
+            [
+                torch.zeros(n, dtype=dtype, device=like.device) if v is None else v.to(like.device)
+                for v, n in zip(values, sizes, strict=True)
+            ]
+        )
     return joined
 
 
@@ -386,7 +389,8 @@ class Detector:
         self.config = config if config is not None else DetectorConfig.from_options(options)
         self.num_params = num_params
         c = self.config
-        self.norms = RunningStats(num_params + 1, ema=c.ema, warmup=c.warmup, huber=c.huber)
+        # Streams: each parameter's log-norm, the total's, each parameter's log share of the total.
+        self.norms = RunningStats(2 * num_params + 1, ema=c.ema, warmup=c.warmup, huber=c.huber)
         self.loss = RunningStats(1, ema=c.ema, warmup=c.warmup, huber=c.huber)
         self.loss_sigma = c.loss_sigma or c.sigma
         self.window: torch.Tensor | None = None  # last rolling_window total norms, oldest first
@@ -397,34 +401,41 @@ class Detector:
     @property
     def params(self) -> _StatsView:
         """The per-parameter running statistics of the log-norms (a read-only view)."""
-        return self._view(slice(None, -1))
+        return self._view(slice(None, self.num_params))
 
     @property
     def total(self) -> _StatsView:
         """The running statistics of the log total norm (a read-only view, one stream)."""
-        return self._view(slice(-1, None))
+        return self._view(slice(self.num_params, self.num_params + 1))
+
+    @property
+    def shares(self) -> _StatsView:
+        """The per-parameter running statistics of ``log(norm / total norm)`` (a read-only view)."""
+        return self._view(slice(self.num_params + 1, None))
 
     def _view(self, part: slice) -> _StatsView:
         s = self.norms
         return _StatsView(*(None if t is None else t[part] for t in (s.mean, s.var, s.count)))
 
-    def _rows_constants(self, rows: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Per-row constants, cached per device.
+    def _rows_constants(self, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per-row constants for ``n`` parameter rows (``2 n + 1`` rows: raw, total, shares), cached.
 
         (parameter-row mask, total-row mask, spike sigma per row, +inf per parameter row, the
-        total's stream index)
+        total's stream index, the offset of the share streams)
         """
-        key = (rows, device)
+        key = (n, device)
         cached = self._constants.get(key)
         if cached is None:
             if len(self._constants) > 16:
                 self._constants.clear()
             c = self.config
-            param_rows = torch.arange(rows, device=device) < rows - 1
-            sigma = torch.where(param_rows, c.sigma, c.total_sigma).to(torch.float64)
-            inf = torch.full((rows - 1,), math.inf, dtype=torch.float64, device=device)
+            rows = torch.arange(2 * n + 1, device=device)
+            param_rows, total_row = rows < n, rows == n
+            sigma = torch.where(total_row, c.total_sigma, c.sigma).to(torch.float64)
+            inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
             total_stream = torch.full((1,), self.num_params, dtype=torch.int64, device=device)
-            cached = self._constants[key] = (param_rows, ~param_rows, sigma, inf, total_stream)
+            offset = torch.full((1,), self.num_params + 1, dtype=torch.int64, device=device)
+            cached = self._constants[key] = (param_rows, total_row, sigma, inf, total_stream, offset)
         return cached
 
     def detect(
@@ -455,15 +466,21 @@ class Detector:
         c = self.config
         device = packed.device
         packed = packed.to(torch.float64)
-        param_rows, total_row, sigma, inf, total_stream = self._rows_constants(n + 1, device)
-        streams = None if index is None else torch.cat([index.to(device), total_stream])
+        param_rows, total_row, sigma, inf, total_stream, offset = self._rows_constants(n, device)
+        if index is not None:
+            index = index.to(device)
+        streams = None if index is None else torch.cat([index, total_stream, index + offset])
         norm = packed[:, 0]  # rows 0..n-1 the parameters, row n the total
-        x = norm.clamp_min(_TINY).log()
-        good = (packed[:, 2] == 0) & torch.isfinite(x)  # NaN/Inf never enter the statistics
+        log_norm = norm.clamp_min(_TINY).log()
+        finite = (packed[:, 2] == 0) & torch.isfinite(log_norm)  # NaN/Inf never enter the statistics
         keep = None if ignore is None else ~ignore.to(device, torch.bool)
+        # 2n + 1 streams: each parameter's log-norm, the total's, and each parameter's share of the
+        # total (log-norm minus the total's): the share cancels the noise common to all layers.
+        x = torch.cat([log_norm, log_norm[:-1] - log_norm[-1]])
+        good = torch.cat([finite, finite[:-1] & finite[-1]])
 
-        # Adaptive rules on the log-norms, all n + 1 streams at once. Before the total stream is
-        # armed, its spike threshold is the early blow-up limit instead (see _early_limit).
+        # Adaptive rules, all streams at once. Before the total stream is armed, its spike
+        # threshold is the early blow-up limit instead (see _early_limit).
         mean, std, armed = self.norms.view(streams, device)
         if not c.per_param:  # only the total stream is judged and learned
             armed = armed & total_row
@@ -471,34 +488,40 @@ class Detector:
         up = (sigma * std).clamp_min(math.log(c.min_spike_ratio))
         down = (-c.sigma * std).clamp_max(math.log(c.vanishing_ratio))
         z = torch.where(armed, diff / std.clamp_min(1e-12), 0.0)
-        spike_log = torch.where(armed, mean + up, torch.cat([inf, self._early_limit(device)]))
+        spike_log = torch.where(armed, mean + up, torch.cat([inf, self._early_limit(device), inf]))
         vanish_log = torch.where(armed & param_rows, mean + down, -math.inf)
         spike = good & (x > spike_log)
         vanish = good & (x < vanish_log)
 
         # Learn: nothing non-finite; a flagged row, or any row of a flagged step, never widens a
         # spread (see RunningStats); an early blow-up is not learned at all (nothing is armed yet).
-        total_spike = spike[-1:]
-        step_flagged = total_spike | ~good[-1:]
-        learn = good & ~(total_spike & ~armed[-1:])  # before arming, only the total can spike
+        total_spike = spike[n : n + 1]
+        step_flagged = total_spike | ~finite[-1:]
+        learn = good & ~(total_spike & ~armed[n : n + 1])  # before arming, only the total can spike
         if keep is not None:
             learn = learn & keep
         if not c.per_param:
             learn = learn & total_row
         self.norms.update_(x, learn, spike | vanish | step_flagged, streams, armed=armed)
-        self._learn_early_(x[-1:], learn[-1:])
+        self._learn_early_(log_norm[-1:], learn[n : n + 1])
+
+        # A parameter spikes when its norm or its share does; its threshold is the lower of the
+        # two, in norm units (the share's at this step's total).
+        spike = torch.cat([spike[:n] | spike[n + 1 :], total_spike])
+        spike_log = torch.cat([torch.minimum(spike_log[:n], spike_log[n + 1 :] + log_norm[-1]), spike_log[n : n + 1]])
+        param_rows, total_row = param_rows[: n + 1], total_row[: n + 1]
 
         # Flags of every row, columns in KINDS order; the last row becomes the step-level flags.
         none = torch.zeros(n + 1, dtype=torch.bool, device=device)
         columns = dict.fromkeys(KINDS, none)
         columns[AnomalyKind.NONFINITE] = packed[:, 2] > 0
         columns[AnomalyKind.SPIKE] = spike
-        columns[AnomalyKind.VANISHING] = vanish
+        columns[AnomalyKind.VANISHING] = vanish[: n + 1]
         if c.max_norm is not None:
             columns[AnomalyKind.NORM_LIMIT] = (norm > c.max_norm) & param_rows
         if c.max_total_norm is not None:
             columns[AnomalyKind.TOTAL_NORM_LIMIT] = (norm > c.max_total_norm) & total_row
-        rolling = self._roll_(norm[-1:], good[-1] if keep is None else keep & good[-1])
+        rolling = self._roll_(norm[-1:], finite[-1] if keep is None else keep & finite[-1])
         if c.rolling_limit is not None:
             columns[AnomalyKind.ROLLING_MEAN] = (rolling > c.rolling_limit) & total_row
         flags = torch.stack([columns[k] for k in KINDS], dim=1)
@@ -508,15 +531,15 @@ class Detector:
         return Detection(
             param_flags=flags[:-1],
             global_flags=flags[-1],
-            z=z[:-1],
-            total_z=z[-1],
+            z=z[:n],
+            total_z=z[n],
             spike_threshold=spike_thr[:-1],
-            vanish_threshold=vanish_log[:-1].exp(),
+            vanish_threshold=vanish_log[:n].exp(),
             total_threshold=spike_thr[-1],
             rolling_mean=rolling,
-            total_log_mean=mean[-1],
-            total_log_std=std[-1],
-            total_armed=armed[-1],
+            total_log_mean=mean[n],
+            total_log_std=std[n],
+            total_armed=armed[n],
         )
 
     def _early_limit(self, device: torch.device) -> torch.Tensor:
@@ -531,10 +554,12 @@ class Detector:
             self.early_max = torch.full((1,), -math.inf, dtype=torch.float64, device=device)
         if c.early_factor is None:
             return self.early_max.new_full((1,), math.inf)
-        return torch.where(self.norms.count[-1:] >= c.early_steps, self.early_max + math.log(c.early_factor), math.inf)
+        count = self.norms.count[self.num_params : self.num_params + 1]
+        return torch.where(count >= c.early_steps, self.early_max + math.log(c.early_factor), math.inf)
 
     def _learn_early_(self, x: torch.Tensor, learn: torch.Tensor) -> None:
-        learning = learn & (self.norms.count[-1:] <= self.config.early_steps)  # count already includes x
+        count = self.norms.count[self.num_params : self.num_params + 1]
+        learning = learn & (count <= self.config.early_steps)  # count already includes x
         self.early_max = torch.where(learning, torch.maximum(self.early_max, x), self.early_max)
 
     def _roll_(self, total: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -582,7 +607,7 @@ class Detector:
     def _split_state(self) -> dict[str, dict[str, torch.Tensor | None]]:
         return {
             part: {k: None if v is None else v.clone() for k, v in view._asdict().items()}
-            for part, view in (("params", self.params), ("total", self.total))
+            for part, view in (("params", self.params), ("total", self.total), ("shares", self.shares))
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -618,14 +643,15 @@ class Detector:
         if state["num_params"] != self.num_params:
             raise ValueError(f"state is for {state['num_params']} parameters; this detector watches {self.num_params}")
         device = None if device is None else torch.device(device)
-        self.norms.load_state_dict(_join_streams(state["params"], state["total"], self.num_params), device)
+        parts = [state["params"], state["total"], state.get("shares", dict.fromkeys(state["total"]))]
+        self.norms.load_state_dict(_join_streams(parts, (self.num_params, 1, self.num_params)), device)
         self.loss.load_state_dict(state["loss"], device)
         for key in ("window", "window_count", "early_max"):
             value = state.get(key)
             setattr(self, key, None if value is None else (value.clone() if device is None else value.to(device)))
         if self.early_max is None and self.norms.count is not None:
             # Version 1: a stream already observed has lost its early reference, so the rule stays off.
-            count = self.norms.count[-1:]
+            count = self.norms.count[self.num_params : self.num_params + 1]
             self.early_max = torch.where(count > 0, math.inf, -math.inf).to(torch.float64)
 
     def load_baseline(
@@ -687,8 +713,9 @@ class Detector:
             }
 
         params = stats(data["mean"][rows], data["var"][rows], data["count"][rows])
-        total = data["total"]
-        joined = {k: torch.cat([params[k], v]) for k, v in stats(total["mean"], total["var"], total["count"]).items()}
+        shares = stats(data["share_mean"][rows], data["share_var"][rows], data["count"][rows])
+        total = stats(data["total"]["mean"], data["total"]["var"], data["total"]["count"])
+        joined = {k: torch.cat([params[k], total[k], shares[k]]) for k in params}
         self.norms.load_state_dict(joined, where)
         loss = data["loss"]
         if int(loss["count"][0]) > 0:

@@ -209,7 +209,9 @@ def test_detection_dispatches_the_same_ops_for_5_or_5000_parameters():
         with Count():
             det.detect(packed)
         counts.append(Count.ops)
-    assert counts[0] == counts[1] < 120  # one vectorized pass over n + 1 streams: launches stay constant
+    # One vectorized pass over 2n + 1 streams (raw, total, shares): launches stay constant. With all
+    # rules on: 106 ops before issue 10's detector, 137 after (shares and the early rule).
+    assert counts[0] == counts[1] < 140
 
 
 @pytest.mark.parametrize(
