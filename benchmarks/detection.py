@@ -63,6 +63,7 @@ CLASSES = (
     "lr_spike",
     "vanish",
 )
+CLIP_CLASSES = ("whole_x3", "whole_x10", "whole_x100", "whole_x1e4")
 MUST_CATCH = ("whole_x100", "whole_x1e4", "weight_x1000", "bias_x1000", "norm_x1000", "nan", "inf")
 VANISH_STEPS = 20
 
@@ -234,6 +235,7 @@ class ZClipPackage(Rule):
         recorded = self
         self.norm = 0.0
         self.clipped = False
+        self.factors: list[float] = []  # the clip factor ZClip applied at each step (1.0: none)
 
         class Replayed(ZClip):
             def _compute_grad_norm(self, model: torch.nn.Module) -> float:
@@ -242,17 +244,19 @@ class ZClipPackage(Rule):
             def _compute_clip_val(self, grad_norm: float) -> float | None:
                 value = super()._compute_clip_val(grad_norm)
                 recorded.clipped = value is not None
+                recorded.factor = 1.0 if value is None else min(1.0, value / (grad_norm + 1e-6))
                 return value
 
         self.zclip = Replayed(max_grad_norm=None)
         self.model = torch.nn.Linear(1, 1)
 
     def step(self, stats: torch.Tensor, total: float, loss: float, finite: bool) -> bool:
-        if not finite:
-            return True
-        self.norm, self.clipped = total, False
-        self.zclip.step(self.model)
-        return self.clipped
+        self.factor = 1.0
+        if finite:
+            self.norm, self.clipped = total, False
+            self.zclip.step(self.model)
+        self.factors.append(self.factor)
+        return finite and self.clipped
 
 
 class LightningSpike(Rule):
@@ -285,6 +289,7 @@ class GradwatchReplay:
 
     def flags(self, stats: torch.Tensor, loss: torch.Tensor) -> tuple[list[bool], list[bool]]:
         flagged, clipped = [], []
+        self.factors: list[float] = []  # adaptive_clip's factor limit / total at each step (1.0: none)
         for t in range(stats.shape[0]):
             d = self.det.detect(stats[t])
             ld = self.det.detect_loss(loss[t])
@@ -292,6 +297,7 @@ class GradwatchReplay:
             total = stats[t, -1, 0]
             flagged.append(bool(d.param_flags.any() | d.global_flags.any() | ld.flags.any()))
             clipped.append(bool((d.total_armed & (total > limit)) | ~torch.isfinite(total)))
+            self.factors.append(float(torch.where(d.total_armed, (limit / total).clamp_max(1.0), 1.0)))
         return flagged, clipped
 
 
@@ -299,13 +305,17 @@ BASELINES: tuple[Callable[[], Rule], ...] = (SeedRule, OlmoRule, MegatronRule, Z
 DETECTOR_NAMES = GradwatchReplay.names + tuple(b.name for b in BASELINES)
 
 
-def replay_all(stats: torch.Tensor, loss: torch.Tensor) -> dict[str, list[bool]]:
-    """Every detector's flag per step on one stream."""
-    out = dict(zip(GradwatchReplay.names, GradwatchReplay(stats.shape[1] - 1).flags(stats, loss), strict=True))
+def replay_all(stats: torch.Tensor, loss: torch.Tensor) -> tuple[dict[str, list[bool]], dict[str, list[float]]]:
+    """Every detector's flag per step on one stream, and the clip factors of the two adaptive clips."""
+    gw = GradwatchReplay(stats.shape[1] - 1)
+    out = dict(zip(GradwatchReplay.names, gw.flags(stats, loss), strict=True))
+    factors = {GradwatchReplay.names[1]: gw.factors}
     for make in BASELINES:
         rule = make()
         out[rule.name] = rule.flags(stats, loss)
-    return out
+        if isinstance(rule, ZClipPackage):
+            factors[rule.name] = rule.factors
+    return out, factors
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -356,6 +366,7 @@ def run(
     """Records (or loads) the runs, injects faults, replays every detector, returns the scores."""
     scores = {name: Score.empty() for name in DETECTOR_NAMES}
     missed: dict[str, list[str]] = defaultdict(list)
+    clip_factors: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     fp_steps: dict[str, list[str]] = defaultdict(list)
     for model in models:
         for seed in seeds:
@@ -366,7 +377,11 @@ def run(
             spikes = tuple(f.step for f in faults if f.cls == "lr_spike")
             rec = record(model, seed, steps, corrupt, spikes, cache=cache)
             stats, loss = inject(rec, faults)
-            flags = replay_all(stats, loss)
+            flags, factors = replay_all(stats, loss)
+            for f in faults:
+                if f.cls in CLIP_CLASSES:
+                    for name, fs in factors.items():
+                        clip_factors[name][f.cls].append(fs[f.step])
             busy = {t for f in faults for t in range(f.step, f.window[1] + 1)}
             for name, fl in flags.items():
                 score_run(fl, faults, scores[name], missed[name], f"{model}/s{seed}")
@@ -375,7 +390,7 @@ def run(
     for model, steps in long_runs.items():
         t0 = time.perf_counter()
         rec = record(model, 0, steps, cache=cache)
-        for name, fl in replay_all(rec.stats, rec.loss).items():
+        for name, fl in replay_all(rec.stats, rec.loss)[0].items():
             scores[name].long_fp += sum(fl)
             scores[name].long_clean += len(fl)
             fp_steps[name] += [f"{model}/long@{t}" for t, x in enumerate(fl) if x]
@@ -397,6 +412,7 @@ def run(
             for n, s in scores.items()
         },
         "missed": dict(missed),
+        "clip_factors": {n: dict(v) for n, v in clip_factors.items()},
         "fp_steps": dict(fp_steps),
     }
 
@@ -429,7 +445,38 @@ def markdown(result: dict) -> str:
             rate = 1000 * s[fp] / s[clean] if s[clean] else math.nan
             cells.append(f"{rate:.2f} ({s[fp]})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Clip factor at the fault step (median; 1.0 = not clipped):", ""]
+    names = list(result["clip_factors"])
+    lines += ["| fault class | " + " | ".join(names) + " |", "|---" + "|---:" * len(names) + "|"]
+    for cls in CLIP_CLASSES:
+        cells = []
+        for n in names:
+            values = sorted(result["clip_factors"][n].get(cls, []))
+            cells.append(f"{values[len(values) // 2]:.3g}" if values else "-")
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def check(result: dict) -> list[str]:
+    """The targets gradwatch's defaults must meet on every run; returns what failed (empty: all met).
+
+    Every x10-and-above fault caught (whole-model x10, x100, x1e4; one parameter x1000 on a weight,
+    a bias, a norm layer; NaN; Inf), at least ZClip's recall on one-parameter x30, no false
+    positive on a clean step, and no more than ZClip anywhere.
+    """
+    ours, zclip = result["scores"][GradwatchReplay.names[0]], result["scores"][ZClipPackage.name]
+    failures = []
+    for cls in ("whole_x10",) + MUST_CATCH:
+        if ours["caught"].get(cls, 0) != ours["total"].get(cls, 0):
+            failures.append(f"{cls}: caught {ours['caught'].get(cls, 0)} of {ours['total'].get(cls, 0)}")
+    for cls in ("weight_x30", "bias_x30", "norm_x30"):
+        if ours["caught"].get(cls, 0) < zclip["caught"].get(cls, 0):
+            failures.append(f"{cls}: caught {ours['caught'].get(cls, 0)}, ZClip {zclip['caught'].get(cls, 0)}")
+    if ours["fp"] + ours["long_fp"]:
+        failures.append(
+            f"{ours['fp'] + ours['long_fp']} false positives: {result['fp_steps'][GradwatchReplay.names[0]]}"
+        )
+    return failures
 
 
 QUICK = {"models": ["mlp", "cnn", "lm"], "seeds": [0], "reps": 1, "start": 80, "long_runs": {}}
@@ -466,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    return 0
+    failures = check(result)
+    print("targets: " + ("all met" if not failures else "NOT MET: " + "; ".join(failures)))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
