@@ -10,6 +10,7 @@ Environment switches:
 import os
 import platform
 import sys
+import sysconfig
 from pathlib import Path
 
 # torch finds CUDA_HOME from `which nvcc`; where nvcc is a wrapper script (e.g. /usr/local/bin/nvcc)
@@ -62,7 +63,17 @@ def _choose_cuda() -> bool:
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """Adds one object per CPU capability of the vectorized kernel file to the extension."""
+    """Adds one object per CPU capability of the vectorized kernel file to the extension.
+
+    An editable install (``pip install --no-build-isolation -e .``, which ``make`` runs) compiles in
+    the same ``build/temp.*`` folder as ``setup.py build_ext --inplace`` instead of a fresh temporary
+    one, so ninja reuses the objects either one compiled: the extension is compiled once, not twice.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
     def build_extension(self, ext):
         for capability, flags in CPU_CAPABILITIES.items():

@@ -143,3 +143,73 @@ def test_lightning_layer_metrics():
             },
         )
     ]
+
+
+def test_lightning_honours_log_every_n_steps_and_logs_the_step_loss(tmp_path):
+    """accumulate_grad_batches=2, log_every_n_steps=5: gradwatch logs where train_loss is logged, and the
+    step's loss is the mean of its two micro-batch losses (not the last one's half)."""
+    lightning = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers.logger import Logger
+
+    from gradwatch.history import read_history
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    class Capture(Logger):
+        name, version = "capture", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step):
+            self.rows.append((step, dict(metrics)))
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+            self.losses = {}
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self.net(x), y) * (math.nan if batch_idx == 12 else 1.0)
+            self.losses[batch_idx] = loss.item()
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(160, 4, generator=g), torch.randn(160, 1, generator=g))
+    capture, module = Capture(), Module()
+    callback = GradWatchCallback(policy="skip", history=tmp_path / "run.jsonl")
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=capture,
+        log_every_n_steps=5,
+        accumulate_grad_batches=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+
+    train_loss_steps = [s for s, m in capture.rows if "train_loss" in m]
+    logged = {s: m for s, m in capture.rows if "gradwatch/total_norm" in m}
+    assert train_loss_steps == [4, 9, 14, 19] and sorted(logged) == train_loss_steps
+    history = read_history(tmp_path / "run.jsonl")
+    assert len(history) == 20
+    for record in history:
+        expected = (module.losses[2 * record.step] + module.losses[2 * record.step + 1]) / 2
+        if record.step == 6:  # micro-batch 12: NaN loss, NaN gradients, the step skipped
+            assert math.isnan(record.loss) and record.skipped
+        else:
+            assert record.loss == pytest.approx(expected, rel=1e-6)
+    for step, metrics in logged.items():
+        assert metrics["gradwatch/loss"] == pytest.approx(history.steps[step].loss, rel=1e-6)
+    assert logged[9]["gradwatch/skipped"] == 1.0 and logged[9]["gradwatch/anomalies"] >= 1.0  # step 6's
+    assert logged[4]["gradwatch/skipped"] == logged[14]["gradwatch/skipped"] == 0.0

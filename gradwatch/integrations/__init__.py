@@ -2,6 +2,9 @@
 
 * :class:`~gradwatch.integrations.tensorboard.TensorBoardSink` (``pip install "gradwatch[tensorboard]"``)
 * :class:`~gradwatch.integrations.lightning.GradWatchCallback` (needs ``lightning``)
+* :class:`~gradwatch.integrations.transformers.GradWatchCallback`, the Hugging Face ``Trainer``
+  callback (``pip install "gradwatch[transformers]"``); import it from its module, as its name is
+  the Lightning callback's
 
 The heavy packages are imported only when one of these is used.
 """

@@ -4,7 +4,11 @@ Needs ``lightning`` (or the older ``pytorch_lightning``) installed. The callback
 gradients in ``on_before_optimizer_step``, which Lightning calls after the backward pass inside the
 optimizer closure, so the check sees this step's gradients even though the optimizer's own step
 pre-hooks run before the closure. Metrics reach the loggers from the monitor's asynchronous host
-records, never from a per-layer ``.item()``.
+records, never from a per-layer ``.item()``, on the ``Trainer``'s ``log_every_n_steps`` cadence.
+
+Under ``accumulate_grad_batches=N`` the loss of an optimizer step is the sum of the N losses
+Lightning backpropagates (each already divided by N), i.e. the mean micro-batch loss; that, not
+the last micro-batch's share, is what the monitor's loss detector and history see.
 
 Example:
     >>> from gradwatch.integrations.lightning import GradWatchCallback  # doctest: +SKIP
@@ -20,8 +24,8 @@ from typing import Any
 import torch
 
 from ..events import StepRecord
+from ..layers import LayerNorms
 from ..monitor import GradWatch
-from ..report import LayerNorms
 
 try:
     import lightning.pytorch as pl
@@ -51,6 +55,11 @@ class GradWatchCallback(pl.Callback):
         policy: gradwatch policy name(s) or objects, as for :class:`gradwatch.GradWatch`.
         history: path of a run history file to write, or None.
         log_layers: also log ``gradwatch/norm/{layer}`` for every layer (module).
+
+    Logged every ``log_every_n_steps`` optimizer steps, where Lightning logs ``self.log`` values:
+    ``{prefix}/total_norm``, ``{prefix}/clip_factor``, ``{prefix}/loss`` (the step's mean
+    micro-batch loss), and ``{prefix}/anomalies`` / ``{prefix}/skipped`` counted since the previous
+    logged point, so nothing between two points goes unseen.
         prefix: metric name prefix.
         **options: more :class:`gradwatch.GradWatch` keyword arguments (``include``, ``exclude``,
             ``every``, ``sinks``, detector options such as ``warmup`` or ``max_norm``).
@@ -81,6 +90,8 @@ class GradWatchCallback(pl.Callback):
         self._trainer: Any = None
         self._state: Mapping[str, Any] | None = None
         self._post_hook: Any = None
+        self._loss_sum: torch.Tensor | None = None  # this optimizer step's backpropagated losses, summed
+        self._unlogged = {"anomalies": 0, "skipped": 0}  # since the last logged point
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Build the monitor on the module and its (first) optimizer."""
@@ -89,6 +100,8 @@ class GradWatchCallback(pl.Callback):
             logger.warning("gradwatch: GradWatchCallback watches the first of %d optimizers", len(optimizers))
         optimizer = optimizers[0] if optimizers else None
         self._trainer = trainer
+        self._loss_sum = None
+        self._unlogged = {"anomalies": 0, "skipped": 0}
         self.watch = _ManualGradWatch(pl_module, optimizer, policy=self.policy, history=self.history, **self.options)
         self.watch.add_sink(self._log)
         if optimizer is not None:
@@ -99,27 +112,41 @@ class GradWatchCallback(pl.Callback):
             self._state = None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        """Feed the loss to the loss detector (device ops only)."""
+        """Add this micro-batch's share of the step's loss (device ops only)."""
         if self.watch is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self.watch.observe_loss(loss.detach())
+            share = loss.detach().reshape(()).float()
+            self._loss_sum = share if self._loss_sum is None else self._loss_sum + share
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        """Run the check on this step's (accumulated) gradients, before the update."""
+        """Feed the step's loss to the loss detector, then check this step's (accumulated) gradients."""
         if self.watch is not None:
+            if self._loss_sum is not None:
+                loss, self._loss_sum = self._loss_sum, None
+                self.watch.observe_loss(loss)
             self.watch.check()
 
     def _log(self, record: StepRecord) -> None:
+        self.events.extend(record.events)
+        self._unlogged["anomalies"] += len(record.events)
+        self._unlogged["skipped"] += int(record.skipped)
+        # Lightning logs optimizer step k (0-based) when (k + 1) % log_every_n_steps == 0 (0: never);
+        # the steps in between count into the next logged point's anomalies and skipped.
+        every = getattr(self._trainer, "log_every_n_steps", 1)
+        if not every or (record.step + 1) % every:
+            return
         p = self.prefix
         metrics: dict[str, float] = {
             f"{p}/total_norm": record.total_norm,
             f"{p}/clip_factor": record.clip_factor,
-            f"{p}/skipped": float(record.skipped),
-            f"{p}/anomalies": float(len(record.events)),
+            f"{p}/skipped": float(self._unlogged["skipped"]),
+            f"{p}/anomalies": float(self._unlogged["anomalies"]),
         }
+        self._unlogged = {"anomalies": 0, "skipped": 0}
+        if record.loss is not None:
+            metrics[f"{p}/loss"] = record.loss
         if self.log_layers:
             layer_norms = self._layer_norms(record.names, record.norms)
             metrics.update({f"{p}/norm/{layer}": norm for layer, norm in layer_norms.items()})
-        self.events.extend(record.events)
         for pl_logger in getattr(self._trainer, "loggers", []) or []:
             pl_logger.log_metrics(metrics, step=record.step)
 
