@@ -234,10 +234,12 @@ class RunningStats:
     calculation of weighted mean and variance", 2009) for the first ``1 / (1 - ema)`` observations,
     an EMA after.
 
-    Robustness, once a stream is armed (``count >= warmup``):
+    Robustness:
 
-    * a value enters with its deviation clamped to ``+- huber`` standard deviations (a Huber-type
-      update): one wild value that was not flagged widens the spread by a bounded amount;
+    * from the ``clamp_after``-th observation on (default ``min(10, warmup)``: already in the
+      warm-up, so one wild value early on cannot set the baseline), a value enters with its
+      deviation clamped to ``+- huber`` standard deviations (a Huber-type update): a value that was
+      not flagged widens the spread by a bounded amount;
     * a *flagged* value (``flagged``) never widens the spread: it leaves ``var`` untouched and moves
       only the mean, by the clamped deviation, so a genuine level shift is still learned (at
       ``a * huber`` standard deviations per step);
@@ -248,12 +250,14 @@ class RunningStats:
         ema: decay in (0, 1).
         warmup: observations before a stream is armed.
         huber: clamp of the deviations that enter, in standard deviations.
+        clamp_after: observations before the clamp applies (None: ``min(10, warmup)``).
     """
 
     _KEYS = ("mean", "var", "count")
 
-    def __init__(self, size: int, *, ema: float, warmup: int, huber: float = 3.0):
+    def __init__(self, size: int, *, ema: float, warmup: int, huber: float = 3.0, clamp_after: int | None = None):
         self.size, self.ema, self.warmup, self.huber = size, ema, warmup, huber
+        self.clamp_after = min(10, warmup) if clamp_after is None else clamp_after
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
@@ -278,7 +282,7 @@ class RunningStats:
         ok: torch.Tensor,
         flagged: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
-        armed: torch.Tensor | None = None,
+        checked: bool = False,
     ) -> None:
         """Learns ``x`` (float64, one per selected stream) where ``ok``; NaN/Inf are never learned.
 
@@ -287,18 +291,17 @@ class RunningStats:
             ok: bool, which values to learn (broadcast against ``x``).
             flagged: bool, values judged anomalous: they move the mean (clamped) but not the spread.
             index: which streams ``x`` is (None: all, in order).
-            armed: ``count >= warmup`` of the selected streams, when the caller has it already (and
-                has already excluded non-finite ``x`` from ``ok``).
+            checked: the caller has already excluded non-finite ``x`` from ``ok``.
         """
         self._ensure(x.device)
         mean, var, count = self.mean, self.var, self.count
         if index is not None:
             mean, var, count = mean[index], var[index], count[index]
-        if armed is None:
-            ok, armed = ok & torch.isfinite(x), count >= self.warmup
+        if not checked:
+            ok = ok & torch.isfinite(x)
         half = self.huber * var.clamp_min(0).sqrt()
         diff = torch.where(ok, x - mean, 0.0)  # keeps NaN out of the arithmetic below; incr = 0 where not ok
-        diff = torch.where(armed, torch.minimum(torch.maximum(diff, -half), half), diff)
+        diff = torch.where(count >= self.clamp_after, torch.minimum(torch.maximum(diff, -half), half), diff)
         a = torch.clamp_min(1.0 / (count + 1).to(torch.float64), 1.0 - self.ema)
         incr = a * diff
         learn_spread = ok if flagged is None else ok & ~flagged
@@ -502,7 +505,7 @@ class Detector:
             learn = learn & keep
         if not c.per_param:
             learn = learn & total_row
-        self.norms.update_(x, learn, spike | vanish | step_flagged, streams, armed=armed)
+        self.norms.update_(x, learn, spike | vanish | step_flagged, streams, checked=True)
         self._learn_early_(log_norm[-1:], learn[n : n + 1])
 
         # A parameter spikes when its norm or its share does; its threshold is the lower of the
