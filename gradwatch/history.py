@@ -56,6 +56,7 @@ tried again ``retry_every`` records later.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import errno
 import json
@@ -63,7 +64,8 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +97,7 @@ __all__ = [
     "encode_float",
     "decode_float",
     "rank_path",
+    "call_at_exit",
     "HISTORY_FORMAT",
     "HISTORY_VERSION",
 ]
@@ -434,3 +437,26 @@ def rank_path(path: str | os.PathLike[str], rank: int) -> Path:
     """The per-rank history file of ``path``: ``run.jsonl`` -> ``run.rank3.jsonl``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def call_at_exit(owner: object, method: str) -> Callable[[], None]:
+    """Call ``owner.<method>()`` at interpreter exit (also after an uncaught exception) if it is still alive.
+
+    Holds only a weak reference. Errors are logged, never raised (the interpreter is leaving).
+    The monitor uses it to drain its pending records into the history before the process ends.
+
+    Returns:
+        A function that cancels the call.
+    """
+    ref = weakref.ref(owner)
+
+    def hook() -> None:
+        obj = ref()
+        if obj is not None:
+            try:
+                getattr(obj, method)()
+            except Exception as error:
+                logger.error("gradwatch: at interpreter exit, %s.%s() failed: %s", type(obj).__name__, method, error)
+
+    atexit.register(hook)
+    return lambda: atexit.unregister(hook)
