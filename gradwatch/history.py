@@ -315,7 +315,7 @@ class HistoryWriter:
             raise RuntimeError(
                 f"HistoryWriter: {self.path} is closed; it cannot record step {record.step} (call reopen())"
             )
-        columns = self._columns(record.names) if self.per_param == "all" else None
+        columns = self._columns(record.names)  # also keeps the header's names with per_param="none"
         notable = bool(record.events) or record.skipped or record.clip_factor != 1.0
         if record.step % self.every and not notable:
             return
