@@ -190,6 +190,7 @@ class HistoryWriter:
         self._header_due = True
         self._replace = True  # truncate the file before the first line (cleared by resume())
         self._fd: int | None = None
+        self._size: int | None = None
         self._closed = False
         self._failing: OSError | None = None
         self._retry_in = 0
@@ -219,10 +220,13 @@ class HistoryWriter:
                     ) from None
                 # A file system without locks (some network mounts): write without one.
         self._fd = fd
+        info = os.fstat(fd)
+        # The file's size, tracked so that a failed write can be cut back; None for a device (/dev/full).
+        self._size = info.st_size if stat.S_ISREG(info.st_mode) else None
         return True
 
     def _regular(self) -> bool:
-        return self._fd is not None and stat.S_ISREG(os.fstat(self._fd).st_mode)
+        return self._fd is not None and self._size is not None
 
     def _fail(self, error: OSError) -> None:
         if self._failing is None:
@@ -243,7 +247,7 @@ class HistoryWriter:
         assert self._fd is not None
         data = "".join(json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n" for obj in lines)
         raw = data.encode("utf-8")
-        start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular() else None
+        start = self._size
         try:
             if self._replace:
                 if start is not None:
@@ -262,6 +266,8 @@ class HistoryWriter:
                     pass
             self._fail(error)
             return False
+        if start is not None:
+            self._size = start + len(raw)
         if self._failing is not None:
             logger.warning(
                 "gradwatch: writing the run history %s again; %d lines were lost", self.path, self.lines_lost
@@ -376,6 +382,7 @@ class HistoryWriter:
         except OSError as error:
             self._fail(error)
             return
+        self._size = cut
         same = header is not None and header.get("version") == HISTORY_VERSION
         same = same and header.get("per_param") == self.per_param
         if same and self._names is None:
