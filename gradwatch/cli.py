@@ -1,6 +1,8 @@
 """Command line: ``gradwatch demo`` (the main job, end to end) and ``gradwatch report`` (summary, PNG, CI gate).
 
-Exit codes: 0 success; 1 ``report --fail-on`` found gated anomalies; 2 bad usage or unreadable file.
+Exit codes: 0 success; 1 ``report --fail-on`` found gated anomalies; 2 bad usage or unusable input (no such
+file, not a gradwatch history, a history with no steps, a newer history version, an unreadable line under
+``--strict``, or the PNG could not be drawn).
 """
 
 from __future__ import annotations
@@ -9,12 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .events import AnomalyKind
-
-if TYPE_CHECKING:
-    from .history import RunHistory
 
 __all__ = ["main", "build_parser", "parse_kinds"]
 
@@ -114,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--top", type=int, default=5, help="worst steps to list (default %(default)s)")
     report.add_argument("--quiet", action="store_true", help="print only the --fail-on verdict")
+    report.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a history with unreadable lines (exit 2) instead of skipping them with a warning",
+    )
     report.set_defaults(func=_cmd_report)
     return parser
 
@@ -156,8 +159,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .history import read_history
-    from .report import anomaly_counts, format_summary, plot_report, summarize
+    from .history import HistoryError
+    from .report import anomaly_counts, build_report, format_summary, reading_notes
 
     path = Path(args.run_file)
     if path.is_dir():
@@ -166,35 +169,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"gradwatch report: error: --top must be >= 0; got {args.top}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        history = read_history(path)
-    except (FileNotFoundError, ValueError) as error:
+        summary, written = build_report(path, top=args.top, png=args.png, strict=args.strict)
+    except (FileNotFoundError, HistoryError, ImportError) as error:
         print(f"gradwatch report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    summary = summarize(history, top=args.top)
+    except OSError as error:  # unreadable file, or the PNG cannot be written
+        print(f"gradwatch report: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # never a traceback from the gate: name the problem, exit "unusable"
+        print(f"gradwatch report: error: could not report on {path}: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.quiet:
         print(format_summary(summary))
-    if args.png:
-        try:
-            written = plot_report(history, args.png)
-        except ImportError as error:
-            print(f"gradwatch report: error: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        if not args.quiet:
+        if written is not None:
             print(f"\nwrote {written}")
+    notes = reading_notes(summary)
+    noted = f" ({'; '.join(notes)})" if notes else ""
+    if summary.steps == 0:
+        print(f"gradwatch report: error: {path} holds no steps{noted}; nothing to report or gate on", file=sys.stderr)
+        return EXIT_USAGE
     if args.fail_on:
         found = anomaly_counts(summary, args.fail_on)
         gate = ",".join(args.fail_on)
         if found:
             detail = ", ".join(f"{kind} x{n}" for kind, n in sorted(found.items()))
-            print(f"FAIL (--fail-on {gate}): {detail}; first at step {_first_step(history, found)}")
+            first = min(summary.first_step_of[k] for k in found)
+            print(f"FAIL (--fail-on {gate}): {detail}; first at step {first}{noted}")
             return EXIT_GATE_FAILED
-        print(f"PASS (--fail-on {gate}): no such anomalies in {summary.steps} steps")
+        print(f"PASS (--fail-on {gate}): no such anomalies in {summary.steps} steps{noted}")
     return EXIT_OK
-
-
-def _first_step(history: RunHistory, kinds: dict[str, int]) -> int | str:
-    steps = [e.step for e in history.events if e.kind.value in kinds]
-    return min(steps) if steps else "?"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; defaults to ``sys.argv[1:]``.
 
     Returns:
-        The exit code: 0 success, 1 ``--fail-on`` gate failed, 2 usage error.
+        The exit code: 0 success, 1 ``--fail-on`` gate failed, 2 usage error or unusable input.
     """
     parser = build_parser()
     try:

@@ -18,15 +18,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from .events import AnomalyEvent
-from .history import HistoryWriter, _encode_float, read_history
-from .report import badness_of
+from .history import HistoryWriter, encode_float, read_history
+from .summary import badness_of
+
+if TYPE_CHECKING:  # torch is imported where the demo runs, so `gradwatch report` never loads it
+    import torch
+    from torch import nn
 
 __all__ = ["DemoConfig", "DemoResult", "RunResult", "run_demo", "format_table"]
 
@@ -170,6 +170,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -186,6 +188,7 @@ def _build_model(config: DemoConfig) -> nn.Module:
 
 def _make_batches(config: DemoConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Materialize every batch once so both runs see identical data and data loading is not timed."""
+    import torch
     import torchvision
     from torchvision import transforms
 
@@ -212,6 +215,9 @@ def _train(
     protect: bool,
     history: HistoryWriter | None = None,
 ) -> RunResult:
+    import torch
+    import torch.nn.functional as F
+
     label = "gradwatch" if protect else "unprotected"
     torch.manual_seed(config.seed)
     model = _build_model(config).to(device)
@@ -348,7 +354,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             baseline_loss={
                 "label": "unprotected loss",
                 "steps": list(range(len(unprotected.losses))),
-                "loss": [_encode_float(x) for x in unprotected.losses],
+                "loss": [encode_float(x) for x in unprotected.losses],
             },
         )
     try:

@@ -2,24 +2,26 @@
 
 :class:`HistoryWriter` is a sink: the monitor calls it with each :class:`~gradwatch.events.StepRecord`
 after the record's asynchronous device-to-host copy has landed, so writing the history never
-synchronizes the device. Every line is flushed as it is written, so a run that crashes keeps the
-history up to its last drained step.
+synchronizes the device. Every line reaches the operating system as it is written (one ``write``
+call per line, no buffer), so a run that crashes keeps the history up to its last drained step.
 
-Schema (version 1). One JSON object per line, told apart by ``"type"``:
+Schema (version 2). One JSON object per line, told apart by ``"type"``:
 
 ``header``
-    Written before the first step, and again if the watched parameters ever change::
+    One per run, written before the first step::
 
-        {"type": "header", "format": "gradwatch-history", "version": 1,
+        {"type": "header", "format": "gradwatch-history", "version": 2,
          "created": "2025-01-01T12:00:00+00:00", "names": ["conv1.weight", ...],
          "per_param": "all", "meta": {...}}
 
-    ``names`` lists the watched parameters in the order of the per-parameter lists below.
+    ``names`` lists every watched parameter, in the order of the per-parameter lists below.
     ``per_param`` says which per-parameter values the step lines carry. ``meta`` is whatever the
-    writer was given (the demo stores its configuration there).
+    writer was given (the demo stores its configuration there). A writer that was not told the
+    watched parameters up front writes another header, listing all names seen so far, when a
+    parameter it has never seen before appears.
 
 ``step``
-    One per recorded optimizer step, in step order::
+    One per recorded optimizer step, in increasing step order::
 
         {"type": "step", "step": 12, "total_norm": 3.21, "loss": 2.05, "clip_factor": 1.0,
          "skipped": false, "norms": [...], "max_abs": [...], "nonfinite": [...],
@@ -27,8 +29,9 @@ Schema (version 1). One JSON object per line, told apart by ``"type"``:
                      "threshold": 6.0, "action": "clip"}]}
 
     ``loss`` is null when no loss was observed. ``norms``, ``max_abs`` and ``nonfinite`` have one
-    entry per header name when ``per_param`` is ``"all"``; with ``"none"`` they are omitted.
-    ``events`` uses :meth:`AnomalyEvent.to_dict`; ``kind`` is an :class:`AnomalyKind` value.
+    entry per header name when ``per_param`` is ``"all"`` (``null`` for a parameter that had no
+    gradient on that step); with ``"none"`` they are omitted. ``events`` uses
+    :meth:`AnomalyEvent.to_dict`; ``kind`` is an :class:`AnomalyKind` value.
 
 ``summary``
     Optional, any number, written by :meth:`HistoryWriter.write_summary`: free-form run facts such
@@ -36,34 +39,73 @@ Schema (version 1). One JSON object per line, told apart by ``"type"``:
 
 Floats are written with 7 significant digits. NaN and infinities, which standard JSON lacks, are
 written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
+
+Version 1 (still read) wrote a new header whenever the set of parameters with a gradient changed,
+and its lists held only those parameters.
+
+Resuming: :meth:`HistoryWriter.resume` (called by ``GradWatch.load_state_dict``) keeps the file
+and drops the step lines at or after the resumed step, so a resumed run continues one history.
+Without it, a new writer replaces the file when it writes its first line. A step number that goes
+backwards in a file (two runs appended, a restart without resuming) is reported as a restart.
+
+Durability: a writer holds an advisory lock (``fcntl.flock``) on its file, so a second live
+writer on the same path is refused. A failed write (disk full, unwritable path) never raises into
+training: it is logged once with the path and the error, the line is dropped, and writing is
+tried again ``retry_every`` records later.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from .events import AnomalyEvent, StepRecord
+from .history_reader import (
+    HISTORY_FORMAT,
+    HISTORY_VERSION,
+    HistoryError,
+    HistoryReader,
+    Restart,
+    RunHistory,
+    decode_float,
+    read_history,
+)
 
-__all__ = ["HistoryWriter", "RunHistory", "read_history", "HISTORY_FORMAT", "HISTORY_VERSION"]
+try:  # POSIX only; elsewhere the writer does without the lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "HistoryWriter",
+    "HistoryLockedError",
+    "HistoryError",
+    "HistoryReader",
+    "Restart",
+    "RunHistory",
+    "read_history",
+    "encode_float",
+    "decode_float",
+    "rank_path",
+    "HISTORY_FORMAT",
+    "HISTORY_VERSION",
+]
 
 logger = logging.getLogger("gradwatch")
 
-HISTORY_FORMAT = "gradwatch-history"
-HISTORY_VERSION = 1
-
 PerParam = Literal["all", "none"]
-_NONFINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def _encode_float(x: float | None) -> float | str | None:
+def encode_float(x: float | None) -> float | str | None:
+    """Encode a float for a history line: 7 significant digits; NaN/Inf as ``"NaN"``/``"Infinity"``."""
     if x is None:
         return None
     x = float(x)
@@ -74,45 +116,43 @@ def _encode_float(x: float | None) -> float | str | None:
     return float(f"{x:.7g}")
 
 
-def _decode_float(x: float | str | None) -> float | None:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        try:
-            return _NONFINITE_NAMES[x]
-        except KeyError:
-            raise ValueError(f"history: {x!r} is not a number or one of {sorted(_NONFINITE_NAMES)}") from None
-    return float(x)
+_encode_float = encode_float  # the name older callers imported
 
 
 def _encode_event(event: AnomalyEvent) -> dict[str, Any]:
     d = event.to_dict()
-    d["value"] = _encode_float(d["value"])
-    d["threshold"] = _encode_float(d["threshold"])
+    d["value"] = encode_float(d["value"])
+    d["threshold"] = encode_float(d["threshold"])
     return d
 
 
-def _decode_event(d: dict[str, Any]) -> AnomalyEvent:
-    return AnomalyEvent.from_dict({**d, "value": _decode_float(d["value"]), "threshold": _decode_float(d["threshold"])})
+class HistoryLockedError(RuntimeError):
+    """Another live writer (another process, or an open writer in this one) holds the history file's lock."""
 
 
 class HistoryWriter:
     """Sink that appends one JSON line per drained step to a run history file.
 
-    Give it to the monitor as ``GradWatch(..., history="run.jsonl")`` (the monitor builds and
-    closes it) or build it yourself and pass it as a sink. The schema is in the module docstring.
+    Give it to the monitor as ``GradWatch(..., history="run.jsonl")`` (the monitor builds it, tells
+    it every watched parameter, resumes and closes it) or build it yourself and pass it as a sink.
+    The schema is in the module docstring.
 
     Args:
-        path: file to write; parent folders are created. An existing file is replaced.
+        path: file to write; parent folders are created. An existing file is replaced when the
+            first line is written, unless :meth:`resume` was called first.
+        names: every watched parameter, for the single header; a record's missing parameters are
+            written as ``null``. None: learned from the records (a new header when a new name appears).
         per_param: ``"all"`` writes every parameter's norm, max |g| and non-finite count on every
             step line; ``"none"`` writes only the totals, loss, actions and events (small files
             for very large models).
         every: write every ``every``-th step. Steps with anomalies, a clip or a skip are always
             written.
         meta: JSON-serializable facts about the run, stored in the header.
+        retry_every: after a failed write, records to let pass before trying again.
 
     Raises:
-        ValueError: ``per_param`` or ``every`` is invalid.
+        ValueError: ``per_param``, ``every`` or ``retry_every`` is invalid.
+        HistoryLockedError: another live process is writing ``path``.
 
     Example:
         >>> writer = HistoryWriter("runs/exp1/history.jsonl", meta={"lr": 0.1})  # doctest: +SKIP
@@ -123,86 +163,251 @@ class HistoryWriter:
         self,
         path: str | os.PathLike[str],
         *,
+        names: Sequence[str] | None = None,
         per_param: PerParam = "all",
         every: int = 1,
         meta: dict[str, Any] | None = None,
+        retry_every: int = 100,
     ) -> None:
         if per_param not in ("all", "none"):
             raise ValueError(f"HistoryWriter: per_param must be 'all' or 'none'; got {per_param!r}")
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"HistoryWriter: every must be a positive int; got {every!r}")
+        for label, value in (("every", every), ("retry_every", retry_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"HistoryWriter: {label} must be a positive int; got {value!r}")
         self.path = Path(path)
         self.per_param: PerParam = per_param
         self.every = every
         self.meta = dict(meta or {})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
-        self._names: list[str] | None = None
+        self.retry_every = retry_every
         self.steps_written = 0
+        self.lines_lost = 0  # step and summary lines dropped because writing failed
+        self._names: list[str] | None = list(names) if names is not None else None
+        self._index: dict[str, int] = {n: i for i, n in enumerate(self._names or ())}
+        self._positions: tuple[Sequence[str], list[int] | None] | None = None  # last record's names -> columns
+        self._header_due = True
+        self._replace = True  # truncate the file before the first line (cleared by resume())
+        self._fd: int | None = None
+        self._closed = False
+        self._failing: OSError | None = None
+        self._retry_in = 0
+        self._open()
+
+    # ------------------------------------------------------------------------- file handling
+
+    def _open(self) -> bool:
+        """Open (and lock) the file for appending; False (logged) when the path is unusable."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as error:
+            self._fail(error)
+            return False
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise HistoryLockedError(
+                        f"HistoryWriter: {self.path} is being written by another live writer (its advisory lock "
+                        "is held, by another process or an open writer here); give each run its own history path, "
+                        "or remove()/close() the other one first (under DDP keep log_rank=0, or log_rank=None "
+                        "writes one file per rank)"
+                    ) from None
+                # A file system without locks (some network mounts): write without one.
+        self._fd = fd
+        return True
+
+    def _regular(self) -> bool:
+        return self._fd is not None and stat.S_ISREG(os.fstat(self._fd).st_mode)
+
+    def _fail(self, error: OSError) -> None:
+        if self._failing is None:
+            logger.error(
+                "gradwatch: cannot write the run history %s (%s); training goes on without it, "
+                "trying again every %d records",
+                self.path,
+                error,
+                self.retry_every,
+            )
+        self._failing = error
+        self._retry_in = self.retry_every
+
+    def _emit(self, lines: list[dict[str, Any]]) -> bool:
+        """Append whole lines; on failure drop them (never a partial line) and return False."""
+        if self._fd is None and not self._open():
+            return False
+        assert self._fd is not None
+        data = "".join(json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n" for obj in lines)
+        raw = data.encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular() else None
+        try:
+            if self._replace:
+                if start is not None:
+                    os.ftruncate(self._fd, 0)
+                    start = 0
+                self._replace = False
+            view = memoryview(raw)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as error:
+            if start is not None:
+                try:  # a half-written line would be unreadable: cut it off
+                    os.ftruncate(self._fd, start)
+                except OSError:
+                    pass
+            self._fail(error)
+            return False
+        if self._failing is not None:
+            logger.warning(
+                "gradwatch: writing the run history %s again; %d lines were lost", self.path, self.lines_lost
+            )
+            self._failing = None
+        return True
+
+    def _write(self, lines: list[dict[str, Any]]) -> bool:
+        if self._failing is not None:
+            self._retry_in -= 1
+            if self._retry_in > 0:
+                self.lines_lost += sum(line["type"] != "header" for line in lines)
+                return False
+        ok = self._emit(lines)
+        if not ok:
+            self.lines_lost += sum(line["type"] != "header" for line in lines)
+        return ok
+
+    # ------------------------------------------------------------------------- records
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "type": "header",
+            "format": HISTORY_FORMAT,
+            "version": HISTORY_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "names": list(self._names or ()),
+            "per_param": self.per_param,
+            "meta": self.meta,
+        }
+
+    def _columns(self, names: Sequence[str]) -> list[int] | None:
+        """Header positions of a record's names (None when they are the header's, in order)."""
+        if self._positions is not None and self._positions[0] is names:
+            return self._positions[1]
+        if self._names is None:
+            self._names, self._index = list(names), {n: i for i, n in enumerate(names)}
+            self._header_due = True
+        new = [n for n in names if n not in self._index]
+        if new:  # a writer not told every name: the header grows (a new header line)
+            self._names = self._names + new
+            self._index.update({n: len(self._index) + i for i, n in enumerate(new)})
+            self._header_due = True
+        columns = None if list(names) == self._names else [self._index[n] for n in names]
+        self._positions = (names, columns)
+        return columns
 
     def __call__(self, record: StepRecord) -> None:
-        """Write one step (and the header first, if the parameter names are new)."""
-        if self._file is None:
-            raise RuntimeError(f"HistoryWriter: {self.path} is closed; it cannot record step {record.step}")
-        names = list(record.names)
-        if names != self._names:
-            self._names = names
-            self._write(
-                {
-                    "type": "header",
-                    "format": HISTORY_FORMAT,
-                    "version": HISTORY_VERSION,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "names": names,
-                    "per_param": self.per_param,
-                    "meta": self.meta,
-                }
+        """Write one step (and the header first, if it is due). Never raises for a failed write."""
+        if self._closed:
+            raise RuntimeError(
+                f"HistoryWriter: {self.path} is closed; it cannot record step {record.step} (call reopen())"
             )
+        columns = self._columns(record.names) if self.per_param == "all" else None
         notable = bool(record.events) or record.skipped or record.clip_factor != 1.0
         if record.step % self.every and not notable:
             return
         line: dict[str, Any] = {
             "type": "step",
             "step": int(record.step),
-            "total_norm": _encode_float(record.total_norm),
-            "loss": _encode_float(record.loss),
-            "clip_factor": _encode_float(record.clip_factor),
+            "total_norm": encode_float(record.total_norm),
+            "loss": encode_float(record.loss),
+            "clip_factor": encode_float(record.clip_factor),
             "skipped": bool(record.skipped),
         }
         if self.per_param == "all":
-            line["norms"] = [_encode_float(x) for x in record.norms]
-            line["max_abs"] = [_encode_float(x) for x in record.max_abs]
-            line["nonfinite"] = [int(x) for x in record.nonfinite]
+            norms = [encode_float(x) for x in record.norms]
+            max_abs = [encode_float(x) for x in record.max_abs]
+            nonfinite: list[int | None] = [int(x) for x in record.nonfinite]
+            if columns is not None:
+                norms, max_abs, nonfinite = (_spread(v, columns, len(self._index)) for v in (norms, max_abs, nonfinite))
+            line.update(norms=norms, max_abs=max_abs, nonfinite=nonfinite)
         line["events"] = [_encode_event(e) for e in record.events]
-        self._write(line)
-        self.steps_written += 1
+        lines = [self._header(), line] if self._header_due else [line]
+        if self._write(lines):
+            self._header_due = False
+            self.steps_written += 1
 
     def write_summary(self, **facts: Any) -> None:
         """Append a ``summary`` line with run facts, e.g. ``overhead=0.02`` (a fraction of step time).
 
         Float values are encoded like the step values. Raises ``RuntimeError`` after :meth:`close`.
         """
-        if self._file is None:
+        if self._closed:
             raise RuntimeError(f"HistoryWriter: {self.path} is closed; cannot write a summary")
-        encoded = {k: _encode_float(v) if isinstance(v, float) else v for k, v in facts.items()}
-        self._write({"type": "summary", **encoded})
+        encoded = {k: encode_float(v) if isinstance(v, float) else v for k, v in facts.items()}
+        self._write([{"type": "summary", **encoded}])
 
-    def _write(self, obj: dict[str, Any]) -> None:
-        assert self._file is not None
-        self._file.write(json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n")
-        self._file.flush()
+    # ------------------------------------------------------------------------- lifecycle
+
+    def resume(self, step: int) -> None:
+        """Continue the existing file from ``step``: keep the lines before it, drop the rest.
+
+        Step lines at or after ``step`` (and everything after the first of them) were never part
+        of the resumed run's past. The kept header is reused when it lists this writer's names.
+        Call it before the resumed run records its first step (``GradWatch.load_state_dict`` does).
+
+        Args:
+            step: the first step the resumed run will record.
+        """
+        if self._closed:
+            raise RuntimeError(f"HistoryWriter: {self.path} is closed; call reopen() before resume()")
+        if self._fd is None and not self._open():
+            return
+        self._replace = False
+        if not self._regular():
+            return
+        reader = HistoryReader(self.path)
+        cut, header = reader.cut_before(step)
+        try:
+            os.ftruncate(self._fd, cut)  # type: ignore[arg-type]
+        except OSError as error:
+            self._fail(error)
+            return
+        same = header is not None and header.get("version") == HISTORY_VERSION
+        same = same and header.get("per_param") == self.per_param
+        if same and self._names is None:
+            self._names = list(header["names"])
+            self._index = {n: i for i, n in enumerate(self._names)}
+        self._header_due = not (same and header["names"] == self._names)
+        logger.info("gradwatch: resuming the run history %s at step %d", self.path, step)
+
+    def reopen(self) -> None:
+        """Open a closed writer again; it appends to the same file (the header is not repeated)."""
+        if not self._closed:
+            return
+        self._closed = False
+        self._replace = False
+        self._open()
 
     def close(self) -> None:
-        """Close the file; later calls do nothing."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            logger.info("gradwatch: wrote %d steps of history to %s", self.steps_written, self.path)
+        """Close the file (releasing its lock); later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError as error:
+                logger.error("gradwatch: closing the run history %s failed: %s", self.path, error)
+            self._fd = None
+        logger.info("gradwatch: wrote %d steps of history to %s", self.steps_written, self.path)
+        if self.lines_lost:
+            logger.warning("gradwatch: %d history lines could not be written to %s", self.lines_lost, self.path)
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` has been called."""
-        return self._file is None
+        """Whether :meth:`close` has been called (and not undone by :meth:`reopen`)."""
+        return self._closed
 
     def __enter__(self) -> HistoryWriter:
         return self
@@ -210,120 +415,22 @@ class HistoryWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-@dataclass
-class RunHistory:
-    """A run history read back by :func:`read_history`.
-
-    Attributes:
-        path: the file it came from.
-        names: parameter names of the last header (the per-parameter lists of ``steps`` follow
-            the header that preceded each step; ``StepRecord.names`` holds those).
-        meta: the header's ``meta``.
-        steps: one :class:`StepRecord` per step line, in file order. With ``per_param="none"``
-            their per-parameter lists are empty.
-        summary: all ``summary`` lines merged, later keys winning.
-        truncated: whether the last line was incomplete (the run was killed mid-write).
-    """
-
-    path: Path
-    names: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    steps: list[StepRecord] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    truncated: bool = False
-
-    @property
-    def events(self) -> list[AnomalyEvent]:
-        """All anomaly events, in step order."""
-        return [e for record in self.steps for e in record.events]
-
-    def __iter__(self) -> Iterator[StepRecord]:
-        return iter(self.steps)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str, bool]]:
-    with path.open(encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, text in enumerate(lines):
-        if text.strip():
-            yield i + 1, text, i == len(lines) - 1
-
-
-def read_history(path: str | os.PathLike[str]) -> RunHistory:
-    """Read a run history written by :class:`HistoryWriter`.
-
-    A malformed last line (a run killed mid-write) is dropped with a warning; a malformed line
-    elsewhere is an error.
-
-    Args:
-        path: the ``.jsonl`` file.
-
-    Returns:
-        The :class:`RunHistory`.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a gradwatch history, has a newer version, or a line is malformed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"read_history: no such file: {path}")
-    history = RunHistory(path=path)
-    names: Sequence[str] | None = None
-    for number, text, last in _lines(path):
-        try:
-            obj = json.loads(text)
-            kind = obj["type"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            if last:
-                logger.warning("gradwatch: %s:%d is incomplete (run interrupted?); ignoring it", path, number)
-                history.truncated = True
-                break
-            raise ValueError(f"read_history: {path}:{number} is not a history line ({error}): {text[:80]!r}") from None
-        if kind == "header":
-            if obj.get("format") != HISTORY_FORMAT:
-                raise ValueError(f"read_history: {path} has format {obj.get('format')!r}; expected {HISTORY_FORMAT!r}")
-            if int(obj.get("version", 0)) > HISTORY_VERSION:
-                raise ValueError(
-                    f"read_history: {path} has version {obj['version']}; this gradwatch reads up to {HISTORY_VERSION}"
-                )
-            names = list(obj["names"])
-            history.names = list(names)
-            history.meta = dict(obj.get("meta") or {})
-        elif kind == "step":
-            if names is None:
-                raise ValueError(f"read_history: {path}:{number} is a step line before any header")
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
             try:
-                record = StepRecord(
-                    step=int(obj["step"]),
-                    names=names,
-                    norms=[_decode_float(x) for x in obj.get("norms", [])],
-                    max_abs=[_decode_float(x) for x in obj.get("max_abs", [])],
-                    nonfinite=[int(x) for x in obj.get("nonfinite", [])],
-                    total_norm=_decode_float(obj["total_norm"]),
-                    loss=_decode_float(obj.get("loss")),
-                    clip_factor=_decode_float(obj.get("clip_factor", 1.0)),
-                    skipped=bool(obj.get("skipped", False)),
-                    events=[_decode_event(e) for e in obj.get("events", [])],
-                )
-            except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"read_history: {path}:{number} is a malformed step line ({error})") from None
-            history.steps.append(record)
-        elif kind == "summary":
-            history.summary.update(
-                {k: _decode_float(v) if k != "type" and _is_number(v) else v for k, v in obj.items()}
-            )
-            history.summary.pop("type", None)
-        else:
-            logger.warning("gradwatch: %s:%d has unknown line type %r; ignoring it", path, number, kind)
-    if names is None and not history.truncated:
-        raise ValueError(f"read_history: {path} has no header line; is it a gradwatch history?")
-    return history
+                os.close(self._fd)  # type: ignore[arg-type]
+            except OSError:
+                pass
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, float)) or (isinstance(v, str) and v in _NONFINITE_NAMES)
+def _spread(values: list[Any], columns: list[int], width: int) -> list[Any]:
+    out: list[Any] = [None] * width
+    for column, value in zip(columns, values, strict=False):
+        out[column] = value
+    return out
+
+
+def rank_path(path: str | os.PathLike[str], rank: int) -> Path:
+    """The per-rank history file of ``path``: ``run.jsonl`` -> ``run.rank3.jsonl``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")

@@ -7,7 +7,7 @@ import pytest
 from history_utils import NAMES, NAN_STEP, SPIKE_STEP, faulty_records, make_record, write_history
 
 from gradwatch.events import AnomalyKind
-from gradwatch.history import HISTORY_FORMAT, HistoryWriter, read_history
+from gradwatch.history import HISTORY_FORMAT, HISTORY_VERSION, HistoryError, HistoryWriter, read_history
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -47,7 +47,7 @@ def test_file_is_standard_json_with_a_single_header(tmp_path):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) for line in lines
     ]
     assert [o["type"] for o in objects] == ["header"] + ["step"] * 25
-    assert objects[0]["format"] == HISTORY_FORMAT and objects[0]["version"] == 1
+    assert objects[0]["format"] == HISTORY_FORMAT and objects[0]["version"] == HISTORY_VERSION
     assert objects[1 + NAN_STEP]["total_norm"] == "NaN"
 
 
@@ -83,12 +83,60 @@ def test_every_and_per_param_none(tmp_path):
     assert len(history.events) == 4
 
 
-def test_header_rewritten_when_names_change(tmp_path):
+def test_one_header_per_run_with_null_for_a_parameter_without_a_gradient(tmp_path):
+    # A head used every other step: version 1 wrote a header whenever the set changed.
     path = tmp_path / "run.jsonl"
-    write_history(path, [make_record(0), make_record(1, names=NAMES[:2])])
+    with HistoryWriter(path, names=NAMES) as writer:
+        for step in range(120):
+            writer(make_record(step, names=NAMES if step % 2 else NAMES[:4]))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [o["type"] for o in lines].count("header") == 1 and lines[0]["names"] == NAMES
+    assert lines[1]["norms"][4:] == [None, None] and lines[1]["nonfinite"][4:] == [None, None]
+    assert None not in lines[2]["norms"]
     history = read_history(path)
-    assert [list(r.names) for r in history] == [NAMES, NAMES[:2]]
-    assert history.names == NAMES[:2]
+    assert history.version == HISTORY_VERSION and history.names == NAMES
+    assert all(list(r.names) == NAMES for r in history)
+    assert history.steps[0].norms[4:] == [None, None] and history.steps[0].norms[:4] == pytest.approx(
+        make_record(0, names=NAMES[:4]).norms, rel=1e-6
+    )
+
+
+def test_writer_not_told_the_names_grows_its_header_once(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with HistoryWriter(path) as writer:
+        for step in range(40):
+            writer(make_record(step, names=NAMES[:4] if step % 2 == 0 else NAMES))
+    headers = [o for o in map(json.loads, path.read_text().splitlines()) if o["type"] == "header"]
+    assert [h["names"] for h in headers] == [NAMES[:4], NAMES]
+    history = read_history(path)
+    assert [len([n for n in r.norms if n is not None]) for r in history][:4] == [4, 6, 4, 6]
+
+
+def test_version_1_files_with_changing_headers_are_still_read(tmp_path):
+    path = tmp_path / "v1.jsonl"
+    header = {"type": "header", "format": HISTORY_FORMAT, "version": 1, "per_param": "all", "meta": {}}
+    lines = []
+    for step in range(4):
+        names = NAMES if step % 2 else NAMES[:2]
+        lines.append({**header, "names": names})
+        lines.append(
+            {
+                "type": "step",
+                "step": step,
+                "total_norm": 1.0,
+                "loss": None,
+                "clip_factor": 1.0,
+                "skipped": False,
+                "norms": [1.0] * len(names),
+                "max_abs": [0.5] * len(names),
+                "nonfinite": [0] * len(names),
+                "events": [],
+            }
+        )
+    path.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    history = read_history(path)
+    assert history.version == 1 and history.skipped_lines == 0
+    assert [list(r.names) for r in history] == [NAMES[:2], NAMES, NAMES[:2], NAMES]
 
 
 def test_summary_lines_merge(tmp_path):
@@ -114,13 +162,8 @@ def test_reader_errors_name_the_problem(tmp_path):
         read_history(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"type": "header", "format": "other", "names": []}\n')
-    with pytest.raises(ValueError, match="format 'other'"):
+    with pytest.raises(HistoryError, match='format "other"'):
         read_history(bad)
-    bad.write_text('{"type": "step", "step": 0}\n{"type": "step", "step": 1}\n')
-    with pytest.raises(ValueError, match="before any header"):
-        read_history(bad)
-    write_history(bad, [make_record(0), make_record(1)])
-    lines = bad.read_text().splitlines()
-    bad.write_text("\n".join([lines[0], "garbage", lines[2]]) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a history line"):
+    bad.write_text('{"type": "header", "format": "gradwatch-history", "version": 3, "names": []}\n')
+    with pytest.raises(HistoryError, match="version 3; this gradwatch reads up to 2"):
         read_history(bad)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ..events import StepRecord
+from ..layers import LayerNorms
 from ..monitor import GradWatch
-from ..report import LayerNorms
 
 try:
     import lightning.pytorch as pl

@@ -15,7 +15,7 @@ import os
 from typing import Any, Literal
 
 from ..events import StepRecord
-from ..report import LayerNorms
+from ..layers import LayerNorms
 
 __all__ = ["TensorBoardSink"]
 
