@@ -291,8 +291,8 @@ class GradwatchReplay:
         flagged, clipped = [], []
         self.factors: list[float] = []  # adaptive_clip's factor limit / total at each step (1.0: none)
         for t in range(stats.shape[0]):
-            d = self.det.detect(stats[t])
-            ld = self.det.detect_loss(loss[t])
+            ld = self.det.detect_loss(loss[t])  # the monitor's order: observe_loss, then the check
+            d = self.det.detect(stats[t], loss=loss[t])
             limit = (d.total_log_mean + 2.5 * d.total_log_std).exp()
             total = stats[t, -1, 0]
             flagged.append(bool(d.param_flags.any() | d.global_flags.any() | ld.flags.any()))
