@@ -120,6 +120,41 @@ def kind_mask(kinds: frozenset[AnomalyKind] | set[AnomalyKind], device: torch.de
     return mask
 
 
+# What each rule compares, for the events a flag becomes: (value, threshold) per kind.
+PARAM_EVENT_KINDS = (AnomalyKind.NONFINITE, AnomalyKind.NORM_LIMIT, AnomalyKind.SPIKE, AnomalyKind.VANISHING)
+"""Kinds flagged per parameter, in the order their events are listed."""
+STEP_EVENT_KINDS = (AnomalyKind.TOTAL_NORM_LIMIT, AnomalyKind.ROLLING_MEAN, AnomalyKind.SPIKE)
+"""Kinds flagged on the total norm, in the order their events are listed."""
+
+
+def param_event_value(
+    kind: AnomalyKind, config: DetectorConfig, norm: float, nonfinite: float, spike_thr: float, vanish_thr: float
+) -> tuple[float, float | None]:
+    """(value, threshold) of a per-parameter event of ``kind``."""
+    return {
+        AnomalyKind.NONFINITE: (nonfinite, None),
+        AnomalyKind.NORM_LIMIT: (norm, config.max_norm),
+        AnomalyKind.SPIKE: (norm, spike_thr),
+        AnomalyKind.VANISHING: (norm, vanish_thr),
+    }[kind]
+
+
+def step_event_value(
+    kind: AnomalyKind, config: DetectorConfig, total: float, rolling_mean: float, total_thr: float
+) -> tuple[float, float | None]:
+    """(value, threshold) of a total-norm event of ``kind``."""
+    return {
+        AnomalyKind.TOTAL_NORM_LIMIT: (total, config.max_total_norm),
+        AnomalyKind.ROLLING_MEAN: (rolling_mean, config.rolling_limit),
+        AnomalyKind.SPIKE: (total, total_thr),
+    }[kind]
+
+
+def loss_event_value(kind: AnomalyKind, loss: float, threshold: float) -> tuple[float, float | None]:
+    """(value, threshold) of a loss event of ``kind``: a non-finite loss crosses no threshold."""
+    return loss, threshold if kind is AnomalyKind.LOSS_SPIKE else None
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Detector settings. Every field is also a keyword argument of ``GradWatch``.
