@@ -11,8 +11,9 @@ What is detected (columns of the flag tensors are ``list(AnomalyKind)``, see :da
 * non-finite gradients (NaN/Inf element counts from the fused op);
 * fixed rules: a per-parameter norm over ``max_norm``, the total norm over ``max_total_norm``, and
   the mean of the last ``rolling_window`` total norms over ``rolling_limit``;
-* adaptive spikes of the total norm, of each parameter's norm, and of each parameter's *share* of
-  the total norm, against robust running statistics of their logarithms;
+* adaptive spikes of the total norm, of the part of it the loss does not explain (when the loss
+  is passed), of each parameter's norm, and of each parameter's *share* of the total norm, against
+  robust running statistics of their logarithms;
 * early blow-up, before those statistics are armed: the total norm against 10x the largest of its
   first 5 values (Megatron's rule, on a shorter reference);
 * vanishing gradients: a parameter's norm far below its own baseline (``0`` included);
@@ -40,12 +41,22 @@ Design, and the numbers behind it (healthy runs of the benchmark models, ``bench
   norm, 2-3 sd in its own norm) is caught; a whole-model xk leaves shares unchanged and is the
   total's job. Vanishing is judged on the norm only (a huge total must not make every other layer
   "vanish").
+* **The loss explains much of the total norm's noise.** As a classifier converges, a batch's
+  gradient norm follows its loss (a hard batch has both large): late in the small CNN's training
+  the log total norm varies by sd 0.7-0.9, so a whole-model x10 (2.3 in log space) is a 3-sd event,
+  while its residual given the loss, ``log total - mean - beta * (scaled loss - its mean)`` with
+  ``beta`` from the running covariance (about 1 there, 0.4 on the transformer), has sd 0.2-0.3.
+  A fault in the gradients leaves the loss alone, so the residual sees it whole.
 * **Thresholds.** Per parameter and per share 6 sd (``sigma``: 2n streams are tested every step, and
-  6 sd is OLMo-core's choice), with a floor of x2 (``min_spike_ratio``); the total norm, one stream,
-  4 sd (``total_sigma``), which catches a whole-model x10 on every benchmark run (2.3 in log space;
-  the noisiest model's total has sd 0.46) with no false positive on 7,000 healthy steps.
+  6 sd is OLMo-core's choice), with a floor of x4 (``min_spike_ratio``); the total norm, one stream,
+  4 sd (``total_sigma``, floor x2); the residual 5 sd (``resid_sigma``: two estimated quantities,
+  heavier tails). Together they catch every whole-model x10 of the benchmark (4 models x 3 seeds)
+  with no false positive on 7,000 healthy steps (a 5,000-step transformer, a 2,000-step CNN).
   A whole-model x3 (1.1 in log space) is within the healthy noise of the noisier models and is
-  caught only where the total norm is quiet; ``benchmarks/RESULTS.md`` reports it as measured.
+  caught only where the norm is quiet; ``benchmarks/RESULTS.md`` reports it as measured.
+* **Loss.** Batch losses are judged on ``asinh(loss / 0.01)`` (:func:`loss_scale`): logarithmic
+  above 0.1, as they vary multiplicatively and a converging model's have heavy upper tails; at 8 sd
+  (``loss_sigma``).
 * **Early blow-up.** A run diverging in its first steps (plain SGD at lr 0.5 on a small MLP: total
   norm from 3 to 1e15 in 20 steps) would pass every adaptive rule, which arm after ``warmup`` (50)
   checks. Before arming, a total norm above ``early_factor`` (10) times the largest of the first
@@ -53,10 +64,10 @@ Design, and the numbers behind it (healthy runs of the benchmark models, ``bench
   values; a short reference catches growth that starts at step 0. Healthy 20-step runs of small
   models at ordinary learning rates stay within it (tests/test_assert_stable_divergence.py).
 
-Cost: one pass of elementwise ops over ``2 n + 1`` streams, a constant number of ops whatever the
-number of parameters: 132 dispatched aten ops per :meth:`Detector.detect` with the default rules,
-138 with the fixed rules on (98 and 106 before issue 10's changes), 69 per :meth:`detect_loss`
-(68 before); on a GPU each is one small launch.
+Cost: one pass of elementwise ops over ``2 n + 2`` streams, a constant number of ops whatever the
+number of parameters: 137 dispatched aten ops per :meth:`Detector.detect` with the default rules
+(194 when the loss is passed), 143 with the fixed rules on (98 and 106 before issue 10's changes),
+71 per :meth:`detect_loss` (68 before); on a GPU each is one small launch.
 """
 
 from __future__ import annotations
