@@ -646,8 +646,8 @@ class Detector:
         # does; thresholds are the lower of the two, in norm units (at this step's total and loss).
         spike = torch.cat([spike[:n] | spike[n + 1 : 2 * n + 1], total_spike])
         shares_thr = spike_log[n + 1 : 2 * n + 1] + log_norm[-1]
-        total_thr = torch.minimum(spike_log[n : n + 1], spike_log[-1:] + explained)
-        spike_log = torch.cat([torch.minimum(spike_log[:n], shares_thr), total_thr])
+        total_thr = torch.fmin(spike_log[n : n + 1], spike_log[-1:] + explained)  # fmin: a NaN loss is ignored
+        spike_log = torch.cat([torch.fmin(spike_log[:n], shares_thr), total_thr])
         param_rows, total_row = param_rows[: n + 1], total_row[: n + 1]
 
         # Flags of every row, columns in KINDS order; the last row becomes the step-level flags.

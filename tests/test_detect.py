@@ -371,3 +371,13 @@ def test_total_norm_is_also_judged_on_what_the_loss_does_not_explain():
         assert not a.param_flags.any() and not b.param_flags.any()
     beta = with_loss._beta(torch.device("cpu")).item()
     assert beta == pytest.approx(1.0, abs=0.1)  # log norm moves one for one with log loss
+
+
+def test_a_non_finite_loss_is_not_learned_and_keeps_thresholds_finite():
+    det = Detector(2, warmup=10)
+    for row in lognormal_norms(30, 2, seed=13):
+        det.detect(packed_from_norms(row), loss=torch.tensor(1.0) + 0.1 * row[0])
+    before = det.regression.clone(), det.resid.count.clone()
+    d = det.detect(packed_from_norms(lognormal_norms(1, 2, seed=14)[0]), loss=torch.tensor(float("nan")))
+    assert torch.equal(det.regression, before[0]) and torch.equal(det.resid.count, before[1])
+    assert math.isfinite(d.total_threshold.item()) and not d.global_flags.any()
