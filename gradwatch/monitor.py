@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -110,6 +111,10 @@ class GradWatch:
         attach: register the hooks now (see :meth:`register_hooks`). False leaves it to the
             caller: call :meth:`register_hooks` later, or run :meth:`check` yourself before each
             optimizer step and ``step_control.restore()`` after it. Default True.
+        baseline: a healthy run's detector statistics (a file from ``gradwatch calibrate``, or the
+            dict of :func:`gradwatch.baseline.calibrate`): every adaptive rule is armed from the
+            first check, parameters matched by name (see :meth:`~gradwatch.detect.Detector.load_baseline`).
+        baseline_ignore_extra: accept baseline parameters this monitor does not watch.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -148,6 +153,8 @@ class GradWatch:
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
         attach: bool = True,
+        baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        baseline_ignore_extra: bool = False,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -176,6 +183,9 @@ class GradWatch:
         self._all_index = list(range(len(self._params)))
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
+        if baseline is not None:
+            device = self._params[0].device
+            self.detector.load_baseline(baseline, self.param_names, ignore_extra=baseline_ignore_extra, device=device)
         self.events: list[AnomalyEvent] = []
         self.step = 0
         self.step_control = StepControl(optimizer)
@@ -377,7 +387,8 @@ class GradWatch:
             packed, scaler_skipped = self.step_control.unscale(packed)
             packed = self._reduce(packed, index)
             device = packed.device
-            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped)
+            observed = None if loss is None else loss[0].value  # judges the total norm given the loss
+            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped, observed)
             loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
             if loss is not None:
                 loss_flags = loss[0].flags.to(device)
