@@ -202,10 +202,13 @@ class GradWatch:
         for fn in sinks:
             self.add_sink(fn)
         if history is not None and self._runs_sinks:
-            from .history import HistoryWriter  # lazily: reporting is optional
+            from .history import HistoryWriter, call_at_exit, rank_path  # lazily: reporting is optional
 
-            self._history = HistoryWriter(history)
+            # Every rank writing one path would interleave lines: log_rank=None gives each rank a file.
+            path = rank_path(history, rank) if log_rank is None and is_distributed() else history
+            self._history = HistoryWriter(path, names=self.param_names)
             self.add_sink(self._history)
+            call_at_exit(self, "_at_exit")  # a script that ends (or dies) without remove() keeps its last steps
         self.policy.attach(self)
         if attach:
             self.register_hooks()
@@ -221,6 +224,8 @@ class GradWatch:
         """
         if self._handles:
             return list(self._handles)
+        if self._history is not None and self._history.closed:
+            self._history.reopen()  # after remove(): the same file goes on
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self.step_control.post_step_hook))
@@ -247,23 +252,33 @@ class GradWatch:
         return InBackwardStats(self._params, lambda: self.step % self.every == 0)
 
     def remove(self) -> None:
-        """Detaches every hook and closes the history writer. Pending records stay drainable."""
+        """Detaches every hook, drains pending records to the sinks and closes the history writer.
+
+        :meth:`register_hooks` attaches again and reopens the history (it appends to the same file).
+        """
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._history is not None:
-            self._history.close()
-            self._history = None
+        try:
+            self.flush()
+        finally:
+            if self._history is not None:
+                self._history.close()
+
+    def _at_exit(self) -> None:
+        self.remove()
 
     def __enter__(self) -> GradWatch:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if exc[0] is None:
-                self.flush()
-        finally:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
             self.remove()
+            return
+        try:  # the step that explains the exception goes to the history too
+            self.remove()
+        except Exception as error:  # the exception in flight is the one to see
+            logger.warning("gradwatch: draining on exit after %s: %s", exc_type.__name__, error)
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if not self._queued:
@@ -357,6 +372,8 @@ class GradWatch:
         self.detector.load_state_dict(state["detector"], device)
         self.policy.load_state_dict(state["policy"])
         self.step = int(state["step"])
+        if self._history is not None:
+            self._history.resume(self.step)  # keep the file's steps before this one, drop the rest
 
     def request_skip(self, drained_step: int) -> None:
         """Skips the step in flight if its gradients predate a restore caused by ``drained_step``."""

@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from ..events import AnomalyEvent, StepRecord
+from ..layers import LayerNorms
 from ..monitor import GradWatch
-from ..report import LayerNorms
 
 try:
     from transformers import TrainerCallback
