@@ -289,7 +289,7 @@ class GradWatchMethod(Method):
         # What the optimizer's step pre- and post-hooks run around a step: the check, then the
         # restore of the optimizer's found_inf (the skip flag) that the post-hook does.
         self.watch.check()
-        self.watch._post_step(workload.optimizer, (), {})
+        self.watch.step_control.restore()
         return True
 
 

@@ -4,29 +4,34 @@ One check per optimizer step (or per backward pass without an optimizer) runs as
 every stage on the device, nothing read back on the host::
 
     collect  watched gradients, grouped by device          (host: Python lists only)
-    measure  one grad_stats_packed call per device         -> packed [n + 1, 3]
+    measure  one grad_stats_packed call per device         -> packed [n + 1, len(Stat)]
              (measure_in_backward=True: large gradients already measured during backward,
              in buckets, see _in_backward.py; only the rest is measured here)
+    unscale  a GradScaler's scale out of the statistics    (StepControl, _stepping.py)
     reduce   seam for distributed training (_reduce)       -> packed over all ranks
     detect   Detector: running statistics -> flags
-    decide   policies -> factors [n], skip, raise, clip factor
+    decide   policies -> factors [n], skip, raise, clip factor  (PolicySet, policies.py)
     agree    seam for distributed training (_agree)        -> the same decision on every rank
-    act      scale_(grads, factors); optimizer.found_inf = skip (fused) or the fallback path
-    record   stats + flags packed -> non-blocking copy into pinned memory + CUDA event
+    act      scale_(grads, factors); the skip flag to the optimizer (StepControl)
+    record   everything packed into one vector -> non-blocking copy to pinned memory (_records.py)
 
 Records reach the host asynchronously: each check first drains the records whose copies have
 landed (and waits for any older than the previous step), so events, sinks and host-side policy
 actions are at most one step late. :meth:`GradWatch.flush` drains everything now.
+
+Where things live: parameter selection in ``_selection.py``; the optimizer and GradScaler side
+(unscaling, the two ways of skipping a step and undoing them) in ``_stepping.py``; the record
+format, its encoder and decoder, the pinned buffers and the queue in ``_records.py``; what each
+flag reports as value and threshold in ``detect.py``; labelling events with the actions taken and
+the policies' host-side work in :class:`~gradwatch.policies.PolicySet`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,83 +40,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from .detect import KIND_INDEX, NUM_KINDS, Detector, DetectorConfig, LossDetection
+from ._records import HostRecord, LossPacket, RecordQueue, encode_record
+from ._selection import Selector, select_parameters
+from ._stepping import StepControl
+from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
-from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
+from .events import AnomalyEvent, GradientAnomalyError, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
 __all__ = ["GradWatch", "GradientMonitor"]
 
 logger = logging.getLogger("gradwatch")
-
-Selector = str | type[nn.Module]
-
-# Layout of a record's payload (float64): the fields below, then the global flags [NUM_KINDS],
-# then the policies' extras, then per parameter: norm, max_abs, nonfinite, spike threshold,
-# vanishing threshold, z, flags [NUM_KINDS].
-_G_TOTAL, _G_MAX, _G_NONFINITE, _G_CLIP, _G_SKIP, _G_RAISE, _G_IGNORE, _G_TOTAL_THR, _G_ROLLING, _G_TOTAL_Z = range(10)
-_G_FIELDS = 10
-_P_FIELDS = 6 + NUM_KINDS
-_PARAM_EVENT_KINDS = (AnomalyKind.NONFINITE, AnomalyKind.NORM_LIMIT, AnomalyKind.SPIKE, AnomalyKind.VANISHING)
-_GLOBAL_EVENT_KINDS = (AnomalyKind.TOTAL_NORM_LIMIT, AnomalyKind.ROLLING_MEAN, AnomalyKind.SPIKE)
-
-
-@dataclass
-class _Pending:
-    """A record (or a loss packet) on its way to the host."""
-
-    kind: str  # "record" or "loss"
-    step: int
-    host: torch.Tensor
-    event: torch.cuda.Event | None
-    names: list[str] = field(default_factory=list)  # records: the measured parameters, in row order
-    extras_sizes: tuple[int, ...] = ()
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-
-
-def _matches(selectors: Sequence[Selector], name: str, owner: nn.Module) -> bool:
-    for s in selectors:
-        if isinstance(s, str):
-            if fnmatch.fnmatchcase(name, s) or name == s or name.startswith(s + "."):
-                return True
-        elif isinstance(owner, s):
-            return True
-    return False
-
-
-def _selectors(value: Selector | Iterable[Selector] | None, arg: str) -> list[Selector] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, (str, type)) else list(value)
-    for item in items:
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
-            raise TypeError(f"{arg} must hold name patterns (str) or nn.Module subclasses, got {item!r}")
-    return items
-
-
-def _select_parameters(
-    model: nn.Module, include: list[Selector] | None, exclude: list[Selector] | None
-) -> list[tuple[str, nn.Parameter]]:
-    seen: set[int] = set()
-    chosen = []
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen or not p.is_floating_point():  # only floating parameters have gradients
-                continue
-            seen.add(id(p))
-            name = f"{module_name}.{pname}" if module_name else pname
-            if include is not None and not _matches(include, name, module):
-                continue
-            if exclude is not None and _matches(exclude, name, module):
-                continue
-            chosen.append((name, p))
-    return chosen
 
 
 class GradWatch:
@@ -168,6 +107,9 @@ class GradWatch:
             unscale kernel does not bump versions), through ``.data``, or by collectives; it is
             refused under ``torch.distributed`` (DDP all-reduces in place), for DTensors and for
             models on several devices. Default False.
+        attach: register the hooks now (see :meth:`register_hooks`). False leaves it to the
+            caller: call :meth:`register_hooks` later, or run :meth:`check` yourself before each
+            optimizer step and ``step_control.restore()`` after it. Default True.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -177,6 +119,8 @@ class GradWatch:
         param_names: names of the watched parameters.
         detector: the :class:`~gradwatch.detect.Detector`.
         policy: the composed :class:`~gradwatch.policies.PolicySet`.
+        step_control: the :class:`~gradwatch._stepping.StepControl` that unscales statistics and
+            skips steps; its ``restore()`` undoes a skip after the optimizer step.
 
     Example:
         >>> import torch, gradwatch
@@ -189,14 +133,12 @@ class GradWatch:
         (1, [])
     """
 
-    _auto_attach = True
-
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        policy: str | Policy | Iterable[str | Policy] = "warn",
+        policy: str | Policy | PolicySet | Iterable[str | Policy] = "warn",
         include: Selector | Iterable[Selector] | None = None,
         exclude: Selector | Iterable[Selector] | None = None,
         every: int = 1,
@@ -205,6 +147,7 @@ class GradWatch:
         process_group: Any = None,
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
+        attach: bool = True,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -213,6 +156,8 @@ class GradWatch:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if not isinstance(attach, bool):
+            raise TypeError(f"attach must be a bool, got {attach!r}")
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -221,12 +166,8 @@ class GradWatch:
         rank = torch.distributed.get_rank() if is_distributed() else 0
         self._runs_sinks = log_rank is None or log_rank == rank
         self.policy: PolicySet = make_policy(policy)
-        if optimizer is None and self.policy.needs_optimizer:
-            names = [p.name for p in self.policy.policies if p.needs_optimizer]
-            raise ValueError(f"policy {names} needs an optimizer; pass optimizer= or use another policy")
-        selected = _select_parameters(model, _selectors(include, "include"), _selectors(exclude, "exclude"))
-        if not selected:
-            raise ValueError(f"no parameters selected (include={include!r}, exclude={exclude!r})")
+        self.policy.check_optimizer(optimizer)
+        selected = select_parameters(model, include, exclude)
         self.param_names: list[str] = [n for n, _ in selected]
         self._params: list[nn.Parameter] = [p for _, p in selected]
         # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
@@ -237,9 +178,8 @@ class GradWatch:
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         self.events: list[AnomalyEvent] = []
         self.step = 0
-        self._fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        self._pending: deque[_Pending] = deque()
-        self._pinned: dict[int, list[torch.Tensor]] = {}
+        self.step_control = StepControl(optimizer)
+        self._records = RecordQueue(self.detector.config)
         self._index_cache = IndexCache(limit=64)
         self._sinks: OrderedDict[int, Callable[[StepRecord], Any]] = OrderedDict()
         self._handles: list[RemovableHandle] = []
@@ -248,8 +188,6 @@ class GradWatch:
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
-        self._stashed_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._found_inf_saved: tuple[bool, Any] | None = None
         self._history = None
         for fn in sinks:
             self.add_sink(fn)
@@ -259,7 +197,7 @@ class GradWatch:
             self._history = HistoryWriter(history)
             self.add_sink(self._history)
         self.policy.attach(self)
-        if self._auto_attach:
+        if attach:
             self.register_hooks()
 
     # ----------------------------------------------------------------------------- hooks
@@ -267,15 +205,15 @@ class GradWatch:
     def register_hooks(self) -> list[RemovableHandle]:
         """Attaches the hooks (idempotent) and returns their removable handles.
 
-        With an optimizer: a step pre-hook (the check) and a step post-hook (undoing the skip
-        bookkeeping). Without: a post-accumulate-grad hook per watched parameter that queues one
-        check at the end of the backward pass.
+        With an optimizer: a step pre-hook (the check) and a step post-hook
+        (``step_control.restore``, undoing the skip bookkeeping). Without: a post-accumulate-grad
+        hook per watched parameter that queues one check at the end of the backward pass.
         """
         if self._handles:
             return list(self._handles)
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
-            self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self.step_control.post_step_hook))
         else:
             for p in self._params:
                 if p.requires_grad:
@@ -330,21 +268,8 @@ class GradWatch:
         try:
             self.check()
         except BaseException:
-            self._post_step(optimizer, args, kwargs)  # the step will not run: undo the skip bookkeeping
+            self.step_control.restore()  # the step will not run: undo the skip bookkeeping
             raise
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._stashed_grads is not None:
-            for p, g in self._stashed_grads:
-                p.grad = g
-            self._stashed_grads = None
-        if self._found_inf_saved is not None:
-            had, value = self._found_inf_saved
-            if had:
-                optimizer.found_inf = value
-            else:
-                del optimizer.found_inf
-            self._found_inf_saved = None
 
     # ----------------------------------------------------------------------------- public
 
@@ -382,7 +307,7 @@ class GradWatch:
             self._last_checked = None
         detection = self.detector.detect_loss(loss)
         if late:
-            self._enqueue_loss(target, detection)
+            self._records.put_loss(target, detection)
         else:
             self._loss = (detection, target)
 
@@ -442,37 +367,47 @@ class GradWatch:
             self.policy.before_check(self, step)
             index, grads = self._collect()
             loss, self._loss = self._loss, None
+            if loss is not None and loss[1] != step:
+                loss = None
             if not grads:
                 if self._in_backward is not None:
                     self._in_backward.discard()
                 return
             packed = self._measure(grads)
-            packed, ignore = self._unscale(packed)
+            packed, scaler_skipped = self.step_control.unscale(packed)
             packed = self._reduce(packed, index)
             device = packed.device
-            index_t = self._index_tensor(index, device)
-            detection = self.detector.detect(packed, index_t, ignore)
+            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped)
             loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
-            if loss is not None and loss[1] == step:
+            if loss is not None:
                 loss_flags = loss[0].flags.to(device)
             names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, ignore, loss_flags)
+            ctx = DecisionContext(step, packed, detection, names, scaler_skipped, loss_flags)
             decision = Decision.neutral(len(grads), device)
             self.policy.decide(ctx, decision)
             if self._force_skip:
                 decision.skip = torch.ones_like(decision.skip)
                 self._force_skip = False
             decision = self._agree(decision)
-            skippable = self.optimizer is not None and self.policy.can_skip
-            fused_skip = skippable and self._fused_skip_ok()
-            self._act(grads, decision, fused_skip)
-            self._record(step, names, packed, detection, decision, ignore)
-            if loss is not None and loss[1] == step:
-                self._enqueue_loss(step, loss[0])
+            skip_path = self.step_control.skip_path(self.policy.can_skip)
+            self._act(grads, decision, skip_path == "fused")
+            payload = encode_record(
+                packed,
+                detection,
+                decision.clip_factor,
+                decision.skip,
+                decision.raise_now,
+                scaler_skipped,
+                decision.extras,
+            )
+            self._records.put_record(step, names, payload, tuple(len(group) for group in decision.extras))
+            if loss is not None:
+                self._records.put_loss(step, loss[0])
             if self.optimizer is None:
                 self._last_checked = step
-            if skippable and not fused_skip:
-                self._skip_fallback(decision)
+            if skip_path == "host":
+                self.step_control.skip_on_host(decision.skip)
+                self.flush()  # the sync above means everything queued has landed
         finally:
             self._in_check = None
 
@@ -503,21 +438,6 @@ class GradWatch:
             return measure_unchecked(grads)
         return grad_stats_packed(grads)
 
-    def _unscale(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Removes a GradScaler's scale from the statistics; flags the scaler's own inf-steps."""
-        device = packed.device
-        ignore = torch.zeros((), dtype=torch.bool, device=device)
-        if self.optimizer is None:
-            return packed, ignore
-        scale = getattr(self.optimizer, "grad_scale", None)
-        if isinstance(scale, torch.Tensor):
-            inv = scale.to(device, torch.float64).reciprocal()
-            packed = torch.cat([packed[:, :2] * inv, packed[:, 2:]], dim=1)
-        found_inf = getattr(self.optimizer, "found_inf", None)
-        if isinstance(found_inf, torch.Tensor):
-            ignore = found_inf.to(device).reshape(()) > 0
-        return packed, ignore
-
     def _reduce(self, packed: torch.Tensor, index: list[int]) -> torch.Tensor:
         """Distributed seam 1: statistics of the full gradients from the local shards.
 
@@ -532,6 +452,11 @@ class GradWatch:
         if reducer is None:
             reducer = self._sharded[key] = ShardedStats([self._params[i] for i in index])
         return reducer.reduce(packed)
+
+    def _index_tensor(self, index: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        if index is self._all_index:  # every parameter, in order (see _collect)
+            return None
+        return self._index_cache.get(index, device)
 
     def _agree(self, decision: Decision) -> Decision:
         """Distributed seam 2: every rank takes the most severe decision of any rank.
@@ -563,158 +488,19 @@ class GradWatch:
             # validated once at construction; the factors live on the gradients' device
             (scale_unchecked if self._one_device else scale_)(grads, decision.factors)
         if fused_skip:
-            current = getattr(self.optimizer, "found_inf", None)
-            self._found_inf_saved = (hasattr(self.optimizer, "found_inf"), current)
-            flag = decision.skip.to(torch.float32)
-            if isinstance(current, torch.Tensor):
-                flag = torch.maximum(current.to(flag.device, torch.float32), flag)
-            self.optimizer.found_inf = flag
-
-    def _fused_skip_ok(self) -> bool:
-        if not self._fused:
-            return False
-        if isinstance(self.optimizer, torch.optim.SGD):
-            for group in self.optimizer.param_groups:
-                if group.get("momentum", 0) and any(
-                    "momentum_buffer" not in self.optimizer.state.get(p, {}) for p in group["params"]
-                ):
-                    return False  # fused SGD leaves first-step momentum buffers uninitialized when skipped
-        return True
-
-    def _skip_fallback(self, decision: Decision) -> None:
-        """Non-fused optimizers: one sync to learn the skip flag; hide all grads for that step."""
-        if bool(decision.skip.item()):
-            stashed = []
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        stashed.append((p, p.grad))
-                        p.grad = None
-            self._stashed_grads = stashed
-        self._drain(force_before=math.inf)  # the sync above means everything queued has landed
+            self.step_control.skip_fused(decision.skip)
 
     # ----------------------------------------------------------------------------- records
 
-    def _index_tensor(self, index: Sequence[int], device: torch.device) -> torch.Tensor | None:
-        if index is self._all_index:  # every parameter, in order (see _collect)
-            return None
-        return self._index_cache.get(index, device)
-
-    def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        if payload.device.type != "cuda":
-            return payload.cpu(), None
-        free = self._pinned.setdefault(payload.numel(), [])
-        host = free.pop() if free else torch.empty(payload.numel(), dtype=torch.float64, pin_memory=True)
-        host.copy_(payload, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(payload.device))
-        return host, event
-
-    def _release(self, item: _Pending) -> None:
-        if item.event is not None:
-            self._pinned.setdefault(item.host.numel(), []).append(item.host)
-
-    def _record(
-        self,
-        step: int,
-        names: list[str],
-        packed: torch.Tensor,
-        detection: Any,
-        decision: Decision,
-        ignore: torch.Tensor,
-    ) -> None:
-        """Stage 'record': pack everything into one float64 vector and start its copy to the host."""
-        d = detection
-        f64 = torch.float64
-        head = torch.stack(
-            [
-                packed[-1, 0],
-                packed[-1, 1],
-                packed[-1, 2],
-                decision.clip_factor.to(f64),
-                decision.skip.to(f64),
-                decision.raise_now.to(f64),
-                ignore.to(f64),
-                d.total_threshold,
-                d.rolling_mean,
-                d.total_z,
-            ]
-        )
-        extras = [t.reshape(()).to(f64) for group in decision.extras for t in group]
-        per = torch.cat(
-            [
-                packed[:-1],
-                d.spike_threshold[:, None],
-                d.vanish_threshold[:, None],
-                d.z[:, None],
-                d.param_flags.to(f64),
-            ],
-            dim=1,
-        )
-        parts = [head, d.global_flags.to(f64)] + ([torch.stack(extras)] if extras else []) + [per.reshape(-1)]
-        host, event = self._to_host(torch.cat(parts))
-        sizes = tuple(len(group) for group in decision.extras)
-        self._pending.append(_Pending("record", step, host, event, names, sizes))
-
-    def _enqueue_loss(self, step: int, loss: LossDetection) -> None:
-        payload = torch.cat([torch.stack([loss.value, loss.threshold]), loss.flags.to(torch.float64)])
-        host, event = self._to_host(payload)
-        self._pending.append(_Pending("loss", step, host, event))
-
     def _drain(self, force_before: float) -> None:
-        """Turns landed records into host records; waits for those older than ``force_before``."""
-        while self._pending:
-            item = self._pending[0]
-            if not item.ready():
-                if item.step >= force_before:
-                    return
-                item.wait()
-            loss_item = None
-            if item.kind == "record":
-                loss_item = next((p for p in self._pending if p.kind == "loss" and p.step == item.step), None)
-                if loss_item is not None and not loss_item.ready():
-                    if item.step >= force_before:
-                        return
-                    loss_item.wait()
-            self._pending.popleft()
-            if loss_item is not None:
-                self._pending.remove(loss_item)
-            try:
-                if item.kind == "record":
-                    self._finish_record(item, loss_item)
-                else:
-                    self._finish_loss_only(item)
-            finally:
-                self._release(item)
-                if loss_item is not None:
-                    self._release(loss_item)
+        """Publishes the records that reached the host; waits for those older than ``force_before``."""
+        self._records.drain(force_before, self._publish_record, self._publish_loss)
 
-    def _loss_events(self, item: _Pending) -> tuple[float, list[AnomalyEvent]]:
-        v = item.host.tolist()
-        value, threshold, flags = v[0], v[1], v[2:]
-        events = []
-        for kind in (AnomalyKind.LOSS_NONFINITE, AnomalyKind.LOSS_SPIKE):
-            if flags[KIND_INDEX[kind]]:
-                thr = threshold if kind is AnomalyKind.LOSS_SPIKE else None
-                events.append(AnomalyEvent(item.step, kind, None, value, thr, "none"))
-        return value, events
-
-    def _finish_loss_only(self, item: _Pending) -> None:
+    def _publish_loss(self, packet: LossPacket) -> None:
         """A loss packet whose step record was already drained: its events stand alone."""
-        _, events = self._loss_events(item)
-        outcome = Outcome(step=item.step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
-        self._publish_events([self._label(e, [outcome] * len(self.policy.policies)) for e in events])
-
-    def _label(self, event: AnomalyEvent, outcomes: Sequence[Outcome]) -> AnomalyEvent:
-        """The event with ``action`` set to what the policies did about it (``"none"`` if nothing)."""
-        actions: list[str] = []
-        for p, o in zip(self.policy.policies, outcomes, strict=True):
-            a = p.action_for(event, o)
-            if a and a not in actions:
-                actions.append(a)
-        return AnomalyEvent(
-            event.step, event.kind, event.param, event.value, event.threshold, "+".join(actions) if actions else "none"
-        )
+        outcome = Outcome(step=packet.step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
+        outcomes = self.policy.outcomes(outcome)
+        self._publish_events([self.policy.label(e, outcomes) for e in packet.events])
 
     def _publish_events(self, events: list[AnomalyEvent]) -> None:
         for e in events:
@@ -733,84 +519,39 @@ class GradWatch:
             )
         self.events.extend(events)
 
-    def _finish_record(self, item: _Pending, loss_item: _Pending | None) -> None:
-        step = item.step
-        pos = _G_FIELDS + NUM_KINDS + sum(item.extras_sizes)
-        v = item.host[:pos].tolist()
-        head, gflags = v[:_G_FIELDS], v[_G_FIELDS : _G_FIELDS + NUM_KINDS]
-        extras = []
-        cut = _G_FIELDS + NUM_KINDS
-        for size in item.extras_sizes:
-            extras.append(v[cut : cut + size])
-            cut += size
-        names = item.names
-        n = len(names)
-        # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
-        per = item.host[pos:].view(n, _P_FIELDS)
-        cols = per[:, :6].t().tolist()
-        flagged = per[:, 6:].nonzero().tolist()  # [row, kind column] pairs, row-major
-        skipped = bool(head[_G_SKIP]) and self.optimizer is not None
+    def _publish_record(self, rec: HostRecord) -> None:
+        """A drained record: label its events, run the policies' host side and the sinks; maybe raise."""
+        skipped = rec.skip and self.optimizer is not None
         base = Outcome(
-            step=step,
+            step=rec.step,
             skipped=skipped,
-            raised=bool(head[_G_RAISE]),
-            clip_factor=head[_G_CLIP],
-            total_norm=head[_G_TOTAL],
-            scaler_skipped=bool(head[_G_IGNORE]),
+            raised=rec.raised,
+            clip_factor=rec.clip_factor,
+            total_norm=rec.total_norm,
+            scaler_skipped=rec.scaler_skipped,
         )
-
-        raw: list[AnomalyEvent] = []
-        loss_value = None
-        if loss_item is not None:
-            loss_value, loss_events = self._loss_events(loss_item)
-            raw.extend(loss_events)
-        thresholds = {
-            AnomalyKind.TOTAL_NORM_LIMIT: (head[_G_TOTAL], self.detector.config.max_total_norm),
-            AnomalyKind.ROLLING_MEAN: (head[_G_ROLLING], self.detector.config.rolling_limit),
-            AnomalyKind.SPIKE: (head[_G_TOTAL], head[_G_TOTAL_THR]),
-        }
-        for kind in _GLOBAL_EVENT_KINDS:
-            if gflags[KIND_INDEX[kind]]:
-                value, thr = thresholds[kind]
-                raw.append(AnomalyEvent(step, kind, None, value, thr, "none"))
-        norm, _, count, spike_thr, vanish_thr, _ = cols
-        for kind in _PARAM_EVENT_KINDS:
-            col = KIND_INDEX[kind]
-            for r in (r for r, c in flagged if c == col):
-                value, thr = {
-                    AnomalyKind.NONFINITE: (count[r], None),
-                    AnomalyKind.NORM_LIMIT: (norm[r], self.detector.config.max_norm),
-                    AnomalyKind.SPIKE: (norm[r], spike_thr[r]),
-                    AnomalyKind.VANISHING: (norm[r], vanish_thr[r]),
-                }[kind]
-                raw.append(AnomalyEvent(step, kind, names[r], value, thr, "none"))
-
-        outcomes = [Outcome(**{**base.__dict__, "extras": ex}) for ex in extras]
-        events = [self._label(e, outcomes) for e in raw]
-        for p, o in zip(self.policy.policies, outcomes, strict=True):
-            events.extend(p.events_for(o))
-
+        outcomes = self.policy.outcomes(base, rec.extras)
+        events = self.policy.events(rec.events, outcomes)
         record = StepRecord(
-            step=step,
-            names=names,
-            norms=norm,
-            max_abs=cols[1],
-            nonfinite=[int(c) for c in count],
-            total_norm=head[_G_TOTAL],
-            loss=loss_value,
-            clip_factor=head[_G_CLIP],
-            skipped=skipped or bool(head[_G_IGNORE]),
+            step=rec.step,
+            names=rec.names,
+            norms=rec.norms,
+            max_abs=rec.max_abs,
+            nonfinite=rec.nonfinite,
+            total_norm=rec.total_norm,
+            loss=rec.loss,
+            clip_factor=rec.clip_factor,
+            skipped=skipped or rec.scaler_skipped,
             events=events,
         )
         self._publish_events(events)
-        for p, o in zip(self.policy.policies, outcomes, strict=True):
-            p.on_record(record, o, self)
+        self.policy.on_record(record, outcomes, self)
         if self._runs_sinks:
             for fn in list(self._sinks.values()):
                 fn(record)
         self._on_record(record)
-        if base.raised:
-            raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events, step=step)
+        if rec.raised:
+            raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events, step=rec.step)
 
     def _on_record(self, record: StepRecord) -> None:
         """Subclass hook, called for every drained record after the sinks."""
@@ -830,6 +571,8 @@ class GradientMonitor(GradWatch):
         model: the module to watch.
         optimizer: optional; with one, norms are taken once per optimizer step (accumulated).
         policy: default ``"warn"`` (events are logged and kept in :attr:`events`).
+        attach: register the hooks now; default False, as hand-written monitors call
+            :meth:`register_hooks` themselves.
         **kwargs: as for :class:`GradWatch` (``include``, ``exclude``, ``every``, detector options).
 
     Example:
@@ -842,20 +585,19 @@ class GradientMonitor(GradWatch):
         4
     """
 
-    _auto_attach = False
-
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        policy: str | Policy | Iterable[str | Policy] = "warn",
+        policy: str | Policy | PolicySet | Iterable[str | Policy] = "warn",
+        attach: bool = False,
         **kwargs: Any,
     ):
         self._grad_norms: list[float] = []
         self._grad_norm_names: list[str] = []
         self._total_norms: list[float] = []
-        super().__init__(model, optimizer, policy=policy, **kwargs)
+        super().__init__(model, optimizer, policy=policy, attach=attach, **kwargs)
 
     def _on_record(self, record: StepRecord) -> None:
         self._grad_norms.extend(record.norms)

@@ -29,7 +29,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -325,17 +325,34 @@ class Clip(Policy):
 
 
 class AdaptiveClip(Clip):
-    """Z-score clipping of the total norm, in the manner of ZClip (Kumar et al., 2025).
+    """Z-score clipping of the total norm against its running statistics (after ZClip, Kumar et al., 2025).
 
     Once the detector's total-norm statistics are armed, a total norm above
-    ``exp(mean + z * std)`` of the running log-norm is clipped down to that value. ZClip keeps an
-    EMA (alpha 0.97) of the raw norm; here the detector's EMA of the log-norm is reused (no second
-    set of statistics, and the threshold is multiplicative, see ``gradwatch.detect``).
+    ``limit = exp(mean + z * std)`` of the running *log*-norm is clipped **to the limit itself**:
+    clip factor ``limit / total`` (gradients scaled by it; 1 when below the limit). Before arming,
+    the fixed ``max_norm`` applies if given, else nothing is clipped. A NaN/Inf total norm is not
+    clipped here (combine with ``"skip"`` or ``"zero"`` for those).
+
+    How this differs from the ``zclip`` package (measured side by side in
+    ``benchmarks/RESULTS.md``, "Detection"), and why:
+
+    * *Where a spike is clipped to.* ZClip's default ``adaptive_scaling`` clips a norm with z-score
+      ``z_t > z`` to ``mean + z * std / (z_t / z)``: the larger the spike, the *lower* the target,
+      down to the mean, so a x10 spike ends about 2x lower than here (factors ~0.14 vs ~0.28 on a
+      small CNN) and the clipped norm is not monotone in the raw one. Here the target is the
+      limit: the smallest change that makes the step ordinary, and a larger raw norm never gives a
+      smaller clipped one. Users who want a spike gone rather than capped should use ``"skip"``.
+    * *Statistics.* ZClip keeps an EMA (alpha 0.97) of the raw norm, updated with the clipped
+      value; here the detector's robust EMA of the log-norm is reused (no second set of
+      statistics, a multiplicative threshold, and flagged values never widen the spread; see
+      :mod:`gradwatch.detect`). The detector arms after its ``warmup`` (50) checks, ZClip after 25.
+    * ``max_norm``: here a fixed limit for the warm-up only. ZClip's ``max_grad_norm`` (default 1.0)
+      caps *every* step, warm-up or not; to get that here, add ``Clip(max_norm)`` to the policy.
 
     Args:
-        z: threshold in standard deviations. Default 2.5, ZClip's published default.
-        max_norm: optional fixed limit applied while the statistics warm up (ZClip clips to a
-            fixed norm during warm-up too); None: no clipping before the detector is armed.
+        z: threshold in standard deviations of the log total norm. Default 2.5, ZClip's default.
+        max_norm: optional fixed limit applied only while the statistics warm up; None: no
+            clipping before the detector is armed.
     """
 
     name = "adaptive_clip"
@@ -632,17 +649,17 @@ POLICIES: dict[str, type[Policy]] = {
 """Policy classes by name; ``make_policy("clip")`` is ``Clip()`` with its defaults."""
 
 
-class PolicySet(Policy):
-    """Several policies acting together: factors multiply, skip and raise flags OR.
+class PolicySet:
+    """Several policies acting together, and the one object the monitor talks to about them.
 
-    Gating policies (priority 0) decide before scaling ones (priority 10); within a priority the
-    given order is kept. Host-side actions run in the given order.
+    On the device, factors multiply and skip and raise flags OR: gating policies (priority 0)
+    decide before scaling ones (priority 10); within a priority the given order is kept. On the
+    host, the set turns the decoded decision into one :class:`Outcome` per policy, labels each
+    event with what the policies did about it and runs their host-side actions, in the given order.
 
     Args:
         policies: the policies (objects or names).
     """
-
-    name = "policies"
 
     def __init__(self, policies: Iterable[Policy | str | PolicySet]):
         flat: list[Policy] = []
@@ -655,35 +672,41 @@ class PolicySet(Policy):
             else:
                 raise TypeError(f"policy must be a name or a Policy, got {type(p).__name__} {p!r}")
         self.policies = flat
-        self.kinds = frozenset().union(*(p.kinds for p in flat)) if flat else frozenset()
+        self.kinds: frozenset[AnomalyKind] = frozenset().union(*(p.kinds for p in flat)) if flat else frozenset()
 
     @property
-    def can_skip(self) -> bool:  # type: ignore[override]
+    def can_skip(self) -> bool:
         """Whether any member may skip a step."""
         return any(p.can_skip for p in self.policies)
 
     @property
-    def scales(self) -> bool:  # type: ignore[override]
+    def scales(self) -> bool:
         """Whether any member may scale gradients."""
         return any(p.scales for p in self.policies)
 
     @property
-    def needs_optimizer(self) -> bool:  # type: ignore[override]
+    def needs_optimizer(self) -> bool:
         """Whether any member only makes sense with an optimizer."""
         return any(p.needs_optimizer for p in self.policies)
 
-    @override
+    def check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Raises ValueError, naming the members, when some need an optimizer and there is none."""
+        if optimizer is None and self.needs_optimizer:
+            names = [p.name for p in self.policies if p.needs_optimizer]
+            raise ValueError(f"policy {names} needs an optimizer; pass optimizer= or use another policy")
+
     def attach(self, host: PolicyHost) -> None:
+        """Calls every member's :meth:`Policy.attach`."""
         for p in self.policies:
             p.attach(host)
 
-    @override
     def before_check(self, host: PolicyHost, step: int) -> None:
+        """Calls every member's :meth:`Policy.before_check`."""
         for p in self.policies:
             p.before_check(host, step)
 
-    @override
     def decide(self, ctx: DecisionContext, decision: Decision) -> None:
+        """Every member decides, by priority; ``decision.extras`` ends with one group per member, in order."""
         order = sorted(range(len(self.policies)), key=lambda i: self.policies[i].priority)
         extras: list[list[torch.Tensor]] = [[] for _ in self.policies]
         for i in order:
@@ -693,16 +716,43 @@ class PolicySet(Policy):
             del decision.extras[before:]
         decision.extras.extend(extras)
 
-    @override
-    def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
-        return None
+    def outcomes(self, base: Outcome, extras: Sequence[list[float]] | None = None) -> list[Outcome]:
+        """One outcome per member: ``base`` with that member's extras (None: none, e.g. a lone loss)."""
+        if extras is None:
+            return [base] * len(self.policies)
+        return [replace(base, extras=ex) for ex in extras]
 
-    @override
+    def label(self, event: AnomalyEvent, outcomes: Sequence[Outcome]) -> AnomalyEvent:
+        """``event`` with ``action`` set to what the members did about it (``"none"`` if nothing)."""
+        actions: list[str] = []
+        for p, o in zip(self.policies, outcomes, strict=True):
+            a = p.action_for(event, o)
+            if a and a not in actions:
+                actions.append(a)
+        return replace(event, action="+".join(actions) if actions else "none")
+
+    def events(self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]) -> list[AnomalyEvent]:
+        """The step's events: the detected ones labelled, then those the members create (a clip)."""
+        events = [self.label(e, outcomes) for e in detected]
+        for p, o in zip(self.policies, outcomes, strict=True):
+            events.extend(p.events_for(o))
+        return events
+
+    def on_record(self, record: StepRecord, outcomes: Sequence[Outcome], host: PolicyHost) -> None:
+        """Runs every member's host-side action for ``record``, in the given order."""
+        for p, o in zip(self.policies, outcomes, strict=True):
+            p.on_record(record, o, host)
+
     def state_dict(self) -> dict[str, Any]:
+        """Every member's state, with its type (checked on load)."""
         return {"policies": [{"type": type(p).__name__, "state": p.state_dict()} for p in self.policies]}
 
-    @override
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict` output.
+
+        Raises:
+            ValueError: the state is for other policies.
+        """
         saved = state["policies"]
         if [s["type"] for s in saved] != [type(p).__name__ for p in self.policies]:
             raise ValueError(
@@ -712,11 +762,14 @@ class PolicySet(Policy):
         for p, s in zip(self.policies, saved, strict=True):
             p.load_state_dict(s["state"])
 
+    def __add__(self, other: Policy | PolicySet) -> PolicySet:
+        return PolicySet([self, other])
+
     def __repr__(self) -> str:
         return f"PolicySet({self.policies!r})"
 
 
-def make_policy(spec: str | Policy | Iterable[str | Policy]) -> PolicySet:
+def make_policy(spec: str | Policy | PolicySet | Iterable[str | Policy]) -> PolicySet:
     """Builds a :class:`PolicySet` from a name, a policy object, or a list of them.
 
     Args:

@@ -42,12 +42,6 @@ __all__ = ["GradWatchCallback"]
 logger = logging.getLogger("gradwatch")
 
 
-class _ManualGradWatch(GradWatch):
-    """A GradWatch whose check is called by the callback rather than an optimizer step pre-hook."""
-
-    _auto_attach = False
-
-
 class GradWatchCallback(pl.Callback):
     """Watches every gradient of the LightningModule every optimizer step.
 
@@ -102,11 +96,14 @@ class GradWatchCallback(pl.Callback):
         self._trainer = trainer
         self._loss_sum = None
         self._unlogged = {"anomalies": 0, "skipped": 0}
-        self.watch = _ManualGradWatch(pl_module, optimizer, policy=self.policy, history=self.history, **self.options)
+        # attach=False: the callback runs the check itself, from on_before_optimizer_step
+        self.watch = GradWatch(
+            pl_module, optimizer, policy=self.policy, history=self.history, attach=False, **self.options
+        )
         self.watch.add_sink(self._log)
         if optimizer is not None:
             # The skip fallback hides gradients during the step and puts them back afterwards.
-            self._post_hook = optimizer.register_step_post_hook(self.watch._post_step)
+            self._post_hook = optimizer.register_step_post_hook(self.watch.step_control.post_step_hook)
         if self._state is not None:
             self.watch.load_state_dict(self._state)
             self._state = None

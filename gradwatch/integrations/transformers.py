@@ -64,12 +64,6 @@ STATE_FILE = "gradwatch_state.pt"
 """Name of the monitor's state file in each ``checkpoint-N`` folder."""
 
 
-class _ManualGradWatch(GradWatch):
-    """A GradWatch whose check is called by the callback rather than an optimizer step pre-hook."""
-
-    _auto_attach = False
-
-
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` wrapper(s)."""
     inner = optimizer
@@ -197,10 +191,11 @@ class GradWatchCallback(TrainerCallback):
         inner = _inner_optimizer(optimizer)
         self._accelerated = optimizer if optimizer is not inner else None
         self._gradient_state = getattr(optimizer, "gradient_state", None)
-        self.watch = _ManualGradWatch(model, inner, policy=self.policy, history=self.history, **self.options)
+        # attach=False: the callback runs the check itself, at the end of the last micro-batch's backward
+        self.watch = GradWatch(model, inner, policy=self.policy, history=self.history, attach=False, **self.options)
         self.watch.add_sink(self._on_record)
         # The skip fallback sets gradients aside for the step and puts them back afterwards.
-        self._handles.append(inner.register_step_post_hook(self.watch._post_step))
+        self._handles.append(inner.register_step_post_hook(self.watch.step_control.post_step_hook))
         self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
         for p in model.parameters():
             if p.requires_grad:

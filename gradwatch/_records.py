@@ -1,0 +1,329 @@
+"""The monitor's asynchronous host side: a check's device results on their way to host records.
+
+Each check packs everything the host needs into one float64 vector (:func:`encode_record`), copies
+it into pinned host memory without a sync and records a CUDA event; later checks drain the copies
+that have landed and decode them (:func:`decode_record`, right below its encoder: the two must match
+field by field). A loss observed for a step travels as its own small packet.
+
+Layout of a record's payload::
+
+    head       [len(Head)]              the step's totals and decisions (:class:`Head`)
+    flags      [NUM_KINDS]              step-level flags (columns of ``detect.KINDS``)
+    extras     [sum(extras_sizes)]      the policies' scalars, policy after policy
+    parameters [n, len(Column)]         per parameter: statistics, thresholds, z, flags [NUM_KINDS]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from ._layout import Stat
+from .detect import (
+    KIND_INDEX,
+    NUM_KINDS,
+    PARAM_EVENT_KINDS,
+    STEP_EVENT_KINDS,
+    Detection,
+    DetectorConfig,
+    LossDetection,
+    loss_event_value,
+    param_event_value,
+    step_event_value,
+)
+from .events import AnomalyEvent, AnomalyKind
+
+__all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue"]
+
+
+class Head(IntEnum):
+    """Fields at the start of a record's payload."""
+
+    TOTAL_NORM = 0
+    MAX_ABS = 1
+    NONFINITE = 2
+    CLIP_FACTOR = 3
+    SKIP = 4
+    RAISE = 5
+    SCALER_SKIPPED = 6
+    TOTAL_THRESHOLD = 7
+    ROLLING_MEAN = 8
+    TOTAL_Z = 9
+
+
+class Column(IntEnum):
+    """Per-parameter fields of a record's payload; the flags [NUM_KINDS] follow ``Z``."""
+
+    NORM = Stat.NORM
+    MAX_ABS = Stat.MAX_ABS
+    NONFINITE = Stat.NONFINITE
+    SPIKE_THRESHOLD = 3
+    VANISHING_THRESHOLD = 4
+    Z = 5
+
+
+_HEAD = len(Head)
+_COLUMNS = len(Column)
+_LOSS_EVENT_KINDS = (AnomalyKind.LOSS_NONFINITE, AnomalyKind.LOSS_SPIKE)
+
+
+@dataclass
+class LossPacket:
+    """A loss observed for a step, decoded: its value and the loss events (action ``"none"``)."""
+
+    step: int
+    value: float
+    events: list[AnomalyEvent]
+
+
+@dataclass
+class HostRecord:
+    """One check's results on the host, decoded; events are unlabelled (action ``"none"``).
+
+    Attributes:
+        step: the checked step.
+        names: the measured parameters, in row order.
+        norms, max_abs, nonfinite: per-parameter statistics.
+        total_norm: the total norm.
+        clip_factor: the product of the clip factors applied.
+        skip: whether the policies decided to skip the step.
+        raised: whether a policy decided to raise.
+        scaler_skipped: whether the GradScaler skipped the step by itself.
+        extras: per policy, the scalars it asked to see again on the host.
+        events: what the detector flagged: loss events, then step-level, then per-parameter ones.
+        loss: the step's loss, if one was observed.
+    """
+
+    step: int
+    names: list[str]
+    norms: list[float]
+    max_abs: list[float]
+    nonfinite: list[int]
+    total_norm: float
+    clip_factor: float
+    skip: bool
+    raised: bool
+    scaler_skipped: bool
+    extras: list[list[float]]
+    events: list[AnomalyEvent] = field(default_factory=list)
+    loss: float | None = None
+
+
+def encode_record(
+    packed: torch.Tensor,
+    detection: Detection,
+    clip_factor: torch.Tensor,
+    skip: torch.Tensor,
+    raise_now: torch.Tensor,
+    scaler_skipped: torch.Tensor,
+    extras: Sequence[Sequence[torch.Tensor]],
+) -> torch.Tensor:
+    """One check's device results as one float64 vector (layout: module docstring)."""
+    d = detection
+    f64 = torch.float64
+    total = packed[-1]
+    head = torch.stack(
+        [
+            total[Stat.NORM],
+            total[Stat.MAX_ABS],
+            total[Stat.NONFINITE],
+            clip_factor.to(f64),
+            skip.to(f64),
+            raise_now.to(f64),
+            scaler_skipped.to(f64),
+            d.total_threshold,
+            d.rolling_mean,
+            d.total_z,
+        ]
+    )
+    flat_extras = [t.reshape(()).to(f64) for group in extras for t in group]
+    per = torch.cat(
+        [
+            packed[:-1],
+            d.spike_threshold[:, None],
+            d.vanish_threshold[:, None],
+            d.z[:, None],
+            d.param_flags.to(f64),
+        ],
+        dim=1,
+    )
+    parts = [head, d.global_flags.to(f64)] + ([torch.stack(flat_extras)] if flat_extras else []) + [per.reshape(-1)]
+    return torch.cat(parts)
+
+
+def decode_record(
+    host: torch.Tensor, step: int, names: list[str], extras_sizes: Sequence[int], config: DetectorConfig
+) -> HostRecord:
+    """The inverse of :func:`encode_record`, with the flags turned into events."""
+    pos = _HEAD + NUM_KINDS + sum(extras_sizes)
+    v = host[:pos].tolist()
+    head, gflags = v[:_HEAD], v[_HEAD : _HEAD + NUM_KINDS]
+    extras = []
+    cut = _HEAD + NUM_KINDS
+    for size in extras_sizes:
+        extras.append(v[cut : cut + size])
+        cut += size
+    n = len(names)
+    # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
+    per = host[pos:].view(n, _COLUMNS + NUM_KINDS)
+    cols = per[:, :_COLUMNS].t().tolist()
+    flagged = per[:, _COLUMNS:].nonzero().tolist()  # [row, kind column] pairs, row-major
+    total = head[Head.TOTAL_NORM]
+    events: list[AnomalyEvent] = []
+    for kind in STEP_EVENT_KINDS:
+        if gflags[KIND_INDEX[kind]]:
+            value, thr = step_event_value(kind, config, total, head[Head.ROLLING_MEAN], head[Head.TOTAL_THRESHOLD])
+            events.append(AnomalyEvent(step, kind, None, value, thr, "none"))
+    norm, count = cols[Column.NORM], cols[Column.NONFINITE]
+    spike_thr, vanish_thr = cols[Column.SPIKE_THRESHOLD], cols[Column.VANISHING_THRESHOLD]
+    for kind in PARAM_EVENT_KINDS:
+        col = KIND_INDEX[kind]
+        for r in (r for r, c in flagged if c == col):
+            value, thr = param_event_value(kind, config, norm[r], count[r], spike_thr[r], vanish_thr[r])
+            events.append(AnomalyEvent(step, kind, names[r], value, thr, "none"))
+    return HostRecord(
+        step=step,
+        names=names,
+        norms=norm,
+        max_abs=cols[Column.MAX_ABS],
+        nonfinite=[int(c) for c in count],
+        total_norm=total,
+        clip_factor=head[Head.CLIP_FACTOR],
+        skip=bool(head[Head.SKIP]),
+        raised=bool(head[Head.RAISE]),
+        scaler_skipped=bool(head[Head.SCALER_SKIPPED]),
+        extras=extras,
+        events=events,
+    )
+
+
+def encode_loss(loss: LossDetection) -> torch.Tensor:
+    """A loss detection as one float64 vector: value, threshold, flags [NUM_KINDS]."""
+    return torch.cat([torch.stack([loss.value, loss.threshold]), loss.flags.to(torch.float64)])
+
+
+def decode_loss(host: torch.Tensor, step: int) -> LossPacket:
+    """The inverse of :func:`encode_loss`, with the flags turned into events."""
+    v = host.tolist()
+    value, threshold, flags = v[0], v[1], v[2:]
+    events = []
+    for kind in _LOSS_EVENT_KINDS:
+        if flags[KIND_INDEX[kind]]:
+            _, thr = loss_event_value(kind, value, threshold)
+            events.append(AnomalyEvent(step, kind, None, value, thr, "none"))
+    return LossPacket(step, value, events)
+
+
+@dataclass
+class _Pending:
+    """A record (or a loss packet) on its way to the host."""
+
+    kind: str  # "record" or "loss"
+    step: int
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    names: list[str] = field(default_factory=list)  # records: the measured parameters, in row order
+    extras_sizes: tuple[int, ...] = ()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class RecordQueue:
+    """Records and loss packets in flight to the host, in step order, over a pool of pinned buffers.
+
+    Args:
+        config: the detector's settings (the fixed limits events report as thresholds).
+    """
+
+    def __init__(self, config: DetectorConfig):
+        self.config = config
+        self._pending: deque[_Pending] = deque()
+        self._pinned: dict[int, list[torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if payload.device.type != "cuda":
+            return payload.cpu(), None
+        free = self._pinned.setdefault(payload.numel(), [])
+        host = free.pop() if free else torch.empty(payload.numel(), dtype=torch.float64, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(payload.device))
+        return host, event
+
+    def _release(self, item: _Pending) -> None:
+        if item.event is not None:
+            self._pinned.setdefault(item.host.numel(), []).append(item.host)
+
+    def put_record(self, step: int, names: list[str], payload: torch.Tensor, extras_sizes: tuple[int, ...]) -> None:
+        """Starts the copy of an :func:`encode_record` payload to the host."""
+        host, event = self._to_host(payload)
+        self._pending.append(_Pending("record", step, host, event, names, extras_sizes))
+
+    def put_loss(self, step: int, loss: LossDetection) -> None:
+        """Starts the copy of a step's loss detection to the host."""
+        host, event = self._to_host(encode_loss(loss))
+        self._pending.append(_Pending("loss", step, host, event))
+
+    def drain(
+        self,
+        force_before: float,
+        on_record: Callable[[HostRecord], None],
+        on_loss: Callable[[LossPacket], None],
+    ) -> None:
+        """Hands over, in step order, the records whose copies have landed.
+
+        A record comes with its step's loss (``HostRecord.loss`` and its loss events first); a loss
+        whose record was drained earlier comes alone to ``on_loss``.
+
+        Args:
+            force_before: items of earlier steps are waited for; later ones only taken if landed.
+            on_record: called with each decoded record.
+            on_loss: called with each loss packet that has no record to join.
+        """
+        while self._pending:
+            item = self._pending[0]
+            if not item.ready():
+                if item.step >= force_before:
+                    return
+                item.wait()
+            loss_item = None
+            if item.kind == "record":
+                loss_item = next((p for p in self._pending if p.kind == "loss" and p.step == item.step), None)
+                if loss_item is not None and not loss_item.ready():
+                    if item.step >= force_before:
+                        return
+                    loss_item.wait()
+            self._pending.popleft()
+            if loss_item is not None:
+                self._pending.remove(loss_item)
+            try:
+                if item.kind == "record":
+                    record = decode_record(item.host, item.step, item.names, item.extras_sizes, self.config)
+                    if loss_item is not None:
+                        loss = decode_loss(loss_item.host, item.step)
+                        record.loss = loss.value
+                        record.events[:0] = loss.events
+                    on_record(record)
+                else:
+                    on_loss(decode_loss(item.host, item.step))
+            finally:
+                self._release(item)
+                if loss_item is not None:
+                    self._release(loss_item)
+
+    def drain_all(self, on_record: Callable[[HostRecord], None], on_loss: Callable[[LossPacket], None]) -> None:
+        """Waits for and hands over everything in flight."""
+        self.drain(math.inf, on_record, on_loss)
