@@ -42,7 +42,7 @@ from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
 from ._records import HostRecord, LossPacket, RecordQueue, encode_record
 from ._selection import Selector, select_parameters
-from ._stepping import StepControl
+from ._stepping import ScalerTap, StepControl
 from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, GradientAnomalyError, StepRecord
@@ -76,7 +76,13 @@ class GradWatch:
     Works with ``torch.amp.GradScaler``: while the scaler's ``grad_scale`` is set on a fused
     optimizer, statistics are divided by it (the unscaled gradients are measured), and on steps the
     scaler skips itself (``found_inf``) nothing is flagged and no statistic updated. Non-fused
-    optimizers see already unscaled gradients and are not called on the scaler's inf-steps.
+    optimizers see already unscaled gradients and are not called at all on the scaler's
+    inf-steps: pass ``scaler=`` so those steps are counted (step numbers stay the loop's optimizer
+    steps) and recorded as skipped steps, not anomalies.
+
+    Several monitors (and a GradScaler) on one optimizer compose in any order: each checks every
+    step, a skip decided by any of them skips the step for all, and each records the steps by its
+    own decision (see :mod:`gradwatch._stepping`).
 
     Args:
         model: the module whose parameters are watched.
@@ -107,6 +113,10 @@ class GradWatch:
             unscale kernel does not bump versions), through ``.data``, or by collectives; it is
             refused under ``torch.distributed`` (DDP all-reduces in place), for DTensors and for
             models on several devices. Default False.
+        scaler: the ``torch.amp.GradScaler`` whose ``step(optimizer)`` drives the optimizer, if any.
+            Needed with a non-fused optimizer, whose ``step()`` the scaler does not call on an
+            overflow step: the monitor then counts and records that step as skipped by the scaler.
+            (The scaler instance's ``step`` is wrapped while the hooks are attached.)
         attach: register the hooks now (see :meth:`register_hooks`). False leaves it to the
             caller: call :meth:`register_hooks` later, or run :meth:`check` yourself before each
             optimizer step and ``step_control.restore()`` after it. Default True.
@@ -147,6 +157,7 @@ class GradWatch:
         process_group: Any = None,
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
+        scaler: Any = None,
         attach: bool = True,
         **detector_options: Any,
     ):
@@ -158,6 +169,11 @@ class GradWatch:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if not isinstance(attach, bool):
             raise TypeError(f"attach must be a bool, got {attach!r}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if scaler is not None and optimizer is None:
+            raise ValueError("scaler= needs the optimizer it steps; pass optimizer=")
+        self.scaler = scaler
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -214,6 +230,9 @@ class GradWatch:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self.step_control.post_step_hook))
+            if self.scaler is not None:
+                tap = ScalerTap.of(self.scaler)
+                self._handles.append(tap.add(self.optimizer, lambda: self.step, self._after_scaler_step))
         else:
             for p in self._params:
                 if p.requires_grad:
@@ -270,6 +289,15 @@ class GradWatch:
         except BaseException:
             self.step_control.restore()  # the step will not run: undo the skip bookkeeping
             raise
+
+    def _after_scaler_step(self, step_before: int) -> None:
+        """After ``scaler.step(optimizer)``: a step the scaler skipped without calling the optimizer."""
+        if self.step != step_before:
+            return  # the optimizer ran (and so did the check)
+        try:
+            self.check(scaler_skipped=True)
+        finally:
+            self.step_control.restore()
 
     # ----------------------------------------------------------------------------- public
 
@@ -355,8 +383,13 @@ class GradWatch:
 
     # ----------------------------------------------------------------------------- the check
 
-    def check(self) -> None:
-        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record."""
+    def check(self, *, scaler_skipped: bool = False) -> None:
+        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record.
+
+        Args:
+            scaler_skipped: the GradScaler skipped this step without calling the optimizer (only
+                its statistics are recorded; nothing is flagged or acted on).
+        """
         step = self.step
         self.step += 1
         if step % self.every:
@@ -374,15 +407,18 @@ class GradWatch:
                     self._in_backward.discard()
                 return
             packed = self._measure(grads)
-            packed, scaler_skipped = self.step_control.unscale(packed)
+            packed, scaler_flag = self.step_control.unscale(packed)
+            if scaler_skipped:
+                scaler_flag = torch.ones_like(scaler_flag)
+            scaler_skipped_t = scaler_flag
             packed = self._reduce(packed, index)
             device = packed.device
-            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped)
+            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped_t)
             loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
             if loss is not None:
                 loss_flags = loss[0].flags.to(device)
             names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, scaler_skipped, loss_flags)
+            ctx = DecisionContext(step, packed, detection, names, scaler_skipped_t, loss_flags)
             decision = Decision.neutral(len(grads), device)
             self.policy.decide(ctx, decision)
             if self._force_skip:
@@ -397,7 +433,7 @@ class GradWatch:
                 decision.clip_factor,
                 decision.skip,
                 decision.raise_now,
-                scaler_skipped,
+                scaler_skipped_t,
                 decision.extras,
             )
             self._records.put_record(step, names, payload, tuple(len(group) for group in decision.extras))
@@ -417,7 +453,7 @@ class GradWatch:
         Written for thousands of parameters: a gradient has its parameter's dtype and device, so
         only presence and layout are checked per step, in two list passes.
         """
-        grads = [p.grad for p in self._params]
+        grads = self.step_control.grads(self._params)
         present = [g is not None and not g.is_sparse for g in grads]
         if all(present):
             index = self._all_index
