@@ -325,17 +325,34 @@ class Clip(Policy):
 
 
 class AdaptiveClip(Clip):
-    """Z-score clipping of the total norm, in the manner of ZClip (Kumar et al., 2025).
+    """Z-score clipping of the total norm against its running statistics (after ZClip, Kumar et al., 2025).
 
     Once the detector's total-norm statistics are armed, a total norm above
-    ``exp(mean + z * std)`` of the running log-norm is clipped down to that value. ZClip keeps an
-    EMA (alpha 0.97) of the raw norm; here the detector's EMA of the log-norm is reused (no second
-    set of statistics, and the threshold is multiplicative, see ``gradwatch.detect``).
+    ``limit = exp(mean + z * std)`` of the running *log*-norm is clipped **to the limit itself**:
+    clip factor ``limit / total`` (gradients scaled by it; 1 when below the limit). Before arming,
+    the fixed ``max_norm`` applies if given, else nothing is clipped. A NaN/Inf total norm is not
+    clipped here (combine with ``"skip"`` or ``"zero"`` for those).
+
+    How this differs from the ``zclip`` package (measured side by side in
+    ``benchmarks/RESULTS.md``, "Detection"), and why:
+
+    * *Where a spike is clipped to.* ZClip's default ``adaptive_scaling`` clips a norm with z-score
+      ``z_t > z`` to ``mean + z * std / (z_t / z)``: the larger the spike, the *lower* the target,
+      down to the mean, so a x10 spike ends about 2x lower than here (factors ~0.14 vs ~0.28 on a
+      small CNN) and the clipped norm is not monotone in the raw one. Here the target is the
+      limit: the smallest change that makes the step ordinary, and a larger raw norm never gives a
+      smaller clipped one. Users who want a spike gone rather than capped should use ``"skip"``.
+    * *Statistics.* ZClip keeps an EMA (alpha 0.97) of the raw norm, updated with the clipped
+      value; here the detector's robust EMA of the log-norm is reused (no second set of
+      statistics, a multiplicative threshold, and flagged values never widen the spread; see
+      :mod:`gradwatch.detect`). The detector arms after its ``warmup`` (50) checks, ZClip after 25.
+    * ``max_norm``: here a fixed limit for the warm-up only. ZClip's ``max_grad_norm`` (default 1.0)
+      caps *every* step, warm-up or not; to get that here, add ``Clip(max_norm)`` to the policy.
 
     Args:
-        z: threshold in standard deviations. Default 2.5, ZClip's published default.
-        max_norm: optional fixed limit applied while the statistics warm up (ZClip clips to a
-            fixed norm during warm-up too); None: no clipping before the detector is armed.
+        z: threshold in standard deviations of the log total norm. Default 2.5, ZClip's default.
+        max_norm: optional fixed limit applied only while the statistics warm up; None: no
+            clipping before the detector is armed.
     """
 
     name = "adaptive_clip"
