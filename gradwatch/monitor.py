@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._buffers import BufferGuard
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
 from ._records import HostRecord, LossPacket, RecordQueue, encode_record
@@ -204,6 +205,8 @@ class GradWatch:
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
+        # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
+        self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
         self._history = None
         for fn in sinks:
             self.add_sink(fn)
@@ -239,7 +242,21 @@ class GradWatch:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self._in_backward is not None:
             self._handles.extend(self._in_backward.register())
+        if self.optimizer is not None and self.policy.can_skip:
+            self._handles.append(self._buffer_guard.register())
         return list(self._handles)
+
+    def _skippable_step_ahead(self) -> bool:
+        """Whether the step the next forward pass belongs to is checked (and so may be skipped)."""
+        return self.step % self.every == 0
+
+    def buffers_before_forward(self) -> dict[str, torch.Tensor]:
+        """Module buffers as they were before this step's first forward pass (those a forward changes).
+
+        Empty unless a policy can skip: only then are they kept. Rollback snapshots use it, so a
+        snapshot taken at a step holds the state from before that step's forward pass.
+        """
+        return self._buffer_guard.before_forward()
 
     def _make_in_backward(self, wanted: bool) -> InBackwardStats | None:
         if not isinstance(wanted, bool):
@@ -377,7 +394,12 @@ class GradWatch:
         self.step = int(state["step"])
 
     def request_skip(self, drained_step: int) -> None:
-        """Skips the step in flight if its gradients predate a restore caused by ``drained_step``."""
+        """Skips the step in flight if its gradients predate a restore caused by ``drained_step``.
+
+        The restore replaced the buffers too, so the copies kept from before this step's forward
+        pass are dropped rather than put back.
+        """
+        self._buffer_guard.forget()
         if self._in_check is None or drained_step < self._in_check:
             self._force_skip = True
 
@@ -427,6 +449,7 @@ class GradWatch:
             decision = self._agree(decision)
             skip_path = self.step_control.skip_path(self.policy.can_skip)
             self._act(grads, decision, skip_path == "fused")
+            self._buffer_guard.settle(decision.skip if skip_path is not None else None)
             payload = encode_record(
                 packed,
                 detection,
@@ -446,6 +469,7 @@ class GradWatch:
                 self.flush()  # the sync above means everything queued has landed
         finally:
             self._in_check = None
+            self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
 
     def _collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash).
