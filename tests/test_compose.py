@@ -133,3 +133,41 @@ def test_monitors_added_and_removed_leave_no_skip_behind(fused):
         opt.step()
         assert not hasattr(opt, "found_inf")
         assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items()), order
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "RMSprop"])
+def test_grad_scaler_non_fused_step_numbers_follow_the_loop(opt_name):
+    """The scaler skips its overflow step without calling the optimizer: still step 2, recorded as skipped."""
+    model = small_cnn()
+    opt = getattr(torch.optim, opt_name)(model.parameters(), lr=1e-2)
+    sc = torch.amp.GradScaler("cpu", init_scale=256.0)
+    records = []
+    watch = GradWatch(model, opt, policy="skip", sinks=[records.append], scaler=sc)
+    losses = []
+    for step, (x, y) in enumerate(batches(6)):
+        loss = F.cross_entropy(model(x), y)
+        watch.observe_loss(loss)
+        losses.append(float(loss.detach()))
+        sc.scale(loss).backward()
+        if step == 2:
+            inject(model, PARAM, "inf")
+        sc.step(opt)
+        sc.update()
+        opt.zero_grad()
+    watch.flush()
+    assert watch.step == 6
+    assert [r.step for r in records] == list(range(6))
+    assert [r.loss for r in records] == pytest.approx(losses, rel=1e-6)  # each record holds its own step's loss
+    assert [r.skipped for r in records] == [False, False, True, False, False, False]
+    assert watch.events == []  # the scaler's skip is not an anomaly
+    assert sc.get_scale() == 128.0
+    watch.remove()
+    assert "step" not in vars(sc)  # the scaler's own method again
+
+
+def test_scaler_argument_is_checked():
+    model = small_cnn()
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        GradWatch(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=object())
+    with pytest.raises(ValueError, match="scaler= needs the optimizer"):
+        GradWatch(model, None, scaler=torch.amp.GradScaler("cpu"))
