@@ -205,6 +205,11 @@ class GradWatch:
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
+        self._sparse_now = False
+        # every parameter of the model, watched or deliberately left out: the optimizer's others are reported
+        self._model_param_ids = {id(p) for p in model.parameters()}
+        self._optimizer_layout: tuple[int, int] | None = None
+        self._unwatched_reported: set[int] = set()
         # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
         self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
         self._history = None
@@ -419,6 +424,7 @@ class GradWatch:
         self._in_check = step
         try:
             self._drain(force_before=step - 1)
+            self._report_unwatched()
             self.policy.before_check(self, step)
             index, grads = self._collect()
             loss, self._loss = self._loss, None
@@ -471,27 +477,75 @@ class GradWatch:
             self._in_check = None
             self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
 
+    def _report_unwatched(self) -> None:
+        """Warns once about optimizer parameters that are not the model's (``add_param_group`` later, ...).
+
+        Re-examined only when the optimizer's param groups change size: two integers per check.
+        """
+        if self.optimizer is None:
+            return
+        groups = self.optimizer.param_groups
+        layout = (len(groups), sum(len(g["params"]) for g in groups))
+        if layout == self._optimizer_layout:
+            return
+        self._optimizer_layout = layout
+        new = [
+            (i, p)
+            for i, g in enumerate(groups)
+            for p in g["params"]
+            if id(p) not in self._model_param_ids and id(p) not in self._unwatched_reported
+        ]
+        if new:
+            self._unwatched_reported.update(id(p) for _, p in new)
+            shapes = [f"group {i}: {tuple(p.shape)}" for i, p in new[:5]]
+            logger.warning(
+                "gradwatch: %d optimizer parameter(s) are not parameters of the watched model and are not "
+                "watched (%s%s); their gradients are not checked. Create the monitor after adding them "
+                "to the model (add_param_group), or watch their module with another GradWatch",
+                len(new),
+                ", ".join(shapes),
+                ", ..." if len(new) > 5 else "",
+            )
+
     def _collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash).
 
         Written for thousands of parameters: a gradient has its parameter's dtype and device, so
-        only presence and layout are checked per step, in two list passes.
+        only presence and layout are checked per step, in a few list passes. A sparse gradient
+        (``nn.Embedding(sparse=True)``) is watched through its values: coalesced once (so its
+        values are the gradient's nonzeros, duplicates summed), measured and scaled in place.
         """
         grads = self.step_control.grads(self._params)
-        present = [g is not None and not g.is_sparse for g in grads]
+        present = [g is not None for g in grads]
         if all(present):
             index = self._all_index
         else:
             index = [i for i, ok in enumerate(present) if ok]
             grads = [grads[i] for i in index]
+        sparse = [k for k, g in enumerate(grads) if g.is_sparse]
+        self._sparse_now = bool(sparse)
+        if sparse:
+            grads = list(grads)
+            for k in sparse:
+                grads[k] = self._sparse_values(self._params[index[k]], grads[k])
         if self._has_dtensor:
             grads = [local_gradient(g) for g in grads]  # shards; _reduce makes them whole-parameter
         return index, grads
 
+    @staticmethod
+    def _sparse_values(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The values of a sparse gradient, coalesced (written back to ``param.grad`` when it is that)."""
+        if not grad.is_coalesced():
+            coalesced = grad.coalesce()
+            if param.grad is grad:
+                param.grad = coalesced
+            grad = coalesced
+        return grad._values()
+
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Stage 2: one fused ``grad_stats`` pass per device; rows gathered on the first device."""
         if self._in_backward is not None:
-            if len(grads) == len(self._params):
+            if len(grads) == len(self._params) and not self._sparse_now:
                 return self._in_backward.take(grads)
             self._in_backward.discard()  # some gradients are missing: measure what is there
         if self._one_device:  # the common case: validated once, at construction
