@@ -63,8 +63,10 @@ def _use_native(device: torch.device) -> bool:
         return True
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
-        reason = f"the extension failed to load ({_LOAD_ERROR})" if _C is not None or _LOAD_ERROR else ""
-        reason = reason or f"it was built without {device.type} kernels"
+        if _C is None:
+            reason = f"the extension failed to load ({_LOAD_ERROR})"
+        else:
+            reason = f"it was built without {device.type} kernels"
         warnings.warn(
             f"gradwatch: no compiled kernel for {device.type} because {reason}; using the pure-PyTorch "
             "reference, which is correct but much slower. Rebuild with `make build` (see README).",

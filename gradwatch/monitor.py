@@ -32,6 +32,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -118,6 +119,9 @@ class GradWatch:
             Needed with a non-fused optimizer, whose ``step()`` the scaler does not call on an
             overflow step: the monitor then counts and records that step as skipped by the scaler.
             (The scaler instance's ``step`` is wrapped while the hooks are attached.)
+        max_events: how many events :attr:`events` keeps, the newest (the oldest are dropped and
+            counted in :attr:`events_dropped`; the history file and sinks still get every one).
+            None keeps all. Default 10000 (a few MB).
         attach: register the hooks now (see :meth:`register_hooks`). False leaves it to the
             caller: call :meth:`register_hooks` later, or run :meth:`check` yourself before each
             optimizer step and ``step_control.restore()`` after it. Default True.
@@ -125,7 +129,8 @@ class GradWatch:
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
     Attributes:
-        events: every :class:`AnomalyEvent` drained so far.
+        events: the :class:`AnomalyEvent` s drained so far, the newest ``max_events`` of them.
+        events_dropped: how many older events were dropped from :attr:`events` by ``max_events``.
         step: optimizer steps (or backward passes) seen; with ``every=1``, the checks done.
         param_names: names of the watched parameters.
         detector: the :class:`~gradwatch.detect.Detector`.
@@ -159,6 +164,7 @@ class GradWatch:
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
         scaler: Any = None,
+        max_events: int | None = 10_000,
         attach: bool = True,
         **detector_options: Any,
     ):
@@ -170,6 +176,12 @@ class GradWatch:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if not isinstance(attach, bool):
             raise TypeError(f"attach must be a bool, got {attach!r}")
+        if max_events is not None and (
+            isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1
+        ):
+            raise ValueError(f"max_events must be an integer >= 1 or None, got {max_events!r}")
+        self.max_events = max_events
+        self.events_dropped = 0
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if scaler is not None and optimizer is None:
@@ -349,6 +361,11 @@ class GradWatch:
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__} {loss!r}")
         if loss.numel() != 1:
             raise ValueError(f"loss must hold one element, got shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise TypeError(
+                f"loss is complex ({loss.dtype}); a loss to minimize is real: pass loss.real or loss.abs(), "
+                "whichever your training backpropagates"
+            )
         late = self.optimizer is None and self._last_checked is not None
         target = self._last_checked if late else self.step
         if target % self.every:
@@ -383,11 +400,15 @@ class GradWatch:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` output.
 
+        The saved detector configuration must equal this monitor's (its statistics and thresholds
+        are only meaningful under the settings they were built with).
+
         Raises:
-            ValueError: the state watches different parameters or has an unknown version.
+            TypeError: ``state`` is not a mapping.
+            ValueError: the state has an unknown version, lacks entries, watches different
+                parameters, or was saved with other detector settings (the differing ones are named).
         """
-        if state.get("version") != 1:
-            raise ValueError(f"unsupported GradWatch state version {state.get('version')!r}; expected 1")
+        self._check_state(state)
         if list(state["param_names"]) != self.param_names:
             raise ValueError(
                 f"state watches {len(state['param_names'])} parameters that differ from this monitor's "
@@ -397,6 +418,48 @@ class GradWatch:
         self.detector.load_state_dict(state["detector"], device)
         self.policy.load_state_dict(state["policy"])
         self.step = int(state["step"])
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"GradWatch.load_state_dict: state must be the dict GradWatch.state_dict() returned, "
+                f"got {type(state).__name__} {state!r:.80}"
+            )
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported GradWatch state version {state.get('version')!r}; expected 1")
+        missing = [k for k in ("step", "param_names", "detector", "policy") if k not in state]
+        if missing:
+            raise ValueError(
+                f"GradWatch.load_state_dict: state lacks {missing}; pass the whole dict GradWatch.state_dict() returned"
+            )
+        saved = state["detector"].get("config") if isinstance(state["detector"], Mapping) else None
+        if isinstance(saved, Mapping):
+            mine = asdict(self.detector.config)
+            differ = [f"{k}: saved {saved[k]!r}, here {mine[k]!r}" for k in mine if k in saved and saved[k] != mine[k]]
+            if differ:
+                raise ValueError(
+                    "GradWatch.load_state_dict: the state was saved with other detector settings ("
+                    + "; ".join(differ)
+                    + "); create the monitor with the saved settings to resume, or start a fresh monitor"
+                )
+
+    # ----------------------------------------------------------------------------- copies
+
+    def __copy__(self) -> GradWatch:
+        raise TypeError(self._no_copy())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradWatch:
+        raise TypeError(self._no_copy())
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(self._no_copy())
+
+    @staticmethod
+    def _no_copy() -> str:
+        return (
+            "a GradWatch cannot be copied or pickled: it is bound to its model's and optimizer's hooks, and a copy "
+            "would watch nothing. Save monitor.state_dict() and load it into a new GradWatch(model, optimizer, ...)"
+        )
 
     def request_skip(self, drained_step: int) -> None:
         """Skips the step in flight if its gradients predate a restore caused by ``drained_step``.
@@ -632,6 +695,16 @@ class GradWatch:
                 e.action,
             )
         self.events.extend(events)
+        excess = 0 if self.max_events is None else len(self.events) - self.max_events
+        if excess > 0:
+            del self.events[:excess]
+            if not self.events_dropped:
+                logger.warning(
+                    "gradwatch: more than max_events=%d events; GradWatch.events keeps the newest (the history "
+                    "and sinks get every one; the number dropped is in events_dropped)",
+                    self.max_events,
+                )
+            self.events_dropped += excess
 
     def _publish_record(self, rec: HostRecord) -> None:
         """A drained record: label its events, run the policies' host side and the sinks; maybe raise."""
