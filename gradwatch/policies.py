@@ -141,7 +141,8 @@ class Decision:
     """The device-side outcome of all policies for one step.
 
     Attributes:
-        factors: float32 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
+        factors: float64 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
+            float64, so that a clip factor is neither rounded nor underflows to 0 (which would zero).
         skip: bool scalar; the optimizer step must not happen.
         raise_now: bool scalar; the host raises :class:`GradientAnomalyError` for this step.
         clip_factor: float64 scalar; the product of the clipping factors applied to all gradients.
@@ -159,7 +160,7 @@ class Decision:
         """Do nothing: factors 1, no skip, no raise."""
         false = torch.zeros((), dtype=torch.bool, device=device)
         return cls(
-            factors=torch.ones(n, dtype=torch.float32, device=device),
+            factors=torch.ones(n, dtype=torch.float64, device=device),
             skip=false,
             raise_now=false.clone(),
             clip_factor=torch.ones((), dtype=torch.float64, device=device),
@@ -271,6 +272,9 @@ class Warn(Policy):
         super().__init__(kinds, frozenset(AnomalyKind))
 
 
+_SMALLEST_FACTOR = 2.0**-1074  # the smallest positive float64
+
+
 class Clip(Policy):
     """Global max-norm clipping every step, like ``torch.nn.utils.clip_grad_norm_``.
 
@@ -303,11 +307,12 @@ class Clip(Policy):
         # a zeroed gradient contributes 0, even if its norm was NaN (NaN * 0 would be NaN)
         norms = torch.where(factors == 0, torch.zeros_like(factors), ctx.packed[:-1, 0] * factors)
         total = norms.square().sum().sqrt()
-        coef = (limit / (total + 1e-6)).clamp(max=1.0)
+        # at least the smallest float64: a clip never rounds to 0, which scale_ reads as "write zeros"
+        coef = (limit / (total + 1e-6)).clamp(min=_SMALLEST_FACTOR, max=1.0)
         use = active & torch.isfinite(total) & ~ctx.ignore
         coef = torch.where(use, coef, torch.ones_like(coef))
-        decision.factors = decision.factors * coef.to(torch.float32)
-        decision.clip_factor = decision.clip_factor * coef.to(torch.float32).to(torch.float64)
+        decision.factors = decision.factors * coef
+        decision.clip_factor = decision.clip_factor * coef
         decision.extras.append([total, limit, coef])
 
     @override
