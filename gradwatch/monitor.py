@@ -75,6 +75,11 @@ class GradWatch:
       all ``torch.optim`` optimizers treat as "no update, no state change, no step count"; the
       gradients are put back right after the step.
 
+    Either way, module buffers the skipped step's forward pass changed (BatchNorm running
+    statistics) are put back to their values from before that forward pass, with ``torch.where`` on
+    the device skip flag (see :mod:`gradwatch._buffers`); this needs the monitor's own hooks
+    (``attach=True`` or :meth:`register_hooks`).
+
     Works with ``torch.amp.GradScaler``: while the scaler's ``grad_scale`` is set on a fused
     optimizer, statistics are divided by it (the unscaled gradients are measured), and on steps the
     scaler skips itself (``found_inf``) nothing is flagged and no statistic updated. Non-fused

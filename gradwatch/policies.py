@@ -409,6 +409,9 @@ class Zero(Policy):
 class Skip(Policy):
     """The optimizer step does not happen: parameters, optimizer state and step counters untouched.
 
+    Buffers the step's forward pass changed (BatchNorm running statistics) are restored too, by the
+    monitor, on the device.
+
     Args:
         kinds: kinds that skip the step; default :data:`HARMFUL_KINDS`.
     """
