@@ -33,17 +33,19 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._buffers import BufferGuard
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
 from ._records import HostRecord, LossPacket, RecordQueue, encode_record
 from ._selection import Selector, select_parameters
-from ._stepping import StepControl
+from ._stepping import ScalerTap, StepControl
 from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, GradientAnomalyError, StepRecord
@@ -74,10 +76,21 @@ class GradWatch:
       all ``torch.optim`` optimizers treat as "no update, no state change, no step count"; the
       gradients are put back right after the step.
 
+    Either way, module buffers the skipped step's forward pass changed (BatchNorm running
+    statistics) are put back to their values from before that forward pass, with ``torch.where`` on
+    the device skip flag (see :mod:`gradwatch._buffers`); this needs the monitor's own hooks
+    (``attach=True`` or :meth:`register_hooks`).
+
     Works with ``torch.amp.GradScaler``: while the scaler's ``grad_scale`` is set on a fused
     optimizer, statistics are divided by it (the unscaled gradients are measured), and on steps the
     scaler skips itself (``found_inf``) nothing is flagged and no statistic updated. Non-fused
-    optimizers see already unscaled gradients and are not called on the scaler's inf-steps.
+    optimizers see already unscaled gradients and are not called at all on the scaler's
+    inf-steps: pass ``scaler=`` so those steps are counted (step numbers stay the loop's optimizer
+    steps) and recorded as skipped steps, not anomalies.
+
+    Several monitors (and a GradScaler) on one optimizer compose in any order: each checks every
+    step, a skip decided by any of them skips the step for all, and each records the steps by its
+    own decision (see :mod:`gradwatch._stepping`).
 
     Args:
         model: the module whose parameters are watched.
@@ -108,6 +121,13 @@ class GradWatch:
             unscale kernel does not bump versions), through ``.data``, or by collectives; it is
             refused under ``torch.distributed`` (DDP all-reduces in place), for DTensors and for
             models on several devices. Default False.
+        scaler: the ``torch.amp.GradScaler`` whose ``step(optimizer)`` drives the optimizer, if any.
+            Needed with a non-fused optimizer, whose ``step()`` the scaler does not call on an
+            overflow step: the monitor then counts and records that step as skipped by the scaler.
+            (The scaler instance's ``step`` is wrapped while the hooks are attached.)
+        max_events: how many events :attr:`events` keeps, the newest (the oldest are dropped and
+            counted in :attr:`events_dropped`; the history file and sinks still get every one).
+            None keeps all. Default 10000 (a few MB).
         attach: register the hooks now (see :meth:`register_hooks`). False leaves it to the
             caller: call :meth:`register_hooks` later, or run :meth:`check` yourself before each
             optimizer step and ``step_control.restore()`` after it. Default True.
@@ -119,7 +139,8 @@ class GradWatch:
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
     Attributes:
-        events: every :class:`AnomalyEvent` drained so far.
+        events: the :class:`AnomalyEvent` s drained so far, the newest ``max_events`` of them.
+        events_dropped: how many older events were dropped from :attr:`events` by ``max_events``.
         step: optimizer steps (or backward passes) seen; with ``every=1``, the checks done.
         param_names: names of the watched parameters.
         detector: the :class:`~gradwatch.detect.Detector`.
@@ -152,6 +173,8 @@ class GradWatch:
         process_group: Any = None,
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
+        scaler: Any = None,
+        max_events: int | None = 10_000,
         attach: bool = True,
         baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         baseline_ignore_extra: bool = False,
@@ -165,6 +188,17 @@ class GradWatch:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if not isinstance(attach, bool):
             raise TypeError(f"attach must be a bool, got {attach!r}")
+        if max_events is not None and (
+            isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1
+        ):
+            raise ValueError(f"max_events must be an integer >= 1 or None, got {max_events!r}")
+        self.max_events = max_events
+        self.events_dropped = 0
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if scaler is not None and optimizer is None:
+            raise ValueError("scaler= needs the optimizer it steps; pass optimizer=")
+        self.scaler = scaler
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -198,6 +232,13 @@ class GradWatch:
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
+        self._sparse_now = False
+        # every parameter of the model, watched or deliberately left out: the optimizer's others are reported
+        self._model_param_ids = {id(p) for p in model.parameters()}
+        self._optimizer_layout: tuple[int, int] | None = None
+        self._unwatched_reported: set[int] = set()
+        # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
+        self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
         self._history = None
         for fn in sinks:
             self.add_sink(fn)
@@ -229,13 +270,30 @@ class GradWatch:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self.step_control.post_step_hook))
+            if self.scaler is not None:
+                tap = ScalerTap.of(self.scaler)
+                self._handles.append(tap.add(self.optimizer, lambda: self.step, self._after_scaler_step))
         else:
             for p in self._params:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self._in_backward is not None:
             self._handles.extend(self._in_backward.register())
+        if self.optimizer is not None and self.policy.can_skip:
+            self._handles.append(self._buffer_guard.register())
         return list(self._handles)
+
+    def _skippable_step_ahead(self) -> bool:
+        """Whether the step the next forward pass belongs to is checked (and so may be skipped)."""
+        return self.step % self.every == 0
+
+    def buffers_before_forward(self) -> dict[str, torch.Tensor]:
+        """Module buffers as they were before this step's first forward pass (those a forward changes).
+
+        Empty unless a policy can skip: only then are they kept. Rollback snapshots use it, so a
+        snapshot taken at a step holds the state from before that step's forward pass.
+        """
+        return self._buffer_guard.before_forward()
 
     def _make_in_backward(self, wanted: bool) -> InBackwardStats | None:
         if not isinstance(wanted, bool):
@@ -296,6 +354,15 @@ class GradWatch:
             self.step_control.restore()  # the step will not run: undo the skip bookkeeping
             raise
 
+    def _after_scaler_step(self, step_before: int) -> None:
+        """After ``scaler.step(optimizer)``: a step the scaler skipped without calling the optimizer."""
+        if self.step != step_before:
+            return  # the optimizer ran (and so did the check)
+        try:
+            self.check(scaler_skipped=True)
+        finally:
+            self.step_control.restore()
+
     # ----------------------------------------------------------------------------- public
 
     def add_sink(self, fn: Callable[[StepRecord], Any]) -> RemovableHandle:
@@ -324,6 +391,11 @@ class GradWatch:
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__} {loss!r}")
         if loss.numel() != 1:
             raise ValueError(f"loss must hold one element, got shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise TypeError(
+                f"loss is complex ({loss.dtype}); a loss to minimize is real: pass loss.real or loss.abs(), "
+                "whichever your training backpropagates"
+            )
         late = self.optimizer is None and self._last_checked is not None
         target = self._last_checked if late else self.step
         if target % self.every:
@@ -358,11 +430,15 @@ class GradWatch:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` output.
 
+        The saved detector configuration must equal this monitor's (its statistics and thresholds
+        are only meaningful under the settings they were built with).
+
         Raises:
-            ValueError: the state watches different parameters or has an unknown version.
+            TypeError: ``state`` is not a mapping.
+            ValueError: the state has an unknown version, lacks entries, watches different
+                parameters, or was saved with other detector settings (the differing ones are named).
         """
-        if state.get("version") != 1:
-            raise ValueError(f"unsupported GradWatch state version {state.get('version')!r}; expected 1")
+        self._check_state(state)
         if list(state["param_names"]) != self.param_names:
             raise ValueError(
                 f"state watches {len(state['param_names'])} parameters that differ from this monitor's "
@@ -375,15 +451,67 @@ class GradWatch:
         if self._history is not None:
             self._history.resume(self.step)  # keep the file's steps before this one, drop the rest
 
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"GradWatch.load_state_dict: state must be the dict GradWatch.state_dict() returned, "
+                f"got {type(state).__name__} {state!r:.80}"
+            )
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported GradWatch state version {state.get('version')!r}; expected 1")
+        missing = [k for k in ("step", "param_names", "detector", "policy") if k not in state]
+        if missing:
+            raise ValueError(
+                f"GradWatch.load_state_dict: state lacks {missing}; pass the whole dict GradWatch.state_dict() returned"
+            )
+        saved = state["detector"].get("config") if isinstance(state["detector"], Mapping) else None
+        if isinstance(saved, Mapping):
+            mine = asdict(self.detector.config)
+            differ = [f"{k}: saved {saved[k]!r}, here {mine[k]!r}" for k in mine if k in saved and saved[k] != mine[k]]
+            if differ:
+                raise ValueError(
+                    "GradWatch.load_state_dict: the state was saved with other detector settings ("
+                    + "; ".join(differ)
+                    + "); create the monitor with the saved settings to resume, or start a fresh monitor"
+                )
+
+    # ----------------------------------------------------------------------------- copies
+
+    def __copy__(self) -> GradWatch:
+        raise TypeError(self._no_copy())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradWatch:
+        raise TypeError(self._no_copy())
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(self._no_copy())
+
+    @staticmethod
+    def _no_copy() -> str:
+        return (
+            "a GradWatch cannot be copied or pickled: it is bound to its model's and optimizer's hooks, and a copy "
+            "would watch nothing. Save monitor.state_dict() and load it into a new GradWatch(model, optimizer, ...)"
+        )
+
     def request_skip(self, drained_step: int) -> None:
-        """Skips the step in flight if its gradients predate a restore caused by ``drained_step``."""
+        """Skips the step in flight if its gradients predate a restore caused by ``drained_step``.
+
+        The restore replaced the buffers too, so the copies kept from before this step's forward
+        pass are dropped rather than put back.
+        """
+        self._buffer_guard.forget()
         if self._in_check is None or drained_step < self._in_check:
             self._force_skip = True
 
     # ----------------------------------------------------------------------------- the check
 
-    def check(self) -> None:
-        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record."""
+    def check(self, *, scaler_skipped: bool = False) -> None:
+        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record.
+
+        Args:
+            scaler_skipped: the GradScaler skipped this step without calling the optimizer (only
+                its statistics are recorded; nothing is flagged or acted on).
+        """
         step = self.step
         self.step += 1
         if step % self.every:
@@ -391,6 +519,7 @@ class GradWatch:
         self._in_check = step
         try:
             self._drain(force_before=step - 1)
+            self._report_unwatched()
             self.policy.before_check(self, step)
             index, grads = self._collect()
             loss, self._loss = self._loss, None
@@ -401,16 +530,19 @@ class GradWatch:
                     self._in_backward.discard()
                 return
             packed = self._measure(grads)
-            packed, scaler_skipped = self.step_control.unscale(packed)
+            packed, scaler_flag = self.step_control.unscale(packed)
+            if scaler_skipped:
+                scaler_flag = torch.ones_like(scaler_flag)
+            scaler_skipped_t = scaler_flag
             packed = self._reduce(packed, index)
             device = packed.device
             observed = None if loss is None else loss[0].value  # judges the total norm given the loss
-            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped, observed)
+            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped_t, observed)
             loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
             if loss is not None:
                 loss_flags = loss[0].flags.to(device)
             names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, scaler_skipped, loss_flags)
+            ctx = DecisionContext(step, packed, detection, names, scaler_skipped_t, loss_flags)
             decision = Decision.neutral(len(grads), device)
             self.policy.decide(ctx, decision)
             if self._force_skip:
@@ -419,13 +551,14 @@ class GradWatch:
             decision = self._agree(decision)
             skip_path = self.step_control.skip_path(self.policy.can_skip)
             self._act(grads, decision, skip_path == "fused")
+            self._buffer_guard.settle(decision.skip if skip_path is not None else None)
             payload = encode_record(
                 packed,
                 detection,
                 decision.clip_factor,
                 decision.skip,
                 decision.raise_now,
-                scaler_skipped,
+                scaler_skipped_t,
                 decision.extras,
             )
             self._records.put_record(step, names, payload, tuple(len(group) for group in decision.extras))
@@ -438,28 +571,77 @@ class GradWatch:
                 self.flush()  # the sync above means everything queued has landed
         finally:
             self._in_check = None
+            self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
+
+    def _report_unwatched(self) -> None:
+        """Warns once about optimizer parameters that are not the model's (``add_param_group`` later, ...).
+
+        Re-examined only when the optimizer's param groups change size: two integers per check.
+        """
+        if self.optimizer is None:
+            return
+        groups = self.optimizer.param_groups
+        layout = (len(groups), sum(len(g["params"]) for g in groups))
+        if layout == self._optimizer_layout:
+            return
+        self._optimizer_layout = layout
+        new = [
+            (i, p)
+            for i, g in enumerate(groups)
+            for p in g["params"]
+            if id(p) not in self._model_param_ids and id(p) not in self._unwatched_reported
+        ]
+        if new:
+            self._unwatched_reported.update(id(p) for _, p in new)
+            shapes = [f"group {i}: {tuple(p.shape)}" for i, p in new[:5]]
+            logger.warning(
+                "gradwatch: %d optimizer parameter(s) are not parameters of the watched model and are not "
+                "watched (%s%s); their gradients are not checked. Create the monitor after adding them "
+                "to the model (add_param_group), or watch their module with another GradWatch",
+                len(new),
+                ", ".join(shapes),
+                ", ..." if len(new) > 5 else "",
+            )
 
     def _collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash).
 
         Written for thousands of parameters: a gradient has its parameter's dtype and device, so
-        only presence and layout are checked per step, in two list passes.
+        only presence and layout are checked per step, in a few list passes. A sparse gradient
+        (``nn.Embedding(sparse=True)``) is watched through its values: coalesced once (so its
+        values are the gradient's nonzeros, duplicates summed), measured and scaled in place.
         """
-        grads = [p.grad for p in self._params]
-        present = [g is not None and not g.is_sparse for g in grads]
+        grads = self.step_control.grads(self._params)
+        present = [g is not None for g in grads]
         if all(present):
             index = self._all_index
         else:
             index = [i for i, ok in enumerate(present) if ok]
             grads = [grads[i] for i in index]
+        sparse = [k for k, g in enumerate(grads) if g.is_sparse]
+        self._sparse_now = bool(sparse)
+        if sparse:
+            grads = list(grads)
+            for k in sparse:
+                grads[k] = self._sparse_values(self._params[index[k]], grads[k])
         if self._has_dtensor:
             grads = [local_gradient(g) for g in grads]  # shards; _reduce makes them whole-parameter
         return index, grads
 
+    @staticmethod
+    def _sparse_values(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The values of a sparse gradient, coalesced (written back to ``param.grad`` when it is that)."""
+        if not grad.is_coalesced():
+            coalesced = grad.coalesce()
+            if param.grad is grad:
+                param.grad = coalesced
+            grad = coalesced
+        return grad._values()
+
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Stage 2: one fused ``grad_stats`` pass per device; rows gathered on the first device."""
         if self._in_backward is not None:
-            if len(grads) == len(self._params):
+            if len(grads) == len(self._params) and not self._sparse_now:
                 return self._in_backward.take(grads)
             self._in_backward.discard()  # some gradients are missing: measure what is there
         if self._one_device:  # the common case: validated once, at construction
@@ -546,6 +728,16 @@ class GradWatch:
                 e.action,
             )
         self.events.extend(events)
+        excess = 0 if self.max_events is None else len(self.events) - self.max_events
+        if excess > 0:
+            del self.events[:excess]
+            if not self.events_dropped:
+                logger.warning(
+                    "gradwatch: more than max_events=%d events; GradWatch.events keeps the newest (the history "
+                    "and sinks get every one; the number dropped is in events_dropped)",
+                    self.max_events,
+                )
+            self.events_dropped += excess
 
     def _publish_record(self, rec: HostRecord) -> None:
         """A drained record: label its events, run the policies' host side and the sinks; maybe raise."""

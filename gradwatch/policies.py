@@ -216,6 +216,7 @@ class Policy:
     can_skip: ClassVar[bool] = False
     scales: ClassVar[bool] = False
     needs_optimizer: ClassVar[bool] = False
+    restores_state: ClassVar[bool] = False  # host actions run first (see PolicySet.on_record)
 
     def __init__(
         self,
@@ -409,6 +410,9 @@ class Zero(Policy):
 class Skip(Policy):
     """The optimizer step does not happen: parameters, optimizer state and step counters untouched.
 
+    Buffers the step's forward pass changed (BatchNorm running statistics) are restored too, by the
+    monitor, on the device.
+
     Args:
         kinds: kinds that skip the step; default :data:`HARMFUL_KINDS`.
     """
@@ -560,37 +564,61 @@ def _clone_tree(obj: Any, device: torch.device | None) -> Any:
 class Rollback(Policy):
     """Restores the model and optimizer from an in-memory snapshot of the last healthy step.
 
-    Every ``every`` checked steps, before the step is applied, the monitor's model ``state_dict``
-    and optimizer ``state_dict`` are copied (device-side clones: no sync, but one extra copy of the
-    weights and optimizer state in memory; pass ``device="cpu"`` to keep it in host memory at the
-    price of a synchronizing copy). A snapshot becomes *healthy* once every step before it has
-    been seen without an anomaly (skipped steps do not taint it). On an anomaly of ``kinds`` the
-    step is skipped on the device, and when its record reaches the host the model and optimizer
-    are restored from the healthy snapshot; the step then in flight, whose gradients came from the
-    replaced weights, is skipped too.
+    Every ``every`` checked steps the model's state as it was before that step's forward pass
+    (parameters, and buffers such as BatchNorm running statistics as they were before the forward
+    pass changed them) and the optimizer's ``state_dict`` are copied (device-side clones: no sync,
+    but one extra copy of the weights and optimizer state in memory; pass ``device="cpu"`` to keep
+    it in host memory at the price of a synchronizing copy). A snapshot becomes *healthy* once
+    every step before it has been seen without an anomaly (skipped steps do not taint it). On an
+    anomaly of ``kinds`` the step is skipped on the device (its forward pass's buffer changes
+    undone too), and when its record reaches the host the model and optimizer are restored from
+    the healthy snapshot; the step then in flight, whose gradients came from the replaced weights,
+    is skipped too.
+
+    Learning rates: without ``schedulers``, a rollback restores the optimizer's per-parameter
+    state (moments, step counts) and leaves every param group's hyperparameters (``lr``,
+    ``momentum``, ...) as they are, so an LR scheduler that keeps counting and an
+    :class:`LRBackoff` in any order stay consistent. With ``schedulers``, they are snapshotted
+    and restored together with the optimizer's param groups, as when resuming from a checkpoint:
+    the learning rate and the schedulers' step counts go back to the snapshot's.
 
     Args:
         every: snapshot interval in checked steps. Default 100.
         kinds: kinds that roll back; default :data:`HARMFUL_KINDS`.
         device: where snapshots live; None keeps them beside the tensors.
+        schedulers: LR schedulers (anything with ``state_dict``/``load_state_dict``) to roll back
+            with the optimizer; None or empty: learning rates are left as they are (see above).
+
+    Needs an optimizer (``GradWatch(model, None, policy="rollback")`` is refused): the bad step
+    must be skipped before the snapshot is restored.
     """
 
     name = "rollback"
     can_skip = True
+    needs_optimizer = True
+    restores_state = True
 
     def __init__(
         self,
         every: int = 100,
         kinds: Iterable[AnomalyKind | str] | None = None,
         device: torch.device | str | None = None,
+        schedulers: Iterable[Any] | None = None,
     ):
         super().__init__(kinds)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Rollback: every must be an integer >= 1, got {every!r}")
         self.every = every
         self.device = None if device is None else torch.device(device)
-        self.healthy: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
-        self._candidates: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
+        self.schedulers = list(schedulers or ())
+        for i, sched in enumerate(self.schedulers):
+            if not (callable(getattr(sched, "state_dict", None)) and callable(getattr(sched, "load_state_dict", None))):
+                raise TypeError(
+                    f"Rollback: schedulers[{i}] is a {type(sched).__name__}, which has no state_dict/load_state_dict; "
+                    "pass LR schedulers (torch.optim.lr_scheduler.*)"
+                )
+        self.healthy: tuple[int, dict[str, Any], dict[str, Any] | None, list[Any]] | None = None
+        self._candidates: list[tuple[int, dict[str, Any], dict[str, Any] | None, list[Any]]] = []
         self._drained = -1  # last step whose record was seen
         self.rollbacks = 0
 
@@ -598,9 +626,13 @@ class Rollback(Policy):
     def before_check(self, host: PolicyHost, step: int) -> None:
         if step % self.every:
             return
-        model = _clone_tree(host.model.state_dict(), self.device)
+        # the buffers as they were before this step's forward pass changed them (BatchNorm statistics)
+        before = getattr(host, "buffers_before_forward", dict)()
+        state = {k: before.get(k, v) for k, v in host.model.state_dict().items()}
+        model = _clone_tree(state, self.device)
         optim = None if host.optimizer is None else _clone_tree(host.optimizer.state_dict(), self.device)
-        self._candidates.append((step, model, optim))
+        scheds = [_clone_tree(s.state_dict(), self.device) for s in self.schedulers]
+        self._candidates.append((step, model, optim, scheds))
         self._promote()
 
     def _promote(self) -> None:
@@ -619,10 +651,12 @@ class Rollback(Policy):
         self._drained = max(self._drained, record.step)
         hit = any(e.kind in self.kinds for e in record.events)
         if hit and self.healthy is not None:
-            step, model, optim = self.healthy
+            step, model, optim, scheds = self.healthy
             host.model.load_state_dict(model)
             if optim is not None and host.optimizer is not None:
-                host.optimizer.load_state_dict(_clone_tree(optim, None))
+                self._restore_optimizer(host.optimizer, optim)
+            for sched, saved in zip(self.schedulers, scheds, strict=True):
+                sched.load_state_dict(_clone_tree(saved, None))
             self._candidates = []
             self.rollbacks += 1
             host.request_skip(record.step)
@@ -634,12 +668,20 @@ class Rollback(Policy):
             self._candidates = [c for c in self._candidates if c[0] <= record.step]
         self._promote()
 
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+        """The snapshot's optimizer state; the current hyperparameters unless schedulers roll back too."""
+        keep = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(_clone_tree(saved, None))
+        if not self.schedulers:
+            for group, hyper in zip(optimizer.param_groups, keep, strict=True):
+                group.update(hyper)
+
     @override
     def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
         return self.name if event.kind in self.kinds and outcome.skipped else None
 
     def __repr__(self) -> str:
-        return f"Rollback(every={self.every})"
+        return f"Rollback(every={self.every}, schedulers={len(self.schedulers)})"
 
 
 POLICIES: dict[str, type[Policy]] = {
@@ -745,8 +787,13 @@ class PolicySet:
         return events
 
     def on_record(self, record: StepRecord, outcomes: Sequence[Outcome], host: PolicyHost) -> None:
-        """Runs every member's host-side action for ``record``, in the given order."""
-        for p, o in zip(self.policies, outcomes, strict=True):
+        """Runs every member's host-side action for ``record``: restoring ones (rollback) first.
+
+        A restore replaces the state the others adjust (an :class:`LRBackoff` scales the restored
+        learning rates), so the policies' order in the list does not change the result.
+        """
+        pairs = list(zip(self.policies, outcomes, strict=True))
+        for p, o in sorted(pairs, key=lambda pair: not pair[0].restores_state):
             p.on_record(record, o, host)
 
     def state_dict(self) -> dict[str, Any]:
