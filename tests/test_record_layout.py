@@ -26,7 +26,7 @@ def test_records_list_every_watched_parameter_with_none_where_no_gradient(tmp_pa
     records = []
     watch = gradwatch.GradWatch(model, opt, sinks=[records.append], history=tmp_path / "h.jsonl")
     expected = []
-    for step, head in enumerate(["head_a", "head_b", "head_a"]):
+    for head in ["head_a", "head_b", "head_a"]:
         model(torch.randn(5, 4), head).square().mean().backward()
         expected.append({n: p.grad.double().norm().item() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
