@@ -118,7 +118,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a history with unreadable lines (exit 2) instead of skipping them with a warning",
     )
     report.set_defaults(func=_cmd_report)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="write detector baseline statistics from a healthy run's history",
+        description="Read a healthy run's history and write the detector's baseline statistics (per-parameter "
+        "and total log-norm mean/variance, loss mean/variance) for GradWatch(..., baseline=PATH), which arms every "
+        "adaptive rule from step 0 of a new run.",
+    )
+    calibrate.add_argument("run_file", metavar="HISTORY", help="history .jsonl file, or a folder holding history.jsonl")
+    calibrate.add_argument("-o", "--output", required=True, metavar="PATH", help="baseline file to write (.pt)")
+    calibrate.add_argument("--steps", type=_step_range, default=(None, None), metavar="FIRST:LAST", help="step range")
+    calibrate.set_defaults(func=_cmd_calibrate)
     return parser
+
+
+def _step_range(text: str) -> tuple[int | None, int | None]:
+    first, sep, last = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return (int(first) if first.strip() else None, int(last) if last.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST:LAST (either may be empty), got {text!r}") from None
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .baseline import calibrate, save_baseline
+    from .history import read_history
+
+    path = Path(args.run_file)
+    history = read_history(path / "history.jsonl" if path.is_dir() else path)
+    try:
+        baseline = calibrate(history.steps, args.steps)
+    except ValueError as error:
+        print(f"gradwatch calibrate: {error}", file=sys.stderr)
+        return 2
+    save_baseline(baseline, args.output)
+    first, last = baseline["steps"]
+    print(
+        f"baseline of {len(baseline['names'])} parameters from {int(baseline['total']['count'][0])} healthy steps "
+        f"({first}..{last}) written to {args.output}"
+    )
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

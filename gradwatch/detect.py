@@ -31,7 +31,8 @@ baseline by at most ``(1 - ema) * sigma * std`` while a genuine level shift is s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
@@ -144,6 +145,14 @@ class DetectorConfig:
             the mean by 1% of ``|mean|``.
         per_param: whether the adaptive spike/vanishing rules run per parameter (True) or only on
             the total norm.
+        total_sigma: z-score for spikes of the total norm. Default 4 (see the module docstring:
+            one stream tested per step, not hundreds, so it can be tighter than ``sigma``).
+        huber: once armed, a value enters the running spread with its deviation clamped to this many
+            standard deviations. Default 3.
+        early_factor: before the total norm's statistics are armed, a total norm above this many
+            times the largest of its first ``early_steps`` values is a spike (Megatron's 10x rule,
+            for runs that diverge in their first steps). None turns the rule off.
+        early_steps: how many first total norms form the early reference. Default 5.
     """
 
     sigma: float = 6.0
@@ -157,6 +166,10 @@ class DetectorConfig:
     rolling_limit: float | None = None
     loss_sigma: float | None = None
     per_param: bool = True
+    total_sigma: float = 4.0
+    huber: float = 3.0
+    early_factor: float | None = 10.0
+    early_steps: int = 5
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -174,9 +187,12 @@ class DetectorConfig:
         positive("max_total_norm", self.max_total_norm, allow_none=True)
         positive("rolling_limit", self.rolling_limit, allow_none=True)
         positive("loss_sigma", self.loss_sigma, allow_none=True)
+        positive("total_sigma", self.total_sigma)
+        positive("huber", self.huber)
+        positive("early_factor", self.early_factor, allow_none=True)
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema must be a float in (0, 1), got {self.ema!r}")
-        for name in ("warmup", "rolling_window"):
+        for name in ("warmup", "rolling_window", "early_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -184,6 +200,8 @@ class DetectorConfig:
             raise TypeError(f"per_param must be a bool, got {self.per_param!r}")
         if self.min_spike_ratio < 1:
             raise ValueError(f"min_spike_ratio must be >= 1, got {self.min_spike_ratio!r}")
+        if self.early_factor is not None and self.early_factor <= 1:
+            raise ValueError(f"early_factor must be > 1 or None, got {self.early_factor!r}")
         if self.vanishing_ratio >= 1:
             raise ValueError(f"vanishing_ratio must be < 1, got {self.vanishing_ratio!r}")
 
@@ -277,21 +295,37 @@ class LossDetection(NamedTuple):
 
 
 class RunningStats:
-    """Moving mean/variance of ``size`` streams as device tensors, with warm-up and winsorizing.
+    """Robust moving mean and variance of ``size`` streams, as device tensors.
 
-    The update is Finch's incremental EMA ("Incremental calculation of weighted mean and variance",
-    2009) with weight ``a = max(1 - ema, 1 / count)``: the plain cumulative mean/variance for the
-    first ``1 / (1 - ema)`` observations, an EMA after.
+    Per stream: ``mean``, ``var`` and ``count`` (observations learned). The EMA weight is
+    ``a = max(1 - ema, 1 / (count + 1))``: the plain cumulative mean/variance (Finch, "Incremental
+    calculation of weighted mean and variance", 2009) for the first ``1 / (1 - ema)`` observations,
+    an EMA after.
+
+    Robustness:
+
+    * from the ``clamp_after``-th observation on (default ``min(10, warmup)``: already in the
+      warm-up, so one wild value early on cannot set the baseline), a value enters with its
+      deviation clamped to ``+- huber`` standard deviations (a Huber-type update): a value that was
+      not flagged widens the spread by a bounded amount;
+    * a *flagged* value (``flagged``) never widens the spread: it leaves ``var`` untouched and moves
+      only the mean, by the clamped deviation, so a genuine level shift is still learned (at
+      ``a * huber`` standard deviations per step);
+    * NaN/Inf and ``ok == False`` rows are not learned at all.
 
     Args:
         size: number of independent streams.
         ema: decay in (0, 1).
         warmup: observations before a stream is armed.
-        sigma: winsorizing width: once armed, values enter clamped to ``mean +- sigma * std``.
+        huber: clamp of the deviations that enter, in standard deviations.
+        clamp_after: observations before the clamp applies (None: ``min(10, warmup)``).
     """
 
-    def __init__(self, size: int, *, ema: float, warmup: int, sigma: float):
-        self.size, self.ema, self.warmup, self.sigma = size, ema, warmup, sigma
+    _KEYS = ("mean", "var", "count")
+
+    def __init__(self, size: int, *, ema: float, warmup: int, huber: float = 3.0, clamp_after: int | None = None):
+        self.size, self.ema, self.warmup, self.huber = size, ema, warmup, huber
+        self.clamp_after = min(10, warmup) if clamp_after is None else clamp_after
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
@@ -310,23 +344,37 @@ class RunningStats:
             mean, var, count = mean[index], var[index], count[index]
         return mean, var.clamp_min(0).sqrt(), count >= self.warmup
 
-    def update_(self, x: torch.Tensor, ok: torch.Tensor, index: torch.Tensor | None = None) -> None:
-        """Adds ``x`` (float64, one per selected stream) where ``ok``; NaN/Inf are never added."""
+    def update_(
+        self,
+        x: torch.Tensor,
+        ok: torch.Tensor,
+        flagged: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        checked: bool = False,
+    ) -> None:
+        """Learns ``x`` (float64, one per selected stream) where ``ok``; NaN/Inf are never learned.
+
+        Args:
+            x: the values.
+            ok: bool, which values to learn (broadcast against ``x``).
+            flagged: bool, values judged anomalous: they move the mean (clamped) but not the spread.
+            index: which streams ``x`` is (None: all, in order).
+            checked: the caller has already excluded non-finite ``x`` from ``ok``.
+        """
         self._ensure(x.device)
         mean, var, count = self.mean, self.var, self.count
         if index is not None:
             mean, var, count = mean[index], var[index], count[index]
-        ok = ok & torch.isfinite(x)
-        armed = count >= self.warmup
-        half = self.sigma * var.clamp_min(0).sqrt()
-        x = torch.where(armed, torch.minimum(torch.maximum(x, mean - half), mean + half), x)
-        x = torch.where(ok, x, mean)  # keeps NaN out of the arithmetic below
+        if not checked:
+            ok = ok & torch.isfinite(x)
+        half = self.huber * var.clamp_min(0).sqrt()
+        diff = torch.where(ok, x - mean, 0.0)  # keeps NaN out of the arithmetic below; incr = 0 where not ok
+        diff = torch.where(count >= self.clamp_after, torch.minimum(torch.maximum(diff, -half), half), diff)
         a = torch.clamp_min(1.0 / (count + 1).to(torch.float64), 1.0 - self.ema)
-        diff = x - mean
         incr = a * diff
-        new_mean = torch.where(ok, mean + incr, mean)
-        new_var = torch.where(ok, (1.0 - a) * (var + diff * incr), var)
-        new_count = count + ok.to(torch.int64)
+        learn_spread = ok if flagged is None else ok & ~flagged
+        new_var = torch.where(learn_spread, (1.0 - a) * (var + diff * incr), var)
+        new_mean, new_count = mean + incr, count + ok.to(torch.int64)
         if index is None:
             self.mean, self.var, self.count = new_mean, new_var, new_count
         else:
@@ -336,14 +384,11 @@ class RunningStats:
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """Copies of the state tensors (None before the first observation)."""
-        return {
-            k: None if v is None else v.clone()
-            for k, v in (("mean", self.mean), ("var", self.var), ("count", self.count))
-        }
+        return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in self._KEYS}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor | None], device: torch.device | None = None) -> None:
         """Restores :meth:`state_dict` output, optionally onto ``device``."""
-        for key in ("mean", "var", "count"):
+        for key in self._KEYS:
             value = state[key]
             if value is not None:
                 if value.shape != (self.size,):
@@ -352,19 +397,22 @@ class RunningStats:
             setattr(self, key, value)
 
 
-def _join_streams(params: Mapping[str, Any], total: Mapping[str, Any], n: int) -> dict[str, torch.Tensor | None]:
-    """One ``n + 1``-stream state from the saved parameter and total parts (either may be unset)."""
+def _join_streams(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, torch.Tensor | None]:
+    """One state from saved parts of the given sizes (a part never observed may be all None)."""
     joined: dict[str, torch.Tensor | None] = {}
-    for key in ("mean", "var", "count"):
-        p, t = params[key], total[key]
-        if p is None and t is None:
+    for key in parts[1]:
+        values = [p.get(key) for p in parts]
+        like = next((v for v in values if v is not None), None)
+        if like is None:
             joined[key] = None
             continue
-        like = p if p is not None else t
         dtype = torch.int64 if key == "count" else torch.float64
-        p = torch.zeros(n, dtype=dtype, device=like.device) if p is None else p  # never observed
-        t = torch.zeros(1, dtype=dtype, device=like.device) if t is None else t.to(p.device)
-        joined[key] = torch.cat([p, t])
+        joined[key] = torch.cat(
+            [
+                torch.zeros(n, dtype=dtype, device=like.device) if v is None else v.to(like.device)
+                for v, n in zip(values, sizes, strict=True)
+            ]
+        )
     return joined
 
 
@@ -374,6 +422,10 @@ class _StatsView(NamedTuple):
     mean: torch.Tensor | None
     var: torch.Tensor | None
     count: torch.Tensor | None
+
+
+STATE_VERSION = 2
+"""Version of :meth:`Detector.state_dict`: 2 adds the early blow-up reference ``early_max``."""
 
 
 class Detector:
@@ -408,36 +460,53 @@ class Detector:
         self.config = config if config is not None else DetectorConfig.from_options(options)
         self.num_params = num_params
         c = self.config
-        self.norms = RunningStats(num_params + 1, ema=c.ema, warmup=c.warmup, sigma=c.sigma)
-        self.loss = RunningStats(1, ema=c.ema, warmup=c.warmup, sigma=c.loss_sigma or c.sigma)
+        # Streams: each parameter's log-norm, the total's, each parameter's log share of the total.
+        self.norms = RunningStats(2 * num_params + 1, ema=c.ema, warmup=c.warmup, huber=c.huber)
+        self.loss = RunningStats(1, ema=c.ema, warmup=c.warmup, huber=c.huber)
+        self.loss_sigma = c.loss_sigma or c.sigma
         self.window: torch.Tensor | None = None  # last rolling_window total norms, oldest first
         self.window_count: torch.Tensor | None = None
-        self._constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.early_max: torch.Tensor | None = None  # largest log total norm of the first early_steps
+        self._constants: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
 
     @property
     def params(self) -> _StatsView:
         """The per-parameter running statistics of the log-norms (a read-only view)."""
-        return self._view(slice(None, -1))
+        return self._view(slice(None, self.num_params))
 
     @property
     def total(self) -> _StatsView:
         """The running statistics of the log total norm (a read-only view, one stream)."""
-        return self._view(slice(-1, None))
+        return self._view(slice(self.num_params, self.num_params + 1))
+
+    @property
+    def shares(self) -> _StatsView:
+        """The per-parameter running statistics of ``log(norm / total norm)`` (a read-only view)."""
+        return self._view(slice(self.num_params + 1, None))
 
     def _view(self, part: slice) -> _StatsView:
         s = self.norms
         return _StatsView(*(None if t is None else t[part] for t in (s.mean, s.var, s.count)))
 
-    def _rows_constants(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(is-a-parameter-row mask [rows], the total's stream index [1]), cached per device."""
-        key = (rows, device)
+    def _rows_constants(self, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per-row constants for ``n`` parameter rows (``2 n + 1`` rows: raw, total, shares), cached.
+
+        (parameter-row mask, total-row mask, spike sigma per row, +inf per parameter row, the
+        total's stream index, the offset of the share streams)
+        """
+        key = (n, device)
         cached = self._constants.get(key)
         if cached is None:
             if len(self._constants) > 16:
                 self._constants.clear()
-            param_rows = torch.arange(rows, device=device) < rows - 1
+            c = self.config
+            rows = torch.arange(2 * n + 1, device=device)
+            param_rows, total_row = rows < n, rows == n
+            sigma = torch.where(total_row, c.total_sigma, c.sigma).to(torch.float64)
+            inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
             total_stream = torch.full((1,), self.num_params, dtype=torch.int64, device=device)
-            cached = self._constants[key] = (param_rows, total_stream)
+            offset = torch.full((1,), self.num_params + 1, dtype=torch.int64, device=device)
+            cached = self._constants[key] = (param_rows, total_row, sigma, inf, total_stream, offset)
         return cached
 
     def detect(
@@ -468,62 +537,107 @@ class Detector:
         c = self.config
         device = packed.device
         packed = packed.to(torch.float64)
-        param_rows, total_stream = self._rows_constants(n + 1, device)
-        streams = None if index is None else torch.cat([index.to(device), total_stream])
+        param_rows, total_row, sigma, inf, total_stream, offset = self._rows_constants(n, device)
+        if index is not None:
+            index = index.to(device)
+        streams = None if index is None else torch.cat([index, total_stream, index + offset])
         norm = packed[:, 0]  # rows 0..n-1 the parameters, row n the total
-        bad = packed[:, 2] > 0
-        keep = torch.ones((), dtype=torch.bool, device=device) if ignore is None else ~ignore.to(device, torch.bool)
+        log_norm = norm.clamp_min(_TINY).log()
+        finite = (packed[:, 2] == 0) & torch.isfinite(log_norm)  # NaN/Inf never enter the statistics
+        keep = None if ignore is None else ~ignore.to(device, torch.bool)
+        # 2n + 1 streams: each parameter's log-norm, the total's, and each parameter's share of the
+        # total (log-norm minus the total's): the share cancels the noise common to all layers.
+        x = torch.cat([log_norm, log_norm[:-1] - log_norm[-1]])
+        good = torch.cat([finite, finite[:-1] & finite[-1]])
 
-        # Adaptive rules on the log-norms, all n + 1 streams at once.
-        x = norm.clamp_min(_TINY).log()
+        # Adaptive rules, all streams at once. Before the total stream is armed, its spike
+        # threshold is the early blow-up limit instead (see _early_limit).
         mean, std, armed = self.norms.view(streams, device)
-        ok = keep & ~bad  # NaN/Inf never enter the statistics
         if not c.per_param:  # only the total stream is judged and learned
-            armed = armed & ~param_rows
-            ok = ok & ~param_rows
+            armed = armed & total_row
         diff = x - mean
-        up = (c.sigma * std).clamp_min(math.log(c.min_spike_ratio))
+        up = (sigma * std).clamp_min(math.log(c.min_spike_ratio))
         down = (-c.sigma * std).clamp_max(math.log(c.vanishing_ratio))
         z = torch.where(armed, diff / std.clamp_min(1e-12), 0.0)
-        spike_thr = torch.where(armed, (mean + up).exp(), math.inf)
-        vanish_thr = torch.where(armed, (mean + down).exp(), 0.0)
-        judged = armed & torch.isfinite(x)
-        self.norms.update_(x, ok, streams)
+        spike_log = torch.where(armed, mean + up, torch.cat([inf, self._early_limit(device), inf]))
+        vanish_log = torch.where(armed & param_rows, mean + down, -math.inf)
+        spike = good & (x > spike_log)
+        vanish = good & (x < vanish_log)
+
+        # Learn: nothing non-finite; a flagged row, or any row of a flagged step, never widens a
+        # spread (see RunningStats); an early blow-up is not learned at all (nothing is armed yet).
+        total_spike = spike[n : n + 1]
+        step_flagged = total_spike | ~finite[-1:]
+        learn = good & ~(total_spike & ~armed[n : n + 1])  # before arming, only the total can spike
+        if keep is not None:
+            learn = learn & keep
+        if not c.per_param:
+            learn = learn & total_row
+        self.norms.update_(x, learn, spike | vanish | step_flagged, streams, checked=True)
+        self._learn_early_(log_norm[-1:], learn[n : n + 1])
+
+        # A parameter spikes when its norm or its share does; its threshold is the lower of the
+        # two, in norm units (the share's at this step's total).
+        spike = torch.cat([spike[:n] | spike[n + 1 :], total_spike])
+        spike_log = torch.cat([torch.minimum(spike_log[:n], spike_log[n + 1 :] + log_norm[-1]), spike_log[n : n + 1]])
+        param_rows, total_row = param_rows[: n + 1], total_row[: n + 1]
 
         # Flags of every row, columns in KINDS order; the last row becomes the step-level flags.
         none = torch.zeros(n + 1, dtype=torch.bool, device=device)
         columns = dict.fromkeys(KINDS, none)
-        columns[AnomalyKind.NONFINITE] = bad
-        columns[AnomalyKind.SPIKE] = judged & (diff > up)
-        columns[AnomalyKind.VANISHING] = judged & (diff < down) & param_rows
+        columns[AnomalyKind.NONFINITE] = packed[:, 2] > 0
+        columns[AnomalyKind.SPIKE] = spike
+        columns[AnomalyKind.VANISHING] = vanish[: n + 1]
         if c.max_norm is not None:
             columns[AnomalyKind.NORM_LIMIT] = (norm > c.max_norm) & param_rows
         if c.max_total_norm is not None:
-            columns[AnomalyKind.TOTAL_NORM_LIMIT] = (norm > c.max_total_norm) & ~param_rows
-        rolling = self._roll_(norm[-1:], keep)
+            columns[AnomalyKind.TOTAL_NORM_LIMIT] = (norm > c.max_total_norm) & total_row
+        rolling = self._roll_(norm[-1:], finite[-1] if keep is None else keep & finite[-1])
         if c.rolling_limit is not None:
-            columns[AnomalyKind.ROLLING_MEAN] = (rolling > c.rolling_limit) & ~param_rows
-        flags = torch.stack([columns[k] for k in KINDS], dim=1) & keep
+            columns[AnomalyKind.ROLLING_MEAN] = (rolling > c.rolling_limit) & total_row
+        flags = torch.stack([columns[k] for k in KINDS], dim=1)
+        if keep is not None:
+            flags = flags & keep
+        spike_thr = spike_log.exp()
         return Detection(
             param_flags=flags[:-1],
             global_flags=flags[-1],
-            z=z[:-1],
-            total_z=z[-1],
+            z=z[:n],
+            total_z=z[n],
             spike_threshold=spike_thr[:-1],
-            vanish_threshold=vanish_thr[:-1],
+            vanish_threshold=vanish_log[:n].exp(),
             total_threshold=spike_thr[-1],
             rolling_mean=rolling,
-            total_log_mean=mean[-1],
-            total_log_std=std[-1],
-            total_armed=armed[-1],
+            total_log_mean=mean[n],
+            total_log_std=std[n],
+            total_armed=armed[n],
         )
 
-    def _roll_(self, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _early_limit(self, device: torch.device) -> torch.Tensor:
+        """The early blow-up limit of the log total norm [1] (+inf while not judging).
+
+        The reference is the largest of the first ``early_steps`` values, fixed after them;
+        ``+inf`` until then, with the rule off, or after a version-1 state was loaded. The caller
+        uses it only while the total stream is not armed.
+        """
+        c = self.config
+        if self.early_max is None:
+            self.early_max = torch.full((1,), -math.inf, dtype=torch.float64, device=device)
+        if c.early_factor is None:
+            return self.early_max.new_full((1,), math.inf)
+        count = self.norms.count[self.num_params : self.num_params + 1]
+        return torch.where(count >= c.early_steps, self.early_max + math.log(c.early_factor), math.inf)
+
+    def _learn_early_(self, x: torch.Tensor, learn: torch.Tensor) -> None:
+        count = self.norms.count[self.num_params : self.num_params + 1]
+        learning = learn & (count <= self.config.early_steps)  # count already includes x
+        self.early_max = torch.where(learning, torch.maximum(self.early_max, x), self.early_max)
+
+    def _roll_(self, total: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         k = self.config.rolling_window
         if self.window is None:
             self.window = torch.zeros(k, dtype=torch.float64, device=total.device)
             self.window_count = torch.zeros((), dtype=torch.int64, device=total.device)
-        ok = keep & torch.isfinite(total[0])
         self.window = torch.where(ok, torch.cat([self.window[1:], total]), self.window)
         self.window_count = self.window_count + ok.to(torch.int64)
         mean = self.window.mean()
@@ -531,6 +645,10 @@ class Detector:
 
     def detect_loss(self, loss: torch.Tensor, ignore: torch.Tensor | None = None) -> LossDetection:
         """Flags a loss spike or a non-finite loss and updates the loss statistics.
+
+        The rule is the norms' (robust upper spread, flagged values never widen it) on the raw loss
+        (losses may be negative and are usually log-likelihoods already), with ``loss_sigma``; a spike
+        must also exceed the mean by 1% of ``|mean|``.
 
         Args:
             loss: a scalar tensor (any float dtype; detached here).
@@ -546,26 +664,27 @@ class Detector:
         device = loss.device
         value = loss.detach().reshape(1).to(torch.float64)
         keep = torch.ones(1, dtype=torch.bool, device=device) if ignore is None else ~ignore.reshape(1).bool()
-        sigma = self.loss.sigma
         mean, std, armed = self.loss.view(None, device)
-        margin = torch.maximum(sigma * std, 0.01 * mean.abs())
+        margin = torch.maximum(self.loss_sigma * std, 0.01 * mean.abs())
         threshold = torch.where(armed, mean + margin, torch.full_like(mean, math.inf))
-        flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
         finite = torch.isfinite(value)
+        spike = armed & finite & keep & (value > threshold)
+        flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
         flags[KIND_INDEX[AnomalyKind.LOSS_NONFINITE]] = (~finite & keep)[0]
-        flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE]] = (armed & finite & keep & (value > threshold))[0]
-        self.loss.update_(value, keep)
+        flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE]] = spike[0]
+        self.loss.update_(value, keep, spike)
         return LossDetection(flags=flags, value=value[0], threshold=threshold[0])
 
     def _split_state(self) -> dict[str, dict[str, torch.Tensor | None]]:
         return {
             part: {k: None if v is None else v.clone() for k, v in view._asdict().items()}
-            for part, view in (("params", self.params), ("total", self.total))
+            for part, view in (("params", self.params), ("total", self.total), ("shares", self.shares))
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of every running statistic, plus the config (checked on load)."""
+        """Copies of every running statistic, plus the config and :data:`STATE_VERSION`."""
         return {
+            "version": STATE_VERSION,
             "config": asdict(self.config),
             "num_params": self.num_params,
             # Saved as two parts, as before the streams were merged: old checkpoints still load.
@@ -573,23 +692,103 @@ class Detector:
             "loss": self.loss.state_dict(),
             "window": None if self.window is None else self.window.clone(),
             "window_count": None if self.window_count is None else self.window_count.clone(),
+            "early_max": None if self.early_max is None else self.early_max.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
         """Restores :meth:`state_dict` output so detection resumes exactly.
+
+        States of version 1 (no ``version`` key) load with the early blow-up rule off (its
+        reference was not saved); their statistics are read as they are.
 
         Args:
             state: output of :meth:`state_dict`.
             device: where to put the tensors (default: where they were saved).
 
         Raises:
-            ValueError: the state is for a different number of parameters.
+            ValueError: the state is for a different number of parameters, or of a newer version.
         """
+        version = state.get("version", 1)
+        if version > STATE_VERSION:
+            raise ValueError(f"detector state has version {version}; this gradwatch reads up to {STATE_VERSION}")
         if state["num_params"] != self.num_params:
             raise ValueError(f"state is for {state['num_params']} parameters; this detector watches {self.num_params}")
         device = None if device is None else torch.device(device)
-        self.norms.load_state_dict(_join_streams(state["params"], state["total"], self.num_params), device)
+        parts = [state["params"], state["total"], state.get("shares", dict.fromkeys(state["total"]))]
+        self.norms.load_state_dict(_join_streams(parts, (self.num_params, 1, self.num_params)), device)
         self.loss.load_state_dict(state["loss"], device)
-        for key in ("window", "window_count"):
-            value = state[key]
+        for key in ("window", "window_count", "early_max"):
+            value = state.get(key)
             setattr(self, key, None if value is None else (value.clone() if device is None else value.to(device)))
+        if self.early_max is None and self.norms.count is not None:
+            # Version 1: a stream already observed has lost its early reference, so the rule stays off.
+            count = self.norms.count[self.num_params : self.num_params + 1]
+            self.early_max = torch.where(count > 0, math.inf, -math.inf).to(torch.float64)
+
+    def load_baseline(
+        self,
+        baseline: str | os.PathLike[str] | Mapping[str, Any],
+        names: Sequence[str],
+        *,
+        ignore_extra: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Arms every adaptive rule from a healthy run's statistics (see :mod:`gradwatch.baseline`).
+
+        Each watched parameter takes the baseline's log-norm mean and variance of the parameter
+        of the same name, the total norm and the loss theirs; counts are raised to ``warmup``, so
+        spikes, vanishing gradients and loss spikes are judged from the next check on (the early
+        blow-up rule, which only runs before arming, is off). The statistics then adapt as usual.
+
+        Args:
+            baseline: a file written by ``gradwatch calibrate`` / :func:`gradwatch.baseline.save_baseline`,
+                or the dict from :func:`gradwatch.baseline.calibrate`.
+            names: the watched parameters' names, in the detector's order.
+            ignore_extra: accept baseline parameters that are not watched here (otherwise an error).
+            device: where the statistics go (default: where they already are, else the CPU).
+
+        Raises:
+            ValueError: ``names`` has the wrong length, a watched parameter is missing from the
+                baseline, or (unless ``ignore_extra``) the baseline has parameters not watched here;
+                the message names them.
+        """
+        from .baseline import load_baseline_file
+
+        data = load_baseline_file(baseline)
+        names = list(names)
+        if len(names) != self.num_params:
+            raise ValueError(f"names has {len(names)} entries; the detector watches {self.num_params} parameters")
+        position = {name: i for i, name in enumerate(data["names"])}
+        missing = [n for n in names if n not in position]
+        extra = sorted(set(position) - set(names))
+        problems = []
+        if missing:
+            problems.append(f"watched parameters missing from the baseline: {missing}")
+        if extra and not ignore_extra:
+            problems.append(f"baseline parameters not watched here: {extra} (pass ignore_extra=True to ignore them)")
+        if problems:
+            raise ValueError("baseline does not match the model: " + "; ".join(problems))
+        rows = torch.tensor([position[n] for n in names], dtype=torch.int64)
+        where = (
+            torch.device(device)
+            if device is not None
+            else (self.norms.mean.device if self.norms.mean is not None else torch.device("cpu"))
+        )
+        warm = self.config.warmup
+
+        def stats(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {
+                "mean": mean.to(torch.float64),
+                "var": var.to(torch.float64).clamp_min(0),
+                "count": count.to(torch.int64).clamp_min(warm),
+            }
+
+        params = stats(data["mean"][rows], data["var"][rows], data["count"][rows])
+        shares = stats(data["share_mean"][rows], data["share_var"][rows], data["count"][rows])
+        total = stats(data["total"]["mean"], data["total"]["var"], data["total"]["count"])
+        joined = {k: torch.cat([params[k], total[k], shares[k]]) for k in params}
+        self.norms.load_state_dict(joined, where)
+        loss = data["loss"]
+        if int(loss["count"][0]) > 0:
+            self.loss.load_state_dict(stats(loss["mean"], loss["var"], loss["count"]), where)
+        self.early_max = torch.full((1,), math.inf, dtype=torch.float64, device=where)

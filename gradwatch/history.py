@@ -56,6 +56,7 @@ tried again ``retry_every`` records later.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import errno
 import json
@@ -63,7 +64,8 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +97,7 @@ __all__ = [
     "encode_float",
     "decode_float",
     "rank_path",
+    "call_at_exit",
     "HISTORY_FORMAT",
     "HISTORY_VERSION",
 ]
@@ -187,6 +190,7 @@ class HistoryWriter:
         self._header_due = True
         self._replace = True  # truncate the file before the first line (cleared by resume())
         self._fd: int | None = None
+        self._size: int | None = None
         self._closed = False
         self._failing: OSError | None = None
         self._retry_in = 0
@@ -216,10 +220,13 @@ class HistoryWriter:
                     ) from None
                 # A file system without locks (some network mounts): write without one.
         self._fd = fd
+        info = os.fstat(fd)
+        # The file's size, tracked so that a failed write can be cut back; None for a device (/dev/full).
+        self._size = info.st_size if stat.S_ISREG(info.st_mode) else None
         return True
 
     def _regular(self) -> bool:
-        return self._fd is not None and stat.S_ISREG(os.fstat(self._fd).st_mode)
+        return self._fd is not None and self._size is not None
 
     def _fail(self, error: OSError) -> None:
         if self._failing is None:
@@ -240,7 +247,7 @@ class HistoryWriter:
         assert self._fd is not None
         data = "".join(json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n" for obj in lines)
         raw = data.encode("utf-8")
-        start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular() else None
+        start = self._size
         try:
             if self._replace:
                 if start is not None:
@@ -259,6 +266,8 @@ class HistoryWriter:
                     pass
             self._fail(error)
             return False
+        if start is not None:
+            self._size = start + len(raw)
         if self._failing is not None:
             logger.warning(
                 "gradwatch: writing the run history %s again; %d lines were lost", self.path, self.lines_lost
@@ -312,7 +321,7 @@ class HistoryWriter:
             raise RuntimeError(
                 f"HistoryWriter: {self.path} is closed; it cannot record step {record.step} (call reopen())"
             )
-        columns = self._columns(record.names) if self.per_param == "all" else None
+        columns = self._columns(record.names)  # also keeps the header's names with per_param="none"
         notable = bool(record.events) or record.skipped or record.clip_factor != 1.0
         if record.step % self.every and not notable:
             return
@@ -373,6 +382,7 @@ class HistoryWriter:
         except OSError as error:
             self._fail(error)
             return
+        self._size = cut
         same = header is not None and header.get("version") == HISTORY_VERSION
         same = same and header.get("per_param") == self.per_param
         if same and self._names is None:
@@ -434,3 +444,26 @@ def rank_path(path: str | os.PathLike[str], rank: int) -> Path:
     """The per-rank history file of ``path``: ``run.jsonl`` -> ``run.rank3.jsonl``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def call_at_exit(owner: object, method: str) -> Callable[[], None]:
+    """Call ``owner.<method>()`` at interpreter exit (also after an uncaught exception) if it is still alive.
+
+    Holds only a weak reference. Errors are logged, never raised (the interpreter is leaving).
+    The monitor uses it to drain its pending records into the history before the process ends.
+
+    Returns:
+        A function that cancels the call.
+    """
+    ref = weakref.ref(owner)
+
+    def hook() -> None:
+        obj = ref()
+        if obj is not None:
+            try:
+                getattr(obj, method)()
+            except Exception as error:
+                logger.error("gradwatch: at interpreter exit, %s.%s() failed: %s", type(obj).__name__, method, error)
+
+    atexit.register(hook)
+    return lambda: atexit.unregister(hook)

@@ -152,7 +152,8 @@ class HistoryReader:
     def __init__(self, path: str | os.PathLike[str], *, strict: bool = False, max_abs: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"read_history: no such file: {self.path}")
+            what = "is not a regular file" if self.path.exists() else "no such file"
+            raise FileNotFoundError(f"read_history: {what}: {self.path}")
         self.strict = strict
         self._drop_max_abs = not max_abs and not strict
         self.names: list[str] = []
@@ -199,7 +200,7 @@ class HistoryReader:
                 except (ValueError, TypeError, KeyError) as error:
                     if isinstance(error, HistoryError):
                         raise
-                    if not raw.endswith(b"\n"):  # the last line, cut short by a crash
+                    if not raw.endswith(b"\n") and self._history_lines:  # the last line, cut short by a crash
                         self.truncated = True
                         logger.warning(
                             "gradwatch: %s:%d is incomplete (run interrupted?); ignoring it", self.path, number

@@ -141,7 +141,8 @@ class Decision:
     """The device-side outcome of all policies for one step.
 
     Attributes:
-        factors: float32 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
+        factors: float64 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
+            float64, so that a clip factor is neither rounded nor underflows to 0 (which would zero).
         skip: bool scalar; the optimizer step must not happen.
         raise_now: bool scalar; the host raises :class:`GradientAnomalyError` for this step.
         clip_factor: float64 scalar; the product of the clipping factors applied to all gradients.
@@ -159,7 +160,7 @@ class Decision:
         """Do nothing: factors 1, no skip, no raise."""
         false = torch.zeros((), dtype=torch.bool, device=device)
         return cls(
-            factors=torch.ones(n, dtype=torch.float32, device=device),
+            factors=torch.ones(n, dtype=torch.float64, device=device),
             skip=false,
             raise_now=false.clone(),
             clip_factor=torch.ones((), dtype=torch.float64, device=device),
@@ -270,6 +271,9 @@ class Warn(Policy):
         super().__init__(kinds, frozenset(AnomalyKind))
 
 
+_SMALLEST_FACTOR = 2.0**-1074  # the smallest positive float64
+
+
 class Clip(Policy):
     """Global max-norm clipping every step, like ``torch.nn.utils.clip_grad_norm_``.
 
@@ -311,11 +315,12 @@ class Clip(Policy):
         # a zeroed gradient contributes 0, even if its norm was NaN (NaN * 0 would be NaN)
         norms = torch.where(factors == 0, torch.zeros_like(factors), ctx.packed[:-1, 0] * factors)
         total = norms.square().sum().sqrt()
-        coef = (limit / (total + 1e-6)).clamp(max=1.0)
+        # at least the smallest float64: a clip never rounds to 0, which scale_ reads as "write zeros"
+        coef = (limit / (total + 1e-6)).clamp(min=_SMALLEST_FACTOR, max=1.0)
         use = active & torch.isfinite(total) & ~ctx.ignore
         coef = torch.where(use, coef, torch.ones_like(coef))
-        decision.factors = decision.factors * coef.to(torch.float32)
-        decision.clip_factor = decision.clip_factor * coef.to(torch.float32).to(torch.float64)
+        decision.factors = decision.factors * coef
+        decision.clip_factor = decision.clip_factor * coef
         decision.extras.append([total, limit, coef])
 
     def _clipped(self, outcome: Outcome) -> bool:
@@ -343,17 +348,34 @@ class Clip(Policy):
 
 
 class AdaptiveClip(Clip):
-    """Z-score clipping of the total norm, in the manner of ZClip (Kumar et al., 2025).
+    """Z-score clipping of the total norm against its running statistics (after ZClip, Kumar et al., 2025).
 
     Once the detector's total-norm statistics are armed, a total norm above
-    ``exp(mean + z * std)`` of the running log-norm is clipped down to that value. ZClip keeps an
-    EMA (alpha 0.97) of the raw norm; here the detector's EMA of the log-norm is reused (no second
-    set of statistics, and the threshold is multiplicative, see ``gradwatch.detect``).
+    ``limit = exp(mean + z * std)`` of the running *log*-norm is clipped **to the limit itself**:
+    clip factor ``limit / total`` (gradients scaled by it; 1 when below the limit). Before arming,
+    the fixed ``max_norm`` applies if given, else nothing is clipped. A NaN/Inf total norm is not
+    clipped here (combine with ``"skip"`` or ``"zero"`` for those).
+
+    How this differs from the ``zclip`` package (measured side by side in
+    ``benchmarks/RESULTS.md``, "Detection"), and why:
+
+    * *Where a spike is clipped to.* ZClip's default ``adaptive_scaling`` clips a norm with z-score
+      ``z_t > z`` to ``mean + z * std / (z_t / z)``: the larger the spike, the *lower* the target,
+      down to the mean, so a x10 spike ends about 2x lower than here (factors ~0.14 vs ~0.28 on a
+      small CNN) and the clipped norm is not monotone in the raw one. Here the target is the
+      limit: the smallest change that makes the step ordinary, and a larger raw norm never gives a
+      smaller clipped one. Users who want a spike gone rather than capped should use ``"skip"``.
+    * *Statistics.* ZClip keeps an EMA (alpha 0.97) of the raw norm, updated with the clipped
+      value; here the detector's robust EMA of the log-norm is reused (no second set of
+      statistics, a multiplicative threshold, and flagged values never widen the spread; see
+      :mod:`gradwatch.detect`). The detector arms after its ``warmup`` (50) checks, ZClip after 25.
+    * ``max_norm``: here a fixed limit for the warm-up only. ZClip's ``max_grad_norm`` (default 1.0)
+      caps *every* step, warm-up or not; to get that here, add ``Clip(max_norm)`` to the policy.
 
     Args:
-        z: threshold in standard deviations. Default 2.5, ZClip's published default.
-        max_norm: optional fixed limit applied while the statistics warm up (ZClip clips to a
-            fixed norm during warm-up too); None: no clipping before the detector is armed.
+        z: threshold in standard deviations of the log total norm. Default 2.5, ZClip's default.
+        max_norm: optional fixed limit applied only while the statistics warm up; None: no
+            clipping before the detector is armed.
     """
 
     name = "adaptive_clip"

@@ -28,7 +28,7 @@ def lognormal_norms(steps, n, seed=0, scale=1.0, sd=0.2):
 
 def test_running_stats_match_cumulative_then_ema_oracle():
     ema, warmup = 0.9, 3
-    rs = RunningStats(1, ema=ema, warmup=warmup, sigma=1e9)  # huge sigma: no winsorizing
+    rs = RunningStats(1, ema=ema, warmup=warmup, huber=1e9)  # huge clamp: plain EMA
     xs = [1.0, 3.0, 2.0, 5.0, 4.0, 0.5, 7.0, 2.5, 3.5, 1.5, 2.0, 9.0, 1.0, 3.0, 2.0]
     mean = var = 0.0
     for i, x in enumerate(xs):
@@ -69,14 +69,16 @@ def test_flagged_values_do_not_poison_the_statistics():
     norms = lognormal_norms(40, 2, seed=1)
     for row in norms:
         det.detect(packed_from_norms(row))
-    mean, std = det.params.mean.clone(), det.params.var.sqrt()
+    mean, var = det.params.mean.clone(), det.params.var.clone()
+    total_var = det.total.var.clone()
     det.detect(packed_from_norms([norms[-1, 0] * 1e4, float("nan")]))
-    # winsorized: the spike entered as mean + sigma * std, weighted a = max(1 - ema, 1 / (count + 1));
-    # NaN did not enter at all
+    # The spike moves its mean by the clamped deviation a * huber * std, weighted
+    # a = max(1 - ema, 1 / (count + 1)), and never widens the spread; NaN did not enter at all.
     a = max(1 - 0.98, 1 / 41)
-    assert (det.params.mean[0] - mean[0]).item() == pytest.approx(a * 6 * std[0].item(), rel=1e-9)
+    assert (det.params.mean[0] - mean[0]).item() == pytest.approx(a * 3 * var[0].sqrt().item(), rel=1e-9)
+    assert torch.equal(det.params.var, var) and torch.equal(det.total.var, total_var)
     assert det.params.mean[1].item() == mean[1].item() and det.params.count[1].item() == 40
-    assert torch.isfinite(det.params.var).all() and torch.isfinite(det.total.mean).all()
+    assert torch.isfinite(det.total.mean).all()
     # the next ordinary step is not flagged, and the next spike still is
     d = det.detect(packed_from_norms(norms[-2]))
     assert not d.param_flags.any()
@@ -207,7 +209,9 @@ def test_detection_dispatches_the_same_ops_for_5_or_5000_parameters():
         with Count():
             det.detect(packed)
         counts.append(Count.ops)
-    assert counts[0] == counts[1] < 120  # one vectorized pass over n + 1 streams: launches stay constant
+    # One vectorized pass over 2n + 1 streams (raw, total, shares): launches stay constant. With all
+    # rules on: 106 ops before issue 10's detector, 137 after (shares and the early rule).
+    assert counts[0] == counts[1] < 140
 
 
 @pytest.mark.parametrize(
@@ -238,3 +242,100 @@ def test_bad_inputs():
         det.detect(torch.zeros(3))
     with pytest.raises(ValueError, match="scalar"):
         det.detect_loss(torch.ones(2))
+
+
+def test_faults_do_not_widen_the_band_so_later_faults_are_still_caught():
+    # Issue 10: winsorized at +-6 sigma, every flagged spike widened the band by ~30%, and after
+    # a dozen faults a x10 of the total norm scored z < 6. Here a fault every 15 steps, 20 of them:
+    # the total norm's spread stays at its healthy value and every fault is flagged.
+    det = Detector(4)
+    g = torch.Generator().manual_seed(7)
+    rows = (torch.randn(400, 4, generator=g, dtype=torch.float64) * 0.3).exp()
+    caught, healthy_std = [], None
+    for step, row in enumerate(rows):
+        fault = step >= 100 and step % 15 == 0
+        d = det.detect(packed_from_norms(row * (10.0 if fault else 1.0)))
+        if step == 99:
+            healthy_std = det.total.var.sqrt().item()
+        if fault:
+            caught.append(bool(d.global_flags[SPIKE]))
+        else:
+            assert not d.param_flags.any() and not d.global_flags.any(), step
+    assert caught and all(caught), caught
+    assert det.total.var.sqrt().item() < 1.3 * healthy_std
+
+
+def test_early_blow_up_is_flagged_before_warm_up_and_not_learned():
+    det = Detector(2, warmup=50, early_steps=5, early_factor=10.0)
+    norms = [1.0, 1.2, 0.9, 1.1, 1.3, 1.0, 2.0, 12.0, 14.0, 1.0]
+    flags = []
+    for value in norms:
+        d = det.detect(packed_from_norms([value, value]))
+        flags.append(bool(d.global_flags[SPIKE]))
+        if len(flags) > 5:  # the threshold in force is 10x the largest of the first 5 totals
+            assert d.total_threshold.item() == pytest.approx(10 * 1.3 * math.sqrt(2))
+    # totals are value * sqrt(2): only 14 is above 10 x 1.3
+    assert flags == [False] * 8 + [True, False]
+    assert det.total.count.item() == 9  # the flagged value was not learned
+    assert not d.param_flags.any()
+
+
+def test_early_rule_stops_when_armed_and_can_be_turned_off():
+    det = Detector(1, warmup=8, early_steps=3)
+    for _ in range(8):
+        det.detect(packed_from_norms([1.0]))
+    d = det.detect(packed_from_norms([50.0]))  # armed: the adaptive rule judges, early rule is off
+    assert d.global_flags[SPIKE] and d.total_threshold.item() != pytest.approx(10.0)
+    det = Detector(1, warmup=50, early_factor=None)
+    for value in [1.0] * 5 + [1e6]:
+        d = det.detect(packed_from_norms([value]))
+    assert not d.global_flags.any()
+
+
+def test_total_norm_uses_its_own_lower_sigma():
+    det = Detector(2, warmup=20, sigma=6.0, total_sigma=3.0)
+    for row in lognormal_norms(60, 2, seed=8):
+        det.detect(packed_from_norms(row))
+    mean, std = det.total.mean.item(), det.total.var.sqrt().item()
+    d = det.detect(packed_from_norms(lognormal_norms(1, 2, seed=9)[0]))
+    assert d.total_threshold.item() == pytest.approx(math.exp(mean + max(3.0 * std, math.log(2))), rel=1e-12)
+
+
+def test_version_1_state_loads_with_early_rule_off():
+    a = Detector(2, warmup=30)
+    for row in lognormal_norms(10, 2, seed=10):
+        a.detect(packed_from_norms(row))
+    state = a.state_dict()
+    assert state["version"] == 2
+    del state["version"], state["early_max"]
+    b = Detector(2, warmup=30)
+    b.load_state_dict(state)
+    assert torch.equal(b.params.mean, a.params.mean)
+    d = b.detect(packed_from_norms([1e6, 1e6]))  # the early reference was not saved: rule off
+    assert not d.global_flags.any()
+    state["version"] = 3
+    with pytest.raises(ValueError, match="version 3"):
+        Detector(2).load_state_dict(state)
+
+
+def test_a_spike_during_warm_up_does_not_poison_the_baseline():
+    # Issue 10: a x100 gradient at step 10 of a 300-step run, then x10 spikes at steps 80 and 150,
+    # were missed; a one-parameter x1000 in the warm-up likewise hid a later x30 of that parameter.
+    det = Detector(3)
+    g = torch.Generator().manual_seed(11)
+    rows = (torch.randn(300, 3, generator=g, dtype=torch.float64) * 0.25).exp() * torch.tensor([1.0, 0.1, 0.01])
+    faults = {10: (None, 100.0), 12: (2, 1000.0), 80: (None, 10.0), 150: (None, 10.0), 200: (2, 30.0)}
+    for step, row in enumerate(rows):
+        row = row.clone()
+        which, factor = faults.get(step, (None, 1.0))
+        if which is None:
+            row *= factor
+        else:
+            row[which] *= factor
+        d = det.detect(packed_from_norms(row))
+        flagged = bool(d.param_flags.any() or d.global_flags.any())
+        if step == 12:
+            continue  # in the warm-up a small parameter's spike may pass: it must not poison later steps
+        assert flagged == (step in faults), step
+        if step == 200:
+            assert d.param_flags[2, SPIKE]

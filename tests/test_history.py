@@ -81,6 +81,7 @@ def test_every_and_per_param_none(tmp_path):
     assert [r.step for r in history] == [0, 5, 10, SPIKE_STEP, 15, NAN_STEP, 25]
     assert all(r.norms == [] for r in history)
     assert len(history.events) == 4
+    assert history.names == NAMES  # the header still lists the watched parameters
 
 
 def test_one_header_per_run_with_null_for_a_parameter_without_a_gradient(tmp_path):

@@ -264,3 +264,12 @@ def test_the_report_runs_without_importing_torch(tmp_path):
     import gradwatch
 
     assert set(gradwatch.__all__) == set(gradwatch._MODULE_OF)
+
+
+def test_a_binary_file_is_not_a_history_and_not_called_interrupted(tmp_path, capsys, caplog):
+    path = tmp_path / "picture.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        code, out, err = run(capsys, path, "--fail-on", "any")
+    assert code == 2 and "is not a gradwatch history (line 1: not UTF-8" in err
+    assert not any("incomplete" in r.getMessage() for r in caplog.records)
