@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .detect import Detector, DetectorConfig
     from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
     from .history import HistoryWriter, RunHistory, read_history
-    from .monitor import GradientMonitor, GradWatch
+    from .monitor import GradientMonitor, GradWatch, SinkError
     from .policies import AdaptiveClip, Clip, LRBackoff, Policy, PolicySet, Raise, Rollback, Skip, Warn, Zero
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "DetectorConfig",
     "GradWatch",
     "GradientMonitor",
+    "SinkError",
     "Policy",
     "PolicySet",
     "Warn",
@@ -65,7 +66,7 @@ _MODULE_OF = {
                      "native_backends", "scale_"], "._ops"),
     **dict.fromkeys(["Detector", "DetectorConfig"], ".detect"),
     **dict.fromkeys(["AnomalyEvent", "AnomalyKind", "GradientAnomalyError", "StepRecord"], ".events"),
-    **dict.fromkeys(["GradWatch", "GradientMonitor"], ".monitor"),
+    **dict.fromkeys(["GradWatch", "GradientMonitor", "SinkError"], ".monitor"),
     **dict.fromkeys(["Policy", "PolicySet", "Warn", "Clip", "AdaptiveClip", "Zero", "Skip", "Raise", "LRBackoff",
                      "Rollback"], ".policies"),
     **dict.fromkeys(["HistoryWriter", "RunHistory", "read_history"], ".history"),

@@ -85,6 +85,7 @@ from .events import AnomalyKind
 __all__ = [
     "KINDS",
     "KIND_INDEX",
+    "nonfinite_detection",
     "NUM_KINDS",
     "DetectorConfig",
     "Detection",
@@ -311,6 +312,38 @@ class Detection(NamedTuple):
     total_log_mean: torch.Tensor
     total_log_std: torch.Tensor
     total_armed: torch.Tensor
+
+
+def nonfinite_detection(packed: torch.Tensor, ignore: torch.Tensor | None = None) -> Detection:
+    """Non-finite gradients only, with nothing learned: the guard on the steps ``every=N`` skips.
+
+    The same NONFINITE flags as :meth:`Detector.detect` (a parameter row with a NaN/Inf count,
+    and the total row), every other column False and no statistic updated.
+
+    Args:
+        packed: float64 ``[n + 1, 3]`` from ``grad_stats_packed``.
+        ignore: optional bool scalar; where True nothing is flagged (a GradScaler's own skip).
+    """
+    device, n = packed.device, packed.shape[0] - 1
+    bad = packed[:, 2] > 0
+    if ignore is not None:
+        bad = bad & ~ignore.to(device, torch.bool)
+    flags = torch.zeros(n + 1, NUM_KINDS, dtype=torch.bool, device=device)
+    flags[:, KIND_INDEX[AnomalyKind.NONFINITE]] = bad
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return Detection(
+        param_flags=flags[:-1],
+        global_flags=flags[-1],
+        z=torch.zeros(n, dtype=torch.float64, device=device),
+        total_z=zero,
+        spike_threshold=torch.full((n,), math.inf, dtype=torch.float64, device=device),
+        vanish_threshold=torch.zeros(n, dtype=torch.float64, device=device),
+        total_threshold=torch.full_like(zero, math.inf),
+        rolling_mean=torch.full_like(zero, math.nan),
+        total_log_mean=zero,
+        total_log_std=zero,
+        total_armed=torch.zeros((), dtype=torch.bool, device=device),
+    )
 
 
 class LossDetection(NamedTuple):

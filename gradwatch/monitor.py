@@ -33,7 +33,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -41,19 +41,37 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._buffers import BufferGuard
+from ._grad_output import ActivationGradNorms
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from ._records import HostRecord, LossPacket, RecordQueue, encode_record
+from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record
 from ._selection import Selector, select_parameters
 from ._stepping import ScalerTap, StepControl
-from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection
+from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection, nonfinite_detection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, GradientAnomalyError, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
-__all__ = ["GradWatch", "GradientMonitor"]
+__all__ = ["GradWatch", "GradientMonitor", "SinkError"]
 
 logger = logging.getLogger("gradwatch")
+
+_MAX_SINK_ERRORS = 1000  # failures kept in GradWatch.sink_errors; all are counted
+
+
+@dataclass(frozen=True)
+class SinkError:
+    """A sink that raised: at which step, which sink, and the exception.
+
+    Attributes:
+        step: the step of the record the sink was given.
+        sink: the sink (the callable passed to ``sinks=`` or :meth:`GradWatch.add_sink`).
+        error: what it raised.
+    """
+
+    step: int
+    sink: Callable[[StepRecord], Any]
+    error: Exception
 
 
 class GradWatch:
@@ -101,9 +119,18 @@ class GradWatch:
         include: name patterns (``fnmatch``, or a module prefix such as ``"encoder"``) and/or
             module types; only matching parameters are watched. Default: all.
         exclude: name patterns and/or module types to leave out.
-        every: check every N-th optimizer step (or backward pass). Default 1.
+        every: check every N-th optimizer step (or backward pass). Default 1. Only the checked
+            steps are protected: a NaN on a step in between lands in the weights, unless
+            ``guard=True``.
+        guard: with ``every=N > 1``, run a non-finite guard on the steps in between: the fused
+            statistics pass and the gating policies (``skip``, ``zero``, ``raise``, ``rollback``)
+            on non-finite gradients only, no detector statistics, no spike rules, and a record
+            reaches the host (sinks, history) only when it found something. It costs the
+            measuring pass of a check (see ``benchmarks/RESULTS.md``) and, with a non-fused
+            optimizer and a skipping policy, the one sync per step of the host skip. Default False.
         history: a path; a :class:`gradwatch.history.HistoryWriter` on it is added as a sink.
-        sinks: callables ``fn(record: StepRecord)`` called once per drained step, in step order.
+        sinks: callables ``fn(record: StepRecord)`` called once per drained step, in step order;
+            one that raises is logged and counted (:attr:`sink_errors`), never propagated.
         process_group: the ranks that must agree on every decision (see :mod:`gradwatch.distributed`);
             None means the default group once ``torch.distributed`` is initialized. Statistics of
             FSDP2/DTensor-sharded gradients are reduced over their own mesh groups. Create the
@@ -141,6 +168,10 @@ class GradWatch:
     Attributes:
         events: the :class:`AnomalyEvent` s drained so far, the newest ``max_events`` of them.
         events_dropped: how many older events were dropped from :attr:`events` by ``max_events``.
+        sink_errors: the sinks' failures (:class:`SinkError`, the first 1000; ``sink_error_count``
+            counts all). A sink that raises never reaches training or the collectives: its first
+            failure is logged at ERROR with the step and the sink, the other sinks still get every
+            record, and the failing sink keeps being called.
         step: optimizer steps (or backward passes) seen; with ``every=1``, the checks done.
         param_names: names of the watched parameters.
         detector: the :class:`~gradwatch.detect.Detector`.
@@ -178,6 +209,7 @@ class GradWatch:
         attach: bool = True,
         baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         baseline_ignore_extra: bool = False,
+        guard: bool = False,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -199,17 +231,23 @@ class GradWatch:
         if scaler is not None and optimizer is None:
             raise ValueError("scaler= needs the optimizer it steps; pass optimizer=")
         self.scaler = scaler
+        if not isinstance(guard, bool):
+            raise TypeError(f"guard must be a bool, got {guard!r}")
+        self.guard = guard
         self.model = model
         self.optimizer = optimizer
         self.every = every
         self.process_group = process_group
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         rank = torch.distributed.get_rank() if is_distributed() else 0
+        self._distributed = is_distributed(process_group)
         self._runs_sinks = log_rank is None or log_rank == rank
         self.policy: PolicySet = make_policy(policy)
         self.policy.check_optimizer(optimizer)
         selected = select_parameters(model, include, exclude)
         self.param_names: list[str] = [n for n, _ in selected]
+        self._names = list(self.param_names)  # every record's names: the same object each step
+        self._position = {name: i for i, name in enumerate(self.param_names)}
         self._params: list[nn.Parameter] = [p for _, p in selected]
         # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
         self._has_dtensor = any(is_dtensor(p) for p in self._params)
@@ -228,7 +266,7 @@ class GradWatch:
         self._sinks: OrderedDict[int, Callable[[StepRecord], Any]] = OrderedDict()
         self._handles: list[RemovableHandle] = []
         self._queued = False
-        self._loss: tuple[LossDetection, int] | None = None  # observed for the upcoming check
+        self._loss: StepLoss | None = None  # observed for the upcoming check
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
@@ -240,6 +278,9 @@ class GradWatch:
         # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
         self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
         self._history = None
+        self.sink_errors: list[SinkError] = []
+        self.sink_error_count = 0
+        self._failed_sinks: set[int] = set()
         for fn in sinks:
             self.add_sink(fn)
         if history is not None and self._runs_sinks:
@@ -384,6 +425,11 @@ class GradWatch:
         its flags take part in that step's decision (``skip`` on a loss spike). Without one, call it
         after ``backward()``: it is recorded with the check that backward pass triggered.
 
+        Under gradient accumulation call it once per micro-batch, with that micro-batch's loss:
+        each one is judged by the detector (a spike in any micro-batch is flagged, and its event
+        reports the worst one), and the step's recorded loss is their mean, computed on the device.
+        The loss statistics are then statistics of micro-batch losses.
+
         Args:
             loss: the scalar loss tensor (detached here).
         """
@@ -404,9 +450,11 @@ class GradWatch:
             self._last_checked = None
         detection = self.detector.detect_loss(loss)
         if late:
-            self._records.put_loss(target, detection)
+            self._records.put_loss(target, StepLoss(target, detection))
+        elif self._loss is not None and self._loss.step == target:
+            self._loss.add(detection)  # another micro-batch of the same optimizer step
         else:
-            self._loss = (detection, target)
+            self._loss = StepLoss(target, detection)
 
     def flush(self) -> None:
         """Drains every pending record to the host now (waits for the copies); returns None."""
@@ -508,47 +556,57 @@ class GradWatch:
     def check(self, *, scaler_skipped: bool = False) -> None:
         """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record.
 
+        On the steps ``every=N`` leaves out, only the non-finite guard runs (``guard=True``).
+
         Args:
             scaler_skipped: the GradScaler skipped this step without calling the optimizer (only
                 its statistics are recorded; nothing is flagged or acted on).
         """
         step = self.step
         self.step += 1
-        if step % self.every:
+        sampled = step % self.every == 0
+        if not sampled and not self.guard:
             return
         self._in_check = step
         try:
-            self._drain(force_before=step - 1)
+            # Under torch.distributed every rank takes the previous step's record (and so its
+            # host-side remedies: rollback, LR backoff) at this same check: ranks never disagree
+            # on when a learning rate changed or a snapshot was restored.
+            self._drain(force_before=step if self._distributed else step - 1)
             self._report_unwatched()
-            self.policy.before_check(self, step)
+            if sampled:
+                self.policy.before_check(self, step)
             index, grads = self._collect()
             loss, self._loss = self._loss, None
-            if loss is not None and loss[1] != step:
+            if loss is not None and loss.step != step:
                 loss = None
             if not grads:
-                if self._in_backward is not None:
+                if self._in_backward is not None and sampled:
                     self._in_backward.discard()
                 return
-            packed = self._measure(grads)
+            # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
+            packed = self._measure(grads) if sampled else grad_stats_packed(grads)
             packed, scaler_flag = self.step_control.unscale(packed)
             if scaler_skipped:
                 scaler_flag = torch.ones_like(scaler_flag)
-            scaler_skipped_t = scaler_flag
             packed = self._reduce(packed, index)
             device = packed.device
-            observed = None if loss is None else loss[0].value  # judges the total norm given the loss
-            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped_t, observed)
+            if sampled:
+                observed = None if loss is None else loss.mean  # judges the total norm given the loss
+                detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_flag, observed)
+            else:  # non-finite gradients only; the running statistics stay those of the sampled steps
+                detection = nonfinite_detection(packed, scaler_flag)
             loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
             if loss is not None:
-                loss_flags = loss[0].flags.to(device)
+                loss_flags = loss.flags.to(device)
             names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, scaler_skipped_t, loss_flags)
+            ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
             decision = Decision.neutral(len(grads), device)
-            self.policy.decide(ctx, decision)
+            self.policy.decide(ctx, decision, gating_only=not sampled)
             if self._force_skip:
                 decision.skip = torch.ones_like(decision.skip)
                 self._force_skip = False
-            decision = self._agree(decision)
+            decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
             skip_path = self.step_control.skip_path(self.policy.can_skip)
             self._act(grads, decision, skip_path == "fused")
             self._buffer_guard.settle(decision.skip if skip_path is not None else None)
@@ -558,13 +616,15 @@ class GradWatch:
                 decision.clip_factor,
                 decision.skip,
                 decision.raise_now,
-                scaler_skipped_t,
+                scaler_flag,
                 decision.extras,
+                seen_by,
             )
-            self._records.put_record(step, names, payload, tuple(len(group) for group in decision.extras))
+            sizes = tuple(len(group) for group in decision.extras)
+            self._records.put_record(step, names, payload, sizes, sampled=sampled)
             if loss is not None:
-                self._records.put_loss(step, loss[0])
-            if self.optimizer is None:
+                self._records.put_loss(step, loss)
+            if self.optimizer is None and sampled:
                 self._last_checked = step
             if skip_path == "host":
                 self.step_control.skip_on_host(decision.skip)
@@ -668,29 +728,50 @@ class GradWatch:
             return None
         return self._index_cache.get(index, device)
 
-    def _agree(self, decision: Decision) -> Decision:
+    def _agree(
+        self,
+        decision: Decision,
+        global_flags: torch.Tensor,
+        param_flags: torch.Tensor,
+        loss_flags: torch.Tensor,
+    ) -> tuple[Decision, torch.Tensor | None]:
         """Distributed seam 2: every rank takes the most severe decision of any rank.
 
         Statistics are identical across ranks after :meth:`_reduce`, but a loss, a rank-local
         gradient fault or a GradScaler flag may not be. One all-reduce (max) over ``process_group``
-        of [skip, raise, -clip factor, -per-parameter factors] makes skip and raise global and
-        takes the smallest factors, so no rank steps while another skips.
+        of [skip, raise, -clip factor, -per-parameter factors, seen-by] makes skip and raise global
+        and takes the smallest factors, so no rank steps while another skips. Seen-by holds, per
+        anomaly kind, ``world - rank`` where this rank detected it: after the max, the lowest rank
+        that did. The record carries it, and every rank adds events for the kinds only other ranks
+        saw, so host-side remedies decide from the same kinds everywhere and rank 0's history
+        holds every rank's anomalies.
+
+        Returns:
+            ``(decision, seen_by)``: seen-by as ``[NUM_KINDS]`` float64 "1 + lowest rank that
+            detected the kind" (0: no rank), or None in a single process.
         """
-        if not is_distributed(self.process_group):
-            return decision
+        if not self._distributed:
+            return decision, None
         f64 = torch.float64
+        group = self.process_group
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        local = global_flags | param_flags.any(dim=0) | loss_flags
+        seen = torch.where(local, float(world - rank), 0.0).to(f64)
+        n = decision.factors.numel()
         packed = torch.cat(
             [
                 torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
                 -decision.factors.to(f64),
+                seen,
             ]
         )
-        agree(packed, self.process_group)
+        agree(packed, group)
         decision.skip = packed[0] > 0
         decision.raise_now = packed[1] > 0
         decision.clip_factor = -packed[2]
-        decision.factors = (-packed[3:]).to(torch.float32)
-        return decision
+        decision.factors = (-packed[3 : 3 + n]).to(torch.float32)
+        seen = packed[3 + n :]
+        return decision, torch.where(seen > 0, world + 1 - seen, torch.zeros_like(seen))
 
     def _act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
@@ -712,13 +793,14 @@ class GradWatch:
         outcomes = self.policy.outcomes(outcome)
         self._publish_events([self.policy.label(e, outcomes) for e in packet.events])
 
-    def _publish_events(self, events: list[AnomalyEvent]) -> None:
+    def _publish_events(self, events: list[AnomalyEvent], level: int | None = None) -> None:
+        """Logs and keeps ``events``: anomalies acted on at WARNING, others at INFO, or at ``level``."""
         for e in events:
-            level = logging.WARNING if e.action != "none" else logging.INFO
-            where = e.param if e.param is not None else "<global>"
+            level_e = level if level is not None else logging.WARNING if e.action != "none" else logging.INFO
+            where = e.where
             thr = "" if e.threshold is None else f" (threshold {e.threshold:.6g})"
             logger.log(
-                level,
+                level_e,
                 "gradwatch: step %d: %s in %s: value %.6g%s; action %s",
                 e.step,
                 e.kind.value,
@@ -751,27 +833,73 @@ class GradWatch:
             scaler_skipped=rec.scaler_skipped,
         )
         outcomes = self.policy.outcomes(base, rec.extras)
-        events = self.policy.events(rec.events, outcomes)
+        local_kinds = {e.kind for e in rec.events}
+        remote = [
+            AnomalyEvent(rec.step, kind, None, math.nan, None, "none", rank=r)
+            for kind, r in rec.seen_by.items()
+            if kind not in local_kinds
+        ]
+        anomalies, routine = self.policy.split_events(rec.events + remote, outcomes)
+        events = anomalies + routine
+        names, norms, max_abs, nonfinite = self._all_params(rec)
         record = StepRecord(
             step=rec.step,
-            names=rec.names,
-            norms=rec.norms,
-            max_abs=rec.max_abs,
-            nonfinite=rec.nonfinite,
+            names=names,
+            norms=norms,
+            max_abs=max_abs,
+            nonfinite=nonfinite,
             total_norm=rec.total_norm,
             loss=rec.loss,
             clip_factor=rec.clip_factor,
             skipped=skipped or rec.scaler_skipped,
             events=events,
         )
-        self._publish_events(events)
+        self._publish_events(anomalies)
+        self._publish_events(routine, logging.DEBUG)
         self.policy.on_record(record, outcomes, self)
         if self._runs_sinks:
             for fn in list(self._sinks.values()):
-                fn(record)
+                try:
+                    fn(record)
+                except Exception as error:  # a sink never changes training, nor the collectives
+                    self._sink_failed(fn, record.step, error)
         self._on_record(record)
         if rec.raised:
             raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events, step=rec.step)
+
+    def _all_params(self, rec: HostRecord) -> tuple[Sequence[str], list, list, list]:
+        """A record's per-parameter lists over every watched parameter (index-stable).
+
+        Parameters without a gradient at that step (not measured) get ``None`` in every list:
+        ``record.norms[i]`` always belongs to ``watch.param_names[i]``.
+        """
+        if len(rec.names) == len(self.param_names):
+            return self._names, rec.norms, rec.max_abs, rec.nonfinite
+        n = len(self.param_names)
+        rows = [self._position[name] for name in rec.names]
+        lists: list[list] = [[None] * n, [None] * n, [None] * n]
+        for out, values in zip(lists, (rec.norms, rec.max_abs, rec.nonfinite), strict=True):
+            for row, value in zip(rows, values, strict=True):
+                out[row] = value
+        return self._names, lists[0], lists[1], lists[2]
+
+    def _sink_failed(self, fn: Callable[[StepRecord], Any], step: int, error: Exception) -> None:
+        """Logs a sink's first failure (with the traceback), keeps every failure in :attr:`sink_errors`."""
+        if len(self.sink_errors) < _MAX_SINK_ERRORS:
+            self.sink_errors.append(SinkError(step, fn, error))
+        self.sink_error_count += 1
+        if id(fn) in self._failed_sinks:
+            logger.debug("gradwatch: step %d: sink %r failed again: %r", step, fn, error)
+            return
+        self._failed_sinks.add(id(fn))
+        logger.error(
+            "gradwatch: step %d: sink %r raised %r; training goes on, the sink is still called "
+            "for every record and later failures are only counted (watch.sink_errors)",
+            step,
+            fn,
+            error,
+            exc_info=error,
+        )
 
     def _on_record(self, record: StepRecord) -> None:
         """Subclass hook, called for every drained record after the sinks."""
@@ -780,19 +908,35 @@ class GradWatch:
 class GradientMonitor(GradWatch):
     """Drop-in for the hand-written hook monitor: per-layer gradient norms, without a sync per layer.
 
-    The hand-written version registers a tensor hook per parameter that appends
-    ``grad.norm().item()`` to a list, a device sync per layer per step. This one measures all
-    gradients in one fused pass at the end of each backward pass and fills the same list
-    asynchronously; reading :attr:`grad_norms` drains pending records first (one wait, only when
-    read). Norms are appended per backward pass in parameter order (``model.named_parameters()``),
-    with the parameter names alongside in :attr:`grad_norm_names`.
+    Two measures, chosen with ``measure=``; state plainly which numbers you want:
+
+    * ``"param_grad"`` (default): norms of the **parameter gradients** (``p.grad``), one per
+      parameter that got a gradient, in parameter order (``model.named_parameters()``), names in
+      :attr:`grad_norm_names`. The hand-written version of this registers a tensor hook per
+      parameter appending ``grad.norm().item()`` (a sync per parameter); here all gradients are
+      measured in one fused pass per check, with the full detector and policies of
+      :class:`GradWatch`.
+    * ``"grad_output"``: norms of the **activation gradients** ``grad_output[0]`` of every module of
+      the ``modules`` types, one per module per backward pass, in backward order (last layer
+      first), names the module names: the numbers of a hand-written monitor that registers
+      ``register_full_backward_hook`` on Conv2d/Linear modules and records
+      ``grad_output[0].norm()``. Each hook only launches the norm on the device; the norms are
+      copied to the host once per backward pass, without a sync. ``threshold=1000`` makes a norm
+      above 1000 an event (``norm_limit``, logged at WARNING), like the hand-written fixed limit.
+      The detector and policies do not run in this mode, and sinks get nothing.
+
+    Reading :attr:`grad_norms` drains pending results first (one wait, only when read).
 
     Args:
         model: the module to watch.
-        optimizer: optional; with one, norms are taken once per optimizer step (accumulated).
+        optimizer: optional; with one (``"param_grad"``), norms are taken once per optimizer step
+            (accumulated).
         policy: default ``"warn"`` (events are logged and kept in :attr:`events`).
         attach: register the hooks now; default False, as hand-written monitors call
             :meth:`register_hooks` themselves.
+        measure: ``"param_grad"`` or ``"grad_output"`` (above).
+        modules: with ``"grad_output"``, the module types hooked. Default ``(nn.Conv2d, nn.Linear)``.
+        threshold: with ``"grad_output"``, the fixed norm limit, or None (no events).
         **kwargs: as for :class:`GradWatch` (``include``, ``exclude``, ``every``, detector options).
 
     Example:
@@ -803,6 +947,11 @@ class GradientMonitor(GradWatch):
         >>> model(torch.randn(2, 4)).sum().backward()
         >>> len(monitor.grad_norms)
         4
+        >>> acts = gradwatch.GradientMonitor(model, measure="grad_output", threshold=1000)
+        >>> handles = acts.register_hooks()
+        >>> model(torch.randn(2, 4)).sum().backward()
+        >>> acts.grad_norm_names
+        ['1', '0']
     """
 
     def __init__(
@@ -812,38 +961,73 @@ class GradientMonitor(GradWatch):
         *,
         policy: str | Policy | PolicySet | Iterable[str | Policy] = "warn",
         attach: bool = False,
+        measure: str = "param_grad",
+        modules: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear),
+        threshold: float | None = None,
         **kwargs: Any,
     ):
+        if measure not in ("param_grad", "grad_output"):
+            raise ValueError(f"measure must be 'param_grad' or 'grad_output', got {measure!r}")
+        if threshold is not None and measure != "grad_output":
+            raise ValueError(
+                "threshold= is the fixed limit of measure='grad_output'; for parameter gradients pass "
+                "max_norm= (per parameter) or max_total_norm= (total)"
+            )
+        self.measure = measure
         self._grad_norms: list[float] = []
         self._grad_norm_names: list[str] = []
         self._total_norms: list[float] = []
+        self._activations: ActivationGradNorms | None = None
+        if measure == "grad_output":
+            self._activations = ActivationGradNorms(model, modules, threshold)
         super().__init__(model, optimizer, policy=policy, attach=attach, **kwargs)
+        if self._activations is not None:
+            self._activations.events = self.events  # its threshold events are the monitor's events
+
+    def register_hooks(self) -> list[RemovableHandle]:
+        """Attaches the hooks of the chosen measure (idempotent); returns their removable handles."""
+        if self._activations is None:
+            return super().register_hooks()
+        if not self._handles:
+            self._handles.extend(self._activations.register())
+        return list(self._handles)
+
+    def flush(self) -> None:
+        """Drains every pending record (and activation-gradient norms) to the host now."""
+        super().flush()
+        if self._activations is not None:
+            self._activations.drain()
 
     def _on_record(self, record: StepRecord) -> None:
-        self._grad_norms.extend(record.norms)
-        self._grad_norm_names.extend(record.names)
+        # like the hand-written hooks, which fire only for parameters that got a gradient
+        present = [i for i, norm in enumerate(record.norms) if norm is not None]
+        self._grad_norms.extend(record.norms[i] for i in present)
+        self._grad_norm_names.extend(record.names[i] for i in present)
         self._total_norms.append(record.total_norm)
 
     @property
     def grad_norms(self) -> list[float]:
         """Per-layer gradient norms, appended each check (reading it drains pending records)."""
         self.flush()
-        return self._grad_norms
+        return self._activations.grad_norms if self._activations is not None else self._grad_norms
 
     @grad_norms.setter
     def grad_norms(self, value: list[float]) -> None:
         self.flush()
-        self._grad_norms = value
+        if self._activations is not None:
+            self._activations.grad_norms = value
+        else:
+            self._grad_norms = value
 
     @property
     def grad_norm_names(self) -> list[str]:
-        """The parameter name of each entry of :attr:`grad_norms`."""
+        """The parameter (or, for ``"grad_output"``, module) name of each entry of :attr:`grad_norms`."""
         self.flush()
-        return self._grad_norm_names
+        return self._activations.grad_norm_names if self._activations is not None else self._grad_norm_names
 
     @property
     def total_norms(self) -> list[float]:
-        """The total gradient norm of each check."""
+        """The total parameter-gradient norm of each check (empty for ``"grad_output"``)."""
         self.flush()
         return self._total_norms
 

@@ -282,7 +282,14 @@ class Clip(Policy):
     computed from the norms the fused op already measured, adjusted for parameters a gating policy
     zeroed; no second reduction pass over the gradients. When the total norm is NaN/Inf the factor
     is 1: non-finite gradients are the business of the gating policies (``clip_grad_norm_`` would
-    turn every gradient into NaN). Each clipped step adds a TOTAL_NORM_LIMIT event.
+    turn every gradient into NaN).
+
+    Clipping is routine, not an anomaly: each step whose total norm exceeds ``max_norm`` gets one
+    TOTAL_NORM_LIMIT event with action ``"clip"`` in its record (``StepRecord.clip_factor`` holds
+    the factor; :attr:`clipped_steps` counts them), logged at DEBUG. A total norm at or below the
+    limit is no event, even though the formula scales it by ``1 - 1e-6``. When the detector's own
+    ``max_total_norm`` rule flags the same step, that one event (a WARNING) is labelled ``clip``
+    instead of a second one being added.
 
     Args:
         max_norm: the limit. Default 1.0, the value used by Megatron-LM, OLMo and most LLM recipes.
@@ -291,11 +298,13 @@ class Clip(Policy):
     name = "clip"
     priority = 10
     scales = True
+    routine: ClassVar[bool] = True  # its events are logged at DEBUG, not as anomalies
     event_kind: ClassVar[AnomalyKind] = AnomalyKind.TOTAL_NORM_LIMIT  # what a clipped step reports
 
     def __init__(self, max_norm: float = 1.0):
         super().__init__(None)
         self.max_norm = _positive("Clip", "max_norm", max_norm)
+        self.clipped_steps = 0
 
     def _limit(self, ctx: DecisionContext) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.full((), self.max_norm, dtype=torch.float64, device=ctx.packed.device), ctx.ignore.new_ones(())
@@ -315,15 +324,24 @@ class Clip(Policy):
         decision.clip_factor = decision.clip_factor * coef
         decision.extras.append([total, limit, coef])
 
+    def _clipped(self, outcome: Outcome) -> bool:
+        if not outcome.extras:  # a lone loss packet: no clip decision in it
+            return False
+        total, limit, coef = outcome.extras
+        return coef < 1.0 and total > limit and not outcome.skipped
+
     @override
     def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
-        return None
+        # the detector's own total-norm event of a clipped step: this clip is what was done about it
+        same = event.kind is self.event_kind and event.param is None and event.rank is None
+        return self.name if same and self._clipped(outcome) else None
 
     @override
     def events_for(self, outcome: Outcome) -> list[AnomalyEvent]:
-        total, limit, coef = outcome.extras
-        if coef >= 1.0 or outcome.skipped:
+        if not self._clipped(outcome):
             return []
+        self.clipped_steps += 1
+        total, limit, _ = outcome.extras
         return [AnomalyEvent(outcome.step, self.event_kind, None, total, limit, self.name)]
 
     def __repr__(self) -> str:
@@ -364,9 +382,11 @@ class AdaptiveClip(Clip):
 
     name = "adaptive_clip"
     event_kind = AnomalyKind.SPIKE
+    routine = False  # it clips only spikes: an anomaly, logged as one
 
     def __init__(self, z: float = 2.5, max_norm: float | None = None):
         Policy.__init__(self, None)
+        self.clipped_steps = 0
         self.z = _positive("AdaptiveClip", "z", z)
         self.max_norm = None if max_norm is None else _positive("AdaptiveClip", "max_norm", max_norm)
 
@@ -753,9 +773,18 @@ class PolicySet:
         for p in self.policies:
             p.before_check(host, step)
 
-    def decide(self, ctx: DecisionContext, decision: Decision) -> None:
-        """Every member decides, by priority; ``decision.extras`` ends with one group per member, in order."""
+    def decide(self, ctx: DecisionContext, decision: Decision, gating_only: bool = False) -> None:
+        """Every member decides, by priority; ``decision.extras`` ends with one group per member, in order.
+
+        Args:
+            ctx: the step's statistics and flags.
+            decision: updated in place.
+            gating_only: only the gating members (priority 0: zero, skip, raise, rollback) decide,
+                the others' extras stay empty (the non-finite guard of ``every=N``).
+        """
         order = sorted(range(len(self.policies)), key=lambda i: self.policies[i].priority)
+        if gating_only:
+            order = [i for i in order if self.policies[i].priority == 0]
         extras: list[list[torch.Tensor]] = [[] for _ in self.policies]
         for i in order:
             before = len(decision.extras)
@@ -781,10 +810,26 @@ class PolicySet:
 
     def events(self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]) -> list[AnomalyEvent]:
         """The step's events: the detected ones labelled, then those the members create (a clip)."""
-        events = [self.label(e, outcomes) for e in detected]
+        anomalies, routine = self.split_events(detected, outcomes)
+        return anomalies + routine
+
+    def split_events(
+        self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]
+    ) -> tuple[list[AnomalyEvent], list[AnomalyEvent]]:
+        """The step's events as (anomalies, routine): routine ones are a routine policy's (a clip).
+
+        A member's event is left out when a detected event of the same kind and parameter already
+        reports it (the detector's ``max_total_norm`` event of a clipped step): one event per fact.
+        """
+        anomalies = [self.label(e, outcomes) for e in detected]
+        seen = {(e.kind, e.param) for e in anomalies}
+        routine: list[AnomalyEvent] = []
         for p, o in zip(self.policies, outcomes, strict=True):
-            events.extend(p.events_for(o))
-        return events
+            for e in p.events_for(o):
+                if (e.kind, e.param) in seen:
+                    continue
+                (routine if getattr(p, "routine", False) else anomalies).append(e)
+        return anomalies, routine
 
     def on_record(self, record: StepRecord, outcomes: Sequence[Outcome], host: PolicyHost) -> None:
         """Runs every member's host-side action for ``record``: restoring ones (rollback) first.
