@@ -769,7 +769,7 @@ class GradWatch:
         decision.skip = packed[0] > 0
         decision.raise_now = packed[1] > 0
         decision.clip_factor = -packed[2]
-        decision.factors = (-packed[3 : 3 + n]).to(torch.float32)
+        decision.factors = -packed[3 : 3 + n]  # float64: a clip factor never rounds to 0 (= zeroing)
         seen = packed[3 + n :]
         return decision, torch.where(seen > 0, world + 1 - seen, torch.zeros_like(seen))
 
