@@ -47,7 +47,7 @@ from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scal
 from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record
 from ._selection import Selector, select_parameters
 from ._stepping import ScalerTap, StepControl
-from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection, nonfinite_detection
+from .detect import NUM_KINDS, Detector, DetectorConfig, nonfinite_detection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, GradientAnomalyError, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
