@@ -148,6 +148,8 @@ def test_nan_gradient_in_one_parameter_skips_that_step(tmp_path, optim):
     assert [(e.step, e.param) for e in nonfinite] == [(bad_step, NAN_PARAM)]
     assert nonfinite[0].value == param.numel() and "skip" in nonfinite[0].action
     assert {e.step for e in callback.events} == {bad_step}
+    # the Trainer's own log shows the fault too: its clip_grad_norm_ saw the NaN gradient (not hidden from it)
+    assert math.isnan(_logged(trainer, "grad_norm")[bad_step + 1]["grad_norm"])
     # the Trainer saw a skipped step: its LR scheduler advanced 5 times in 6 steps, AdamW counted 5 updates
     assert trainer.state.global_step == 6
     assert trainer.lr_scheduler.last_epoch == 5
