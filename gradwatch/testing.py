@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
+from .summary import fmt
 
 __all__ = ["assert_stable", "StabilityError"]
 
@@ -59,7 +60,7 @@ def _loss_of(model: nn.Module, loss_fn: Callable[..., torch.Tensor], batch: Any)
 
 
 def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.6g}"
+    return fmt(x, ".6g")
 
 
 def _describe(event: AnomalyEvent, record: StepRecord | None) -> str:
