@@ -27,6 +27,7 @@ import torch
 from ._layout import Stat
 from .detect import (
     KIND_INDEX,
+    KINDS,
     NUM_KINDS,
     PARAM_EVENT_KINDS,
     STEP_EVENT_KINDS,
@@ -175,7 +176,7 @@ def decode_record(
     v = host[:pos].tolist()
     head, gflags = v[:_HEAD], v[_HEAD : _HEAD + NUM_KINDS]
     seen = v[_HEAD + NUM_KINDS : _HEAD + 2 * NUM_KINDS]
-    seen_by = {kind: int(seen[KIND_INDEX[kind]]) - 1 for kind in AnomalyKind if seen[KIND_INDEX[kind]] > 0}
+    seen_by = {kind: int(seen[KIND_INDEX[kind]]) - 1 for kind in KINDS if seen[KIND_INDEX[kind]] > 0}
     extras = []
     cut = _HEAD + 2 * NUM_KINDS
     for size in extras_sizes:

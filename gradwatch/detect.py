@@ -95,8 +95,18 @@ __all__ = [
     "kind_mask",
 ]
 
-KINDS: tuple[AnomalyKind, ...] = tuple(AnomalyKind)
-"""Column order of every flag tensor."""
+KINDS: tuple[AnomalyKind, ...] = (
+    AnomalyKind.NONFINITE,
+    AnomalyKind.NORM_LIMIT,
+    AnomalyKind.TOTAL_NORM_LIMIT,
+    AnomalyKind.ROLLING_MEAN,
+    AnomalyKind.SPIKE,
+    AnomalyKind.VANISHING,
+    AnomalyKind.LOSS_SPIKE,
+    AnomalyKind.LOSS_NONFINITE,
+)
+"""Column order of every flag tensor: the kinds the detector flags. Written out, not ``tuple(AnomalyKind)``,
+so that kinds raised on the host (by origin tracking, rank attribution, ...) never change the flag layout."""
 KIND_INDEX: dict[AnomalyKind, int] = {k: i for i, k in enumerate(KINDS)}
 """Column of each kind in the flag tensors."""
 NUM_KINDS = len(KINDS)
