@@ -85,12 +85,15 @@ class BuildExtension(cpp_extension.BuildExtension):
                 [str(CPU_KERNEL)],
                 output_dir=os.path.join(self.build_temp, f"cpu_{capability.lower()}"),
                 include_dirs=ext.include_dirs,
-                # GCC's own AVX-512 headers trip -Wmaybe-uninitialized (_mm512_undefined_*): noise.
+                # GCC's own AVX-512 headers trip -W(maybe-)uninitialized (_mm512_undefined_*): noise.
                 extra_postargs={
-                    "cxx": ext.extra_compile_args["cxx"] + defines + flags + ["-Wno-maybe-uninitialized"],
+                    "cxx": ext.extra_compile_args["cxx"]
+                    + defines
+                    + flags
+                    + ["-Wno-maybe-uninitialized", "-Wno-uninitialized"],
                     "nvcc": [],
                 },
-                depends=[str(CSRC / "cpu" / "kernels.h"), str(CSRC / "stats.h"), str(CSRC / "dtype.h")],
+                depends=[str(CSRC / name) for name in ("cpu/kernels.h", "stats.h", "hist.h", "dtype.h")],
             )
             ext.extra_objects.extend(objects)
         super().build_extension(ext)

@@ -10,11 +10,16 @@
 // statistics over all tensors (total norm, global max |x|, total non-finite count).
 // float64 keeps counts exact past 2^24 and lets a distributed reduction combine rows losslessly.
 // The columns are named once, in stats.h (kNorm, kMaxAbs, kNonfinite), with the one combine rule.
+// grad_stats_hist returns the same statistics and, from the same read pass, an int64 [N, kHistBins]
+// log2 magnitude histogram: row i counts tensors[i]'s elements by zero / floor(log2|x|) binade /
+// non-finite (layout in hist.h); each row sums to the tensor's numel. A sibling op rather than a flag,
+// so grad_stats keeps its schema and the statistics-only pass stays the code it always was.
 // scale_ multiplies tensors[i] in place by factors[i] (float32 or float64, one per tensor): 1 skips
 // the tensor, 0 writes zeros, strided and expanded views scale each memory location once, tensors
 // that share memory are refused, and version counters are bumped (tensor_list.h, stats.h).
 TORCH_LIBRARY(gradwatch, m) {
   m.def("grad_stats(Tensor[] tensors) -> Tensor");
+  m.def("grad_stats_hist(Tensor[] tensors) -> (Tensor, Tensor)");
   m.def("scale_(Tensor(a!)[] tensors, Tensor factors) -> ()");
 }
 
@@ -22,4 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradwatch compiled kernels (ops are registered under torch.ops.gradwatch)";
   m.def("cpu_kernel_capability", &gradwatch::cpu::selected_capability,
         "Name of the CPU kernel variant picked for this processor (DEFAULT, AVX2 or AVX512).");
+  m.attr("log2_hist_bins") = gradwatch::kHistBins;
+  m.attr("log2_hist_min_exp") = gradwatch::kHistMinExp;
+  m.attr("log2_hist_max_exp") = gradwatch::kHistMaxExp;
 }

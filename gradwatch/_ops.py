@@ -14,9 +14,28 @@ from typing import NamedTuple
 
 import torch
 
-from ._reference import grad_stats_reference, l2_norm, scale_reference_
+from ._reference import (
+    LOG2_HIST_BINS,
+    LOG2_HIST_MAX_EXP,
+    LOG2_HIST_MIN_EXP,
+    grad_stats_reference,
+    l2_norm,
+    log2_hist_reference,
+    scale_reference_,
+)
 
-__all__ = ["GradStats", "grad_stats", "grad_stats_packed", "scale_", "native_backends", "combine_rows"]
+__all__ = [
+    "LOG2_HIST_BINS",
+    "LOG2_HIST_MAX_EXP",
+    "LOG2_HIST_MIN_EXP",
+    "GradStats",
+    "combine_rows",
+    "grad_stats",
+    "grad_stats_packed",
+    "grad_stats_with_hist",
+    "native_backends",
+    "scale_",
+]
 
 logger = logging.getLogger("gradwatch")
 
@@ -88,6 +107,11 @@ if _C is not None:
             )
         return tensors[0].new_empty((len(tensors) + 1, 3), dtype=torch.float64)
 
+    @torch.library.register_fake("gradwatch::grad_stats_hist")
+    def _grad_stats_hist_fake(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = _grad_stats_fake(tensors)
+        return packed, tensors[0].new_empty((len(tensors), LOG2_HIST_BINS), dtype=torch.int64)
+
     @torch.library.register_fake("gradwatch::scale_")
     def _scale_fake(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
         torch._check(factors.numel() == len(tensors), lambda: "scale_: factors needs one entry per tensor")
@@ -110,6 +134,12 @@ class GradStats(NamedTuple):
         nonfinite: int64 ``[N]``, number of NaN and +-Inf elements of each tensor.
         total_norm: float64 scalar, L2 norm over all tensors.
         packed: float64 ``[N + 1, 3]``, the op's raw output; row N holds the totals.
+        log2_hist: int64 ``[N, LOG2_HIST_BINS]`` with ``grad_stats(..., histogram=True)``, else None:
+            per tensor, how many elements are exactly zero (column 0), non-finite (last column), or
+            nonzero finite with ``floor(log2|x|) = e`` (column ``1 + e - LOG2_HIST_MIN_EXP``, e clamped
+            to ``[LOG2_HIST_MIN_EXP, LOG2_HIST_MAX_EXP] = [-150, 128]``, so every float16, bfloat16
+            and float32 value has its exact binade); each row sums to the tensor's numel.
+            ``gradwatch.precision`` turns rows into underflow and overflow fractions.
     """
 
     norms: torch.Tensor
@@ -117,10 +147,11 @@ class GradStats(NamedTuple):
     nonfinite: torch.Tensor
     total_norm: torch.Tensor
     packed: torch.Tensor
+    log2_hist: torch.Tensor | None = None
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor) -> GradStats:
-        """Builds the typed view of a packed ``[N + 1, 3]`` statistics tensor."""
+    def from_packed(cls, packed: torch.Tensor, log2_hist: torch.Tensor | None = None) -> GradStats:
+        """Builds the typed view of a packed ``[N + 1, 3]`` statistics tensor (and its histogram)."""
         rows = packed[:-1]
         return cls(
             norms=rows[:, 0],
@@ -128,6 +159,7 @@ class GradStats(NamedTuple):
             nonfinite=rows[:, 2].long(),
             total_norm=packed[-1, 0],
             packed=packed,
+            log2_hist=log2_hist,
         )
 
 
@@ -219,13 +251,43 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([rows, combine_rows(rows)[None]])
 
 
-def grad_stats(tensors: Iterable[torch.Tensor]) -> GradStats:
+def measure_hist_unchecked(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed statistics and log2 histograms of floating tensors known to share one device."""
+    if _use_native(tensors[0].device):
+        return torch.ops.gradwatch.grad_stats_hist(tensors)
+    return grad_stats_reference(tensors), log2_hist_reference(tensors)
+
+
+def grad_stats_with_hist(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`grad_stats_packed`, plus the int64 ``[N, LOG2_HIST_BINS]`` log2 histograms.
+
+    One fused read per device gives both (``torch.ops.gradwatch.grad_stats_hist``); the layout of
+    the histogram is that of :attr:`GradStats.log2_hist`. Tensors on several devices are measured
+    per device; rows are gathered on the device of ``tensors[0]`` with non-blocking copies.
+    """
+    tensors = _checked_list(tensors, "grad_stats")
+    device = tensors[0].device
+    if all(t.device == device for t in tensors):
+        return measure_hist_unchecked(tensors)
+    rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
+    hist = torch.empty((len(tensors), LOG2_HIST_BINS), dtype=torch.int64, device=device)
+    for index in _indices_by_device(tensors).values():
+        packed, counts = measure_hist_unchecked([tensors[i] for i in index])
+        where = _INDEX_CACHE.get(index, device)
+        rows[where] = _async_to(packed, device)[:-1]
+        hist[where] = _async_to(counts, device)
+    return torch.cat([rows, combine_rows(rows)[None]]), hist
+
+
+def grad_stats(tensors: Iterable[torch.Tensor], histogram: bool = False) -> GradStats:
     """L2 norm, max |x|, non-finite count of every tensor, and the total norm, in one pass.
 
     Args:
         tensors: floating tensors (float16, bfloat16, float32, float64), any shape and layout,
             typically ``[p.grad for p in model.parameters() if p.grad is not None]``. Mixed dtypes
             and devices are fine.
+        histogram: also count every tensor's elements by power-of-two magnitude, in the same read
+            (:attr:`GradStats.log2_hist`). Off by default: the statistics-only pass is unchanged.
 
     Returns:
         A :class:`GradStats` on the device of ``tensors[0]``. Nothing is read back to the host.
@@ -240,6 +302,8 @@ def grad_stats(tensors: Iterable[torch.Tensor]) -> GradStats:
         >>> s.norms[0].item(), int(s.nonfinite[1])
         (5.0, 1)
     """
+    if histogram:
+        return GradStats.from_packed(*grad_stats_with_hist(tensors))
     return GradStats.from_packed(grad_stats_packed(tensors))
 
 

@@ -7,7 +7,22 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["grad_stats_reference", "l2_norm", "scale_reference_"]
+__all__ = [
+    "LOG2_HIST_BINS",
+    "LOG2_HIST_MAX_EXP",
+    "LOG2_HIST_MIN_EXP",
+    "grad_stats_reference",
+    "l2_norm",
+    "log2_hist_reference",
+    "scale_reference_",
+]
+
+# The log2 histogram's layout (csrc/hist.h names it for the kernels; a test checks they agree):
+# bin 0 exact zeros; bin 1 + e - LOG2_HIST_MIN_EXP for nonzero finite x with e = floor(log2|x|)
+# clamped to [LOG2_HIST_MIN_EXP, LOG2_HIST_MAX_EXP]; the last bin NaN and +-Inf.
+LOG2_HIST_MIN_EXP = -150
+LOG2_HIST_MAX_EXP = 128
+LOG2_HIST_BINS = LOG2_HIST_MAX_EXP - LOG2_HIST_MIN_EXP + 3
 
 
 def l2_norm(x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +68,31 @@ def grad_stats_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     per_tensor = torch.stack(rows)
     total = torch.stack([l2_norm(per_tensor[:, 0]), per_tensor[:, 1].max(), per_tensor[:, 2].sum()])
     return torch.cat([per_tensor, total[None]])
+
+
+def log2_hist_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Log2 magnitude histograms of ``tensors``, laid out like ``torch.ops.gradwatch.grad_stats_hist``'s.
+
+    Returns an int64 tensor ``[N, LOG2_HIST_BINS]`` on the tensors' device: row ``i`` counts the
+    elements of ``tensors[i]`` that are exactly zero (bin 0), non-finite (last bin), or nonzero finite
+    with ``floor(log2|x|)`` (from ``torch.frexp``, exact: ``x = m * 2**k`` with ``0.5 <= |m| < 1``)
+    clamped to ``[LOG2_HIST_MIN_EXP, LOG2_HIST_MAX_EXP]``.
+    """
+    if len(tensors) == 0:
+        raise ValueError("grad_stats_hist: tensors is empty; pass at least one tensor")
+    rows = []
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise TypeError(f"grad_stats_hist: tensors[{i}] has dtype {t.dtype}; expected a floating dtype")
+        x = t.detach().to(torch.float64).reshape(-1)  # exact widening: exponents are kept
+        finite = torch.isfinite(x)
+        nonzero = finite & (x != 0)
+        _, k = torch.frexp(torch.where(nonzero, x, torch.ones_like(x)))
+        exponent = (k.to(torch.int64) - 1).clamp(LOG2_HIST_MIN_EXP, LOG2_HIST_MAX_EXP)
+        bins = torch.where(nonzero, 1 + exponent - LOG2_HIST_MIN_EXP, torch.zeros_like(exponent))
+        bins = torch.where(finite, bins, torch.full_like(bins, LOG2_HIST_BINS - 1))
+        rows.append(torch.bincount(bins, minlength=LOG2_HIST_BINS))
+    return torch.stack(rows)
 
 
 def _distinct(t: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """The CUDA kernels' logic on the CPU: tests/cpp/kernel_logic_test.cpp built with the C++ compiler.
 
 CI has no GPU. The launch plan, the per-thread element walk (alignment split, vectors), the strided
-layouts of ``scale_`` and the accumulate/combine/scaled-pass math live in ``csrc/plan.h`` and
-``csrc/stats.h``, which the device code uses as is; this builds them with plain g++ (a few seconds)
-and runs the checks. Also checks that the shared header cannot leak AVX-512 code into the default
-CPU path (its functions are mangled per CPU capability).
+layouts of ``scale_``, the accumulate/combine/scaled-pass math and the log2 histogram's bins live in
+``csrc/plan.h``, ``csrc/stats.h`` and ``csrc/hist.h``, which the device code uses as is; this builds
+them with plain g++ (a few seconds) and runs the checks. Also checks that the shared header cannot
+leak AVX-512 code into the default CPU path (its functions are mangled per CPU capability).
 """
 
 import hashlib
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 
 
 def _compile(tmp_dir: Path, source: Path, flags: list[str], output: str) -> Path:
-    inputs = [source, CSRC / "plan.h", CSRC / "stats.h", CSRC / "dtype.h"]
+    inputs = [source, CSRC / "plan.h", CSRC / "stats.h", CSRC / "hist.h", CSRC / "dtype.h"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs) + " ".join(flags).encode()).hexdigest()[:16]
     target = tmp_dir / f"{output}-{digest}"
     if not target.exists():

@@ -5,10 +5,12 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
@@ -16,6 +18,7 @@
 
 #include <type_traits>
 
+#include "../hist.h"
 #include "../stats.h"
 #include "../tensor_list.h"
 #include "kernels.h"
@@ -90,19 +93,30 @@ void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elemen
   });
 }
 
-at::Tensor grad_stats_cpu(at::TensorList tensors) {
+// The statistics of every tensor (float64 [N + 1, kNumStats]) and, when hist_rows is given, each
+// tensor's log2 histogram added to hist_rows[i * kHistBins ...] (zeroed by the caller), in one pass.
+at::Tensor stats_pass(at::TensorList tensors, int64_t* hist_rows) {
   const auto n = static_cast<int64_t>(tensors.size());
   std::vector<at::Tensor> copies;
-  const std::vector<FlatTensor> inputs = flat_inputs(tensors, "grad_stats", copies);
+  const std::vector<FlatTensor> inputs = flat_inputs(tensors, hist_rows ? "grad_stats_hist" : "grad_stats", copies);
   int64_t total_elements = 0;
   const std::vector<Chunk> chunks = split_into_chunks(inputs, &total_elements);
   std::vector<Partial> partials(chunks.size());
   const KernelTable& table = *selected().table;
-  parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
-    const Chunk& chunk = chunks[c];
-    const FlatTensor& in = inputs[chunk.tensor];
-    partials[c] = table.stats[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, chunk.length);
-  });
+  if (hist_rows == nullptr) {
+    parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
+      const Chunk& chunk = chunks[c];
+      const FlatTensor& in = inputs[chunk.tensor];
+      partials[c] = table.stats[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, chunk.length);
+    });
+  } else {
+    parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
+      const Chunk& chunk = chunks[c];
+      const FlatTensor& in = inputs[chunk.tensor];
+      partials[c] = table.stats_hist[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size,
+                                                                 chunk.length, hist_rows + chunk.tensor * kHistBins);
+    });
+  }
 
   // Chunks are ordered by tensor, so one sequential pass combines them deterministically.
   std::vector<Partial> per_tensor(tensors.size(), Partial{});
@@ -118,6 +132,15 @@ at::Tensor grad_stats_cpu(at::TensorList tensors) {
   }
   write_row(rows + kNumStats * n, total);
   return out;
+}
+
+at::Tensor grad_stats_cpu(at::TensorList tensors) { return stats_pass(tensors, nullptr); }
+
+std::tuple<at::Tensor, at::Tensor> grad_stats_hist_cpu(at::TensorList tensors) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "grad_stats_hist: tensors is empty; pass at least one tensor");
+  at::Tensor hist = at::zeros({static_cast<int64_t>(tensors.size()), kHistBins}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor stats = stats_pass(tensors, hist.data_ptr<int64_t>());
+  return {stats, hist};
 }
 
 // The distinct elements of a strided scale_ input, one by one (plan::offset_of, as the CUDA kernel).
@@ -180,5 +203,6 @@ std::string selected_capability() { return selected().name; }
 
 TORCH_LIBRARY_IMPL(gradwatch, CPU, m) {
   m.impl("grad_stats", &gradwatch::cpu::grad_stats_cpu);
+  m.impl("grad_stats_hist", &gradwatch::cpu::grad_stats_hist_cpu);
   m.impl("scale_", &gradwatch::cpu::scale_cpu);
 }

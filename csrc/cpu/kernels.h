@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../dtype.h"
+#include "../hist.h"
 #include "../stats.h"
 
 namespace gradwatch::cpu {
@@ -18,11 +19,15 @@ using gradwatch::ScaleFactor;
 // Statistics of one contiguous run of elements (a chunk), exact even where float32 (float64)
 // squares overflow or underflow: see needs_scaled_pass in stats.h.
 using ChunkStatsFn = Partial (*)(const void* data, int64_t n);
+// The same statistics, and the chunk's log2 magnitude histogram (hist.h) added to hist_row (the
+// tensor's int64 [kHistBins] row; atomically: a tensor's chunks may run on several threads).
+using ChunkStatsHistFn = Partial (*)(const void* data, int64_t n, int64_t* hist_row);
 // data[i] = scale_value(data[i], factor) for i < n (mode kSkip never reaches the kernel).
 using ScaleFn = void (*)(void* data, int64_t n, const ScaleFactor& factor);
 
 struct KernelTable {
   ChunkStatsFn stats[kNumDtypes];
+  ChunkStatsHistFn stats_hist[kNumDtypes];
   ScaleFn scale[kNumDtypes];
 };
 

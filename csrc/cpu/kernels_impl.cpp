@@ -7,7 +7,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels.h"
@@ -101,14 +108,299 @@ Partial scaled_stats(const T* x, int64_t n, const Partial& fast) {
   return gradwatch::with_scaled_sumsq(fast, sumsq, e);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define GRADWATCH_HIST_WINDOW 1
+// The few integer vector operations of the window histogram, per instruction set.
+namespace isa {
+#if defined(CPU_CAPABILITY_AVX512)
+using IVec = __m512i;
+constexpr int kLanes = 16;
+inline IVec bits_of(const Vectorized<float>& v) { return _mm512_castps_si512(static_cast<__m512>(v)); }
+inline IVec set1(int x) { return _mm512_set1_epi32(x); }
+inline IVec add(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
+inline IVec sub(IVec a, IVec b) { return _mm512_sub_epi32(a, b); }
+inline IVec sllv(IVec a, IVec count) { return _mm512_sllv_epi32(a, count); }  // 0 where count >= 32 (unsigned)
+inline IVec field_times_4(IVec bits) { return _mm512_and_si512(_mm512_srli_epi32(bits, 21), set1(~3)); }
+inline IVec byte_at(IVec v, int j) { return _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * j)), set1(0xff)); }
+inline IVec low_nibbles(IVec v) { return _mm512_and_si512(v, set1(0x0f0f0f0f)); }
+inline IVec high_nibbles(IVec v) { return _mm512_and_si512(_mm512_srli_epi32(v, 4), set1(0x0f0f0f0f)); }
+inline IVec add_bytes(IVec a, IVec b) { return _mm512_add_epi8(a, b); }
+inline uint32_t nonzero_lanes(IVec bits) { return _mm512_test_epi32_mask(bits, bits); }
+inline uint32_t lanes_above(IVec x, int limit, uint32_t among) {  // unsigned x > limit
+  return _mm512_mask_cmpgt_epu32_mask(static_cast<__mmask16>(among), x, set1(limit));
+}
+inline int64_t sum(IVec v) { return _mm512_reduce_add_epi32(v); }
+#else
+using IVec = __m256i;
+constexpr int kLanes = 8;
+inline IVec bits_of(const Vectorized<float>& v) { return _mm256_castps_si256(static_cast<__m256>(v)); }
+inline IVec set1(int x) { return _mm256_set1_epi32(x); }
+inline IVec add(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
+inline IVec sub(IVec a, IVec b) { return _mm256_sub_epi32(a, b); }
+inline IVec sllv(IVec a, IVec count) { return _mm256_sllv_epi32(a, count); }  // 0 where count >= 32 (unsigned)
+inline IVec field_times_4(IVec bits) { return _mm256_and_si256(_mm256_srli_epi32(bits, 21), set1(~3)); }
+inline IVec byte_at(IVec v, int j) { return _mm256_and_si256(_mm256_srl_epi32(v, _mm_cvtsi32_si128(8 * j)), set1(0xff)); }
+inline IVec low_nibbles(IVec v) { return _mm256_and_si256(v, set1(0x0f0f0f0f)); }
+inline IVec high_nibbles(IVec v) { return _mm256_and_si256(_mm256_srli_epi32(v, 4), set1(0x0f0f0f0f)); }
+inline IVec add_bytes(IVec a, IVec b) { return _mm256_add_epi8(a, b); }
+inline uint32_t lane_mask(IVec v) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(v))); }
+inline uint32_t nonzero_lanes(IVec bits) { return ~lane_mask(_mm256_cmpeq_epi32(bits, set1(0))) & 0xffu; }
+inline uint32_t lanes_above(IVec x, int limit, uint32_t among) {  // unsigned x > limit
+  return ~lane_mask(_mm256_cmpeq_epi32(_mm256_min_epu32(x, set1(limit)), x)) & among;
+}
+inline int64_t sum(IVec v) {
+  int32_t lanes[kLanes];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t s = 0;
+  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  return s;
+}
+#endif
+}  // namespace isa
+#endif
+
+// Log2 histogram of a chunk whose elements are read as float32 (float32, and float16/bfloat16 widened
+// exactly): counts of the float32 exponent field, the bin up to a constant (hist.h). Slot 256 counts
+// float32 subnormals, binned exactly at flush time by a rescan (rare: gradients below 2^-126).
+//
+// One element at a time (the DEFAULT build, tails, and the rare elements below) costs a load, a few
+// integer ops and a read-modify-write of a counter: several times the statistics' own work per
+// element. So with AVX2/AVX-512 the bulk goes through a window instead: 16 consecutive exponent
+// fields [base, base + 16), each lane holding a 4-bit counter per field (fields 0-7 in `lo`, 8-15 in
+// `hi`; an increment is `1 << 4 * slot`, which the shift makes 0 outside the window), spilled into
+// 32-bit sums every 12 vectors, before a nibble can overflow. Zeros are counted from a lane mask.
+// Elements outside the window (far below the chunk's largest, subnormal, NaN, Inf) go one by one;
+// when a block has many, the window moves to that block's largest binade (gradients of one chunk
+// sit mostly within a dozen binades of their largest: the ones more than 13 below are ~1e-4 of a
+// Gaussian). Four interleaved scalar tables, so that a run of elements in one binade does not wait
+// on one counter.
+struct FloatFieldCounts {
+  uint32_t t[4][257];
+#ifdef GRADWATCH_HIST_WINDOW
+  static constexpr int kSlots = 16;
+  static constexpr int kSpillEvery = 12;        // vectors; a nibble holds 15
+  static constexpr int kWidenEvery = 16;        // spills; a byte holds 255 >= 16 * 12
+  static constexpr int kMoveAbove = 8;          // elements outside the window in one block that move it
+  static constexpr int kMaxMoves = 8;           // per chunk: a chunk spread over many binades stays scalar
+  isa::IVec bytes[4];                           // nibbles spilled into bytes: slots {0,2,4,6}, {1,3,5,7}, ...
+  isa::IVec sums[kSlots];                       // bytes widened into per-slot 32-bit lane sums
+  int moves = 0;
+  int64_t outside_total = 0;                    // nonzero elements counted one by one (zeros: the rest)
+  // The hot state, a separate local of the caller that never reaches a non-inlined call, so that
+  // the compiler keeps it in registers (a member of an escaping object would round-trip memory).
+  struct Window {
+    isa::IVec lo, hi, base4;
+    int base, pending, spills;
+    int64_t seen;  // elements through the window since its last drain
+  };
+#else
+  struct Window {};
+#endif
+
+  void clear(Window& w) {
+    std::memset(t, 0, sizeof t);
+#ifdef GRADWATCH_HIST_WINDOW
+    reset_window(w, 127 - 20);  // [2^-20, 2^-4): moved by the first block that does not fit
+    moves = 0;
+#else
+    (void)w;
+#endif
+  }
+  static inline uint32_t key(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const uint32_t field = (bits >> 23) & 0xffu;
+    const uint32_t subnormal = static_cast<uint32_t>(field == 0) & static_cast<uint32_t>((bits & 0x7fffffu) != 0);
+    return field | (subnormal << 8);
+  }
+  inline void add_run(const float* v, int64_t count) {
+    for (int64_t k = 0; k < count; ++k) ++t[k & 3][key(v[k])];
+  }
+
+  // The four float32 vectors of one block of the statistics loop.
+  inline void add_vectors(Window& w, const Vectorized<float>& a, const Vectorized<float>& b,
+                          const Vectorized<float>& c, const Vectorized<float>& d) {
+    constexpr int kW = Vectorized<float>::size();
+#ifdef GRADWATCH_HIST_WINDOW
+    static_assert(kW == isa::kLanes);
+    const Vectorized<float> v[4] = {a.abs(), b.abs(), c.abs(), d.abs()};
+    uint32_t outside[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const isa::IVec bits = isa::bits_of(v[k]);
+      const isa::IVec slot4 = isa::sub(isa::field_times_4(bits), w.base4);
+      w.lo = isa::add(w.lo, isa::sllv(isa::set1(1), slot4));
+      w.hi = isa::add(w.hi, isa::sllv(isa::set1(1), isa::sub(slot4, isa::set1(32))));
+      outside[k] = isa::lanes_above(slot4, 4 * (kSlots - 1), isa::nonzero_lanes(bits));
+    }
+    w.seen += 4 * kW;
+    w.pending += 4;
+    if (w.pending >= kSpillEvery) spill(w);
+    if ((outside[0] | outside[1] | outside[2] | outside[3]) != 0) [[unlikely]] {
+      float values[4 * kW];  // stored only here: the common path keeps everything in registers
+      for (int k = 0; k < 4; ++k) v[k].store(values + k * kW);
+      const int new_base = add_outside(values, outside[0], outside[1], outside[2], outside[3], w.base);
+      if (new_base != 0) {
+        drain(w);
+        reset_window(w, new_base);
+        ++moves;
+      }
+    }
+#else
+    (void)w;
+    float values[4 * kW];
+    a.store(values);
+    b.store(values + kW);
+    c.store(values + 2 * kW);
+    d.store(values + 3 * kW);
+    for (int k = 0; k < 4 * kW; k += 4) {  // four interleaved streams
+      ++t[0][key(values[k])];
+      ++t[1][key(values[k + 1])];
+      ++t[2][key(values[k + 2])];
+      ++t[3][key(values[k + 3])];
+    }
+#endif
+  }
+
+#ifdef GRADWATCH_HIST_WINDOW
+  void reset_window(Window& w, int base) {
+    w.base = base;
+    w.base4 = isa::set1(4 * base);
+    w.lo = w.hi = isa::set1(0);
+    w.pending = w.spills = 0;
+    w.seen = 0;
+    outside_total = 0;
+    for (auto& b : bytes) b = isa::set1(0);
+    for (auto& sum : sums) sum = isa::set1(0);
+  }
+  // Nibbles into bytes (4 byte-adds), and every kWidenEvery spills bytes into 32-bit sums.
+  inline void spill(Window& w) {
+    bytes[0] = isa::add_bytes(bytes[0], isa::low_nibbles(w.lo));   // slots 0, 2, 4, 6
+    bytes[1] = isa::add_bytes(bytes[1], isa::high_nibbles(w.lo));  // slots 1, 3, 5, 7
+    bytes[2] = isa::add_bytes(bytes[2], isa::low_nibbles(w.hi));   // slots 8, 10, 12, 14
+    bytes[3] = isa::add_bytes(bytes[3], isa::high_nibbles(w.hi));  // slots 9, 11, 13, 15
+    w.lo = w.hi = isa::set1(0);
+    w.pending = 0;
+    if (++w.spills >= kWidenEvery) widen(w);
+  }
+  void widen(Window& w) {
+    for (int k = 0; k < 4; ++k) {
+      for (int j = 0; j < 4; ++j) {  // byte j of group k holds slot 8 * (k / 2) + 2 * j + k % 2
+        isa::IVec& sum = sums[8 * (k / 2) + 2 * j + k % 2];
+        sum = isa::add(sum, isa::byte_at(bytes[k], j));
+      }
+      bytes[k] = isa::set1(0);
+    }
+    w.spills = 0;
+  }
+  // The window's counts into the tables (before it moves, and at the end of the chunk). Zeros are
+  // what went through the window without being counted in it or one by one.
+  void drain(Window& w) {
+    spill(w);
+    widen(w);
+    int64_t in_window = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      const int64_t c = isa::sum(sums[s]);
+      t[0][w.base + s] += static_cast<uint32_t>(c);
+      in_window += c;
+    }
+    t[0][0] += static_cast<uint32_t>(w.seen - in_window - outside_total);
+  }
+  // Counts one block's elements outside the window one by one; returns the window's new base when
+  // the block had many of them (0 to keep it).
+  __attribute__((noinline)) int add_outside(const float* values, uint32_t o0, uint32_t o1, uint32_t o2, uint32_t o3,
+                                            int base) {
+    constexpr int kW = isa::kLanes;
+    const uint32_t outside[4] = {o0, o1, o2, o3};
+    int count = 0;
+    for (int k = 0; k < 4; ++k) {
+      for (uint32_t m = outside[k]; m != 0; m &= m - 1) {
+        ++t[count & 3][key(values[k * kW + __builtin_ctz(m)])];
+        ++count;
+      }
+    }
+    outside_total += count;
+    if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
+    int top = 0;  // the block's largest exponent field of a normal finite element
+    for (int k = 0; k < 4 * kW; ++k) {
+      const uint32_t field = key(values[k]);
+      if (field < 255 && field > static_cast<uint32_t>(top)) top = static_cast<int>(field);
+    }
+    const int new_base = std::clamp(top - (kSlots - 3), 1, 254 - kSlots);  // never zeros, subnormals, NaN, Inf
+    return top == 0 || new_base == base ? 0 : new_base;
+  }
+#endif
+
+  template <typename T>
+  void flush(Window& w, const T* x, int64_t n, int64_t* row) {
+#ifdef GRADWATCH_HIST_WINDOW
+    drain(w);
+#else
+    (void)w;
+#endif
+    for (int field = 0; field < 256; ++field) {
+      const int64_t c = int64_t{t[0][field]} + t[1][field] + t[2][field] + t[3][field];
+      if (c == 0) continue;
+      const int bin = field == 0 ? gradwatch::kHistZero : field == 255 ? gradwatch::kHistNonfinite
+                                                                        : field + gradwatch::kFloatFieldToBin;
+      std::atomic_ref<int64_t>(row[bin]).fetch_add(c, std::memory_order_relaxed);
+    }
+    if (int64_t{t[0][256]} + t[1][256] + t[2][256] + t[3][256] == 0) return;
+    int64_t sub[gradwatch::kHistBins] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = static_cast<float>(x[i]);
+      if (key(v) == 256) ++sub[gradwatch::log2_bin(v)];
+    }
+    for (int bin = 0; bin < gradwatch::kHistBins; ++bin) {
+      if (sub[bin] != 0) std::atomic_ref<int64_t>(row[bin]).fetch_add(sub[bin], std::memory_order_relaxed);
+    }
+  }
+};
+
+// The same for float64 chunks, binned element by element (hist.h log2_bin).
+struct DoubleBinCounts {
+  uint32_t t[gradwatch::kHistBins];
+  struct Window {};
+
+  void clear(Window&) { std::memset(t, 0, sizeof t); }
+  inline void add_vectors(Window&, const Vectorized<double>& a, const Vectorized<double>& b,
+                          const Vectorized<double>& c, const Vectorized<double>& d) {
+    constexpr int64_t kW = Vectorized<double>::size();
+    double w[4 * kW];
+    a.store(w);
+    b.store(w + kW);
+    c.store(w + 2 * kW);
+    d.store(w + 3 * kW);
+    add_run(w, 4 * kW);
+  }
+  inline void add_run(const double* v, int64_t count) {
+    for (int64_t k = 0; k < count; ++k) ++t[gradwatch::log2_bin(v[k])];
+  }
+  template <typename T>
+  void flush(Window&, const T*, int64_t, int64_t* row) {
+    for (int bin = 0; bin < gradwatch::kHistBins; ++bin) {
+      if (t[bin] != 0) std::atomic_ref<int64_t>(row[bin]).fetch_add(t[bin], std::memory_order_relaxed);
+    }
+  }
+};
+
 template <typename T>
-Partial chunk_stats(const void* data, int64_t n) {
+using ChunkHist = std::conditional_t<std::is_same_v<T, double>, DoubleBinCounts, FloatFieldCounts>;
+
+// Statistics of a chunk and, when kHist, its log2 histogram added to hist_row, in the same read:
+// the histogram reads each block of elements right after the vector loads (from L1), so memory is
+// streamed once. kHist is a template parameter: the statistics-only path is the code it always was.
+template <typename T, bool kHist>
+Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
   using V = AccVec<T>;
   // Each float32 lane sums 16 squares before the partial is folded into float64: this keeps
   // the result within ~1e-7 of a float64 reference where one float32 accumulator drifts.
   constexpr int64_t kStep = 2 * kPair<T>;
   constexpr int64_t kFold = 16 * kStep;
-  const T* x = static_cast<const T*>(data);
+  [[maybe_unused]] ChunkHist<T> hist;  // counters in memory
+  [[maybe_unused]] typename ChunkHist<T>::Window window;  // its hot part, in registers
+  [[maybe_unused]] acc_t<T> widened[kPair<T>];  // the tail's elements as float32, for the histogram
+  if constexpr (kHist) hist.clear(window);
 
   double sumsq = 0.0;
   V m0(0), m1(0), m2(0), m3(0);
@@ -129,6 +421,7 @@ Partial chunk_stats(const void* data, int64_t n) {
       m1 = at::vec::clamp_min(m1, b.abs());
       m2 = at::vec::clamp_min(m2, c.abs());
       m3 = at::vec::clamp_min(m3, d.abs());
+      if constexpr (kHist) hist.add_vectors(window, a, b, c, d);
     }
     for (; i < fold_end; i += kPair<T>) {
       const int64_t count = fold_end - i < kPair<T> ? fold_end - i : kPair<T>;
@@ -137,9 +430,15 @@ Partial chunk_stats(const void* data, int64_t n) {
       s1 = at::vec::fmadd(b, b, s1);
       m0 = at::vec::clamp_min(m0, a.abs());
       m1 = at::vec::clamp_min(m1, b.abs());
+      if constexpr (kHist) {  // only the `count` real elements: missing lanes read as zero
+        a.store(widened);
+        b.store(widened + V::size());
+        hist.add_run(widened, count);
+      }
     }
     sumsq += sum_lanes((s0 + s1) + (s2 + s3));
   }
+  if constexpr (kHist) hist.flush(window, x, n, hist_row);
   Partial s{};
   if (std::isfinite(sumsq)) {  // no NaN or Inf (they would make it so): the fast max is exact
     s.sumsq = sumsq;
@@ -148,6 +447,16 @@ Partial chunk_stats(const void* data, int64_t n) {
     s = exact_stats(x, n);
   }
   return gradwatch::needs_scaled_pass(s, dtype_of<T>()) ? scaled_stats(x, n, s) : s;
+}
+
+template <typename T>
+Partial chunk_stats(const void* data, int64_t n) {
+  return chunk_stats_impl<T, false>(static_cast<const T*>(data), n, nullptr);
+}
+
+template <typename T>
+Partial chunk_stats_hist(const void* data, int64_t n, int64_t* hist_row) {
+  return chunk_stats_impl<T, true>(static_cast<const T*>(data), n, hist_row);
 }
 
 template <typename T>
@@ -179,6 +488,8 @@ void scale(void* data, int64_t n, const ScaleFactor& factor) {
 const KernelTable& kernel_table() {
   static const KernelTable table{
       {&chunk_stats<float>, &chunk_stats<double>, &chunk_stats<c10::Half>, &chunk_stats<c10::BFloat16>},
+      {&chunk_stats_hist<float>, &chunk_stats_hist<double>, &chunk_stats_hist<c10::Half>,
+       &chunk_stats_hist<c10::BFloat16>},
       {&scale<float>, &scale<double>, &scale<c10::Half>, &scale<c10::BFloat16>}};
   return table;
 }

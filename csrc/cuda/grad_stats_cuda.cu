@@ -1,4 +1,4 @@
-// CUDA implementations of gradwatch::grad_stats and gradwatch::scale_ as multi-tensor kernels.
+// CUDA implementations of gradwatch::grad_stats, grad_stats_hist and scale_ as multi-tensor kernels.
 // The plan (../plan.h, unit-tested on the CPU) cuts every tensor into tasks; one task walk runs a
 // functor per task, a whole block for a large chunk, a warp per task in a pack of small tensors.
 // grad_stats: per-task partials (StatsOp), then per-tensor rows (a warp per tensor) and the total
@@ -18,9 +18,11 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "../hist.h"
 #include "../plan.h"
 #include "../stats.h"
 #include "../tensor_list.h"
@@ -209,24 +211,41 @@ __device__ inline uint4 load16(const T* p, int64_t i) {
 
 // Per-task partials: the fast pass (stats.h Accumulator: float32 lanes folded into float64 every
 // 16 elements), then, where needs_scaled_pass says the squares overflowed or underflowed, the task
-// again with scaled float64 squares, as the CPU kernel does for a chunk.
+// again with scaled float64 squares, as the CPU kernel does for a chunk. With kHist, the same read
+// also counts every element's log2 bin (hist.h) in a per-warp shared-memory histogram, added to the
+// tensor's int64 row in global memory after the task (integer atomics: exact in any order, so the
+// counts are as reproducible as the statistics). kHist is a template parameter: the
+// statistics-only kernel is compiled without any of it.
+template <bool kHist>
 struct StatsOp {
   Partial* partials;
+  unsigned long long* hist;  // [N, kHistBins] int64 rows, zeroed; unused unless kHist
 
   template <typename Group>
   __device__ void operator()(const plan::Task& task, int64_t index, const Group& g) const {
+    [[maybe_unused]] unsigned int* counts = nullptr;
+    if constexpr (kHist) {
+      __shared__ unsigned int warp_counts[kWarps][kHistBins];
+      counts = warp_counts[threadIdx.x / 32];
+      for (int b = threadIdx.x % 32; b < kHistBins; b += 32) counts[b] = 0;
+      __syncwarp();
+    }
     dispatch(task.dtype, [&](auto zero) {
       using T = decltype(zero);
       const T* p = reinterpret_cast<const T*>(task.address) + task.offset;
       const plan::VecSplit split = plan::vec_split(reinterpret_cast<uintptr_t>(p), task.length, sizeof(T));
       Accumulator<acc_t<T>> acc;
+      const auto add = [&](acc_t<T> v) {
+        acc.add(v);
+        if constexpr (kHist) atomicAdd(counts + log2_bin(v), 1u);  // float16/bfloat16 widen exactly
+      };
       const auto add16 = [&](const uint4& raw) {
         const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int k = 0; k < int(16 / sizeof(T)); ++k) acc.add(static_cast<acc_t<T>>(x[k]));
+        for (int k = 0; k < int(16 / sizeof(T)); ++k) add(static_cast<acc_t<T>>(x[k]));
       };
       plan::walk(
-          split, task.length, g.lane, g.size, [&](int64_t i) { acc.add(static_cast<acc_t<T>>(p[i])); },
+          split, task.length, g.lane, g.size, [&](int64_t i) { add(static_cast<acc_t<T>>(p[i])); },
           [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
             const uint4 r0 = load16(p, i0), r1 = load16(p, i1), r2 = load16(p, i2), r3 = load16(p, i3);
             add16(r0);
@@ -250,6 +269,14 @@ struct StatsOp {
       }
       if (g.lane == 0) partials[index] = part;
     });
+    if constexpr (kHist) {
+      __syncwarp();  // every lane's shared-memory increments are visible to the warp
+      unsigned long long* row = hist + task.tensor * kHistBins;
+      for (int b = threadIdx.x % 32; b < kHistBins; b += 32) {
+        if (counts[b] != 0) atomicAdd(row + b, static_cast<unsigned long long>(counts[b]));
+      }
+      __syncwarp();  // the next task of this warp clears the counts only after they were read
+    }
   }
 };
 
@@ -284,9 +311,11 @@ __global__ void __launch_bounds__(kTotalThreads) total_row_kernel(const Partial*
   if (threadIdx.x == 0) write_row(out + kNumStats * n, s);
 }
 
-at::Tensor grad_stats_cuda(at::TensorList tensors) {
+// The statistics (float64 [N + 1, kNumStats]) and, when `hist` is defined (int64 [N, kHistBins],
+// zeroed), each tensor's log2 histogram added to it, in one task walk.
+at::Tensor stats_pass(at::TensorList tensors, const at::Tensor& hist) {
   std::vector<at::Tensor> copies;
-  const std::vector<FlatTensor> flat = flat_inputs(tensors, "grad_stats", copies);
+  const std::vector<FlatTensor> flat = flat_inputs(tensors, hist.defined() ? "grad_stats_hist" : "grad_stats", copies);
   const at::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -303,7 +332,13 @@ at::Tensor grad_stats_cuda(at::TensorList tensors) {
   at::Tensor out = at::empty({n + 1, kNumStats}, doubles);
   const int64_t* table = dp.table.const_data_ptr<int64_t>();
   if (dp.shape.num_blocks > 0) {
-    tasks_kernel<<<dp.shape.num_blocks, kThreads, 0, stream>>>(table, dp.shape, StatsOp{partials});
+    if (hist.defined()) {
+      static_assert(sizeof(unsigned long long) == sizeof(int64_t));
+      auto* rows = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+      tasks_kernel<<<dp.shape.num_blocks, kThreads, 0, stream>>>(table, dp.shape, StatsOp<true>{partials, rows});
+    } else {
+      tasks_kernel<<<dp.shape.num_blocks, kThreads, 0, stream>>>(table, dp.shape, StatsOp<false>{partials, nullptr});
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   tensor_rows_kernel<<<(n + kWarps - 1) / kWarps, kThreads, 0, stream>>>(table, dp.shape, partials, per_tensor,
@@ -312,6 +347,16 @@ at::Tensor grad_stats_cuda(at::TensorList tensors) {
   total_row_kernel<<<1, kTotalThreads, 0, stream>>>(per_tensor, n, out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+at::Tensor grad_stats_cuda(at::TensorList tensors) { return stats_pass(tensors, at::Tensor()); }
+
+std::tuple<at::Tensor, at::Tensor> grad_stats_hist_cuda(at::TensorList tensors) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "grad_stats_hist: tensors is empty; pass at least one tensor");
+  at::Tensor hist = at::zeros({static_cast<int64_t>(tensors.size()), kHistBins},
+                              at::TensorOptions().dtype(at::kLong).device(tensors[0].device()));
+  at::Tensor stats = stats_pass(tensors, hist);
+  return {stats, hist};
 }
 
 // ---- scaling ------------------------------------------------------------------------------
@@ -377,5 +422,6 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& factors) {
 
 TORCH_LIBRARY_IMPL(gradwatch, CUDA, m) {
   m.impl("grad_stats", &gradwatch::cuda::grad_stats_cuda);
+  m.impl("grad_stats_hist", &gradwatch::cuda::grad_stats_hist_cuda);
   m.impl("scale_", &gradwatch::cuda::scale_cuda);
 }

@@ -3,8 +3,10 @@
 // scale_, and the per-element accumulate / combine / scaled-pass math of ../../csrc/stats.h, which
 // the device runs as is. Built with g++ and run by tests/test_kernel_logic.py; prints one line per
 // failed check and exits non-zero on any.
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <algorithm>
 #include <cstdlib>
 #include <random>
@@ -12,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "hist.h"
 #include "plan.h"
 #include "stats.h"
 
@@ -339,6 +342,62 @@ static void test_scale_factors() {
         "narrow: float32 product with the float32 factor");
 }
 
+// ---- the log2 histogram's bins (hist.h) -----------------------------------------------------------
+
+// The oracle: frexp (x = m * 2^k, 0.5 <= |m| < 1, so floor(log2|x|) = k - 1), clamped as documented.
+static int oracle_bin(double x) {
+  if (std::isnan(x) || std::isinf(x)) return kHistNonfinite;
+  if (x == 0.0) return kHistZero;
+  int k = 0;
+  std::frexp(x, &k);
+  const int e = std::clamp(k - 1, kHistMinExp, kHistMaxExp);
+  return 1 + e - kHistMinExp;
+}
+
+static void check_float_bin(float v) {
+  CHECK(log2_bin(v) == oracle_bin(v), "float %a: bin %d, oracle %d", double(v), log2_bin(v), oracle_bin(v));
+  // The CPU kernel's fast path: a normal float32's bin is its exponent field plus kFloatFieldToBin.
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const int field = int((bits >> 23) & 0xff);
+  if (field > 0 && field < 255) CHECK(log2_bin(v) == field + kFloatFieldToBin, "field shortcut for %a", double(v));
+}
+
+static void test_hist_bins() {
+  CHECK(kHistBins == 281 && kHistNonfinite == 280 && kFloatFieldToBin == 24, "documented layout");
+  for (float v : {0.0f, -0.0f, INFINITY, -INFINITY, NAN, -NAN, FLT_MIN, FLT_MAX, -FLT_MAX, FLT_TRUE_MIN,
+                  -FLT_TRUE_MIN, 1.0f, -1.0f, 448.0f, 57344.0f, 65504.0f}) {
+    check_float_bin(v);
+  }
+  CHECK(log2_bin(FLT_TRUE_MIN) == 2 && log2_bin(FLT_MAX) == 278, "float32 extremes are not clamped");
+  // Every power of two float32 holds (subnormals included), and its neighbours on both sides.
+  for (int e = -149; e <= 127; ++e) {
+    const float p = std::ldexp(1.0f, e);
+    check_float_bin(p);
+    check_float_bin(-p);
+    check_float_bin(std::nextafter(p, 0.0f));
+    check_float_bin(std::nextafter(p, INFINITY));
+    CHECK(log2_bin(p) == 1 + e - kHistMinExp, "2^%d in its own bin", e);
+  }
+  std::mt19937 rng(7);
+  for (int i = 0; i < 2000000; ++i) {  // random bit patterns: every exponent field, NaN payloads
+    const uint32_t bits = rng();
+    float v;
+    std::memcpy(&v, &bits, 4);
+    check_float_bin(v);
+  }
+  for (int e = -1074; e <= 1023; ++e) {  // float64: clamped below 2^-149 and from 2^128 up
+    const double p = std::ldexp(1.0, e);
+    for (double v : {p, -p, std::nextafter(p, 0.0), std::nextafter(p, INFINITY)}) {
+      CHECK(log2_bin(v) == oracle_bin(v), "double %a: bin %d, oracle %d", v, log2_bin(v), oracle_bin(v));
+    }
+  }
+  CHECK(log2_bin(std::ldexp(1.0, -150)) == 1 && log2_bin(std::ldexp(1.0, -149)) == 2 &&
+            log2_bin(std::ldexp(1.0, 128)) == 279 && log2_bin(DBL_MAX) == 279 && log2_bin(DBL_TRUE_MIN) == 1,
+        "float64 clamps");
+  for (double v : {0.0, -0.0, double(INFINITY), double(NAN)}) CHECK(log2_bin(v) == oracle_bin(v), "double %a", v);
+}
+
 int main() {
   test_walk();
   test_plans();
@@ -346,6 +405,7 @@ int main() {
   test_overlap();
   test_math();
   test_scale_factors();
+  test_hist_bins();
   std::printf("%s: %ld checks, %d failed\n", failures ? "FAILED" : "ok", checks, failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,234 @@
+"""grad_stats_hist: log2 magnitude histograms in the statistics' read pass, against the frexp oracle.
+
+Every floating dtype the op takes, subnormals, signed zeros, +-Inf, NaN, exact powers of two and
+their neighbours, empty tensors, non-dense layouts, tensors cut into many chunks; counts exact (they
+sum to numel); the statistics are those of grad_stats bit for bit; opcheck and torch.compile.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch import _ops
+from gradwatch._reference import (
+    LOG2_HIST_BINS,
+    LOG2_HIST_MAX_EXP,
+    LOG2_HIST_MIN_EXP,
+    grad_stats_reference,
+    log2_hist_reference,
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+NAN, INF = float("nan"), float("inf")
+# Exponent range of each dtype's finite nonzero values: smallest subnormal to largest binade.
+EXP_RANGE = {
+    torch.float16: (-24, 15),
+    torch.bfloat16: (-133, 127),
+    torch.float32: (-149, 127),
+    torch.float64: (-1074, 1023),
+}
+
+
+def native(device):
+    if not gradwatch.native_backends()[device.type]:
+        pytest.skip(f"no compiled {device.type} kernel")
+
+
+def spread(n, dtype, device, seed=0, special=True):
+    """n values whose magnitudes cover the dtype's whole range, subnormals included, with specials."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = EXP_RANGE[dtype]
+    exponent = torch.randint(lo, hi + 1, (n,), generator=g, dtype=torch.int64).double()
+    mantissa = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    x = (sign * mantissa * torch.pow(2.0, exponent)).to(dtype)
+    if special and n:
+        info = torch.finfo(dtype)
+        tiny = 2.0 ** EXP_RANGE[dtype][0]  # smallest subnormal
+        values = [0.0, -0.0, INF, -INF, NAN, tiny, -tiny, info.smallest_normal / 2, info.max, -info.max]
+        values += [2.0**e for e in range(max(lo, -1000), min(hi, 1000) + 1, 7)]  # exact powers of two
+        where = torch.randint(0, n, (len(values),), generator=g)
+        x[where] = torch.tensor(values, dtype=torch.float64).to(dtype)
+        powers = torch.pow(2.0, torch.arange(max(lo, -1000), min(hi, 1000) + 1, dtype=torch.float64)).to(dtype)
+        below = torch.nextafter(powers, torch.zeros_like(powers))  # the largest value of the binade below
+        edge = torch.cat([powers, below, -powers])[: n // 2]
+        x[: edge.numel()] = edge
+    return x.to(device)
+
+
+def check(tensors):
+    stats, hist = torch.ops.gradwatch.grad_stats_hist(tensors)
+    want = log2_hist_reference(tensors)
+    assert hist.dtype == torch.int64 and hist.shape == (len(tensors), LOG2_HIST_BINS)
+    assert torch.equal(hist.cpu(), want.cpu())
+    assert hist.sum(1).tolist() == [t.numel() for t in tensors]  # exact: every element counted once
+    # The statistics from the same pass are grad_stats', bit for bit.
+    torch.testing.assert_close(stats, torch.ops.gradwatch.grad_stats(tensors), rtol=0, atol=0, equal_nan=True)
+    return hist
+
+
+def test_layout_constants_match_the_kernels():
+    assert (_ops._C.log2_hist_bins, _ops._C.log2_hist_min_exp, _ops._C.log2_hist_max_exp) == (
+        LOG2_HIST_BINS,
+        LOG2_HIST_MIN_EXP,
+        LOG2_HIST_MAX_EXP,
+    )
+    assert LOG2_HIST_BINS == 281
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_frexp_oracle_on_every_magnitude(dtype, device):
+    native(device)
+    sizes = [0, 1, 3, 63, 64, 65, 1000, 32768, 32768 * 2 + 13, 100_003]
+    tensors = [spread(n, dtype, device, seed=i) for i, n in enumerate(sizes)]
+    hist = check(tensors)
+    if dtype != torch.float64:  # nothing narrower than float64 reaches the clamped end bins
+        assert hist[:, 1].sum() == 0 and hist[:, -2].sum() == 0
+    lo, hi = EXP_RANGE[dtype]
+    lo_bin, hi_bin = (
+        1 + max(lo, LOG2_HIST_MIN_EXP) - LOG2_HIST_MIN_EXP,
+        1 + min(hi, LOG2_HIST_MAX_EXP) - LOG2_HIST_MIN_EXP,
+    )
+    assert hist[-1, lo_bin] > 0 and hist[-1, hi_bin] > 0  # the extreme binades, subnormals included
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_land_in_their_bins(dtype, device):
+    native(device)
+    info = torch.finfo(dtype)
+    smallest_subnormal = 2.0 ** EXP_RANGE[dtype][0]
+    values = [0.0, -0.0, INF, -INF, NAN, 1.0, -1.0, 2.0, 0.75, info.max, smallest_subnormal, info.smallest_normal]
+    t = torch.tensor(values, dtype=torch.float64).to(dtype).to(device)
+    hist = check([t])[0].cpu()
+    zero, nonfinite = 0, LOG2_HIST_BINS - 1
+
+    def at(e):
+        return 1 + min(max(e, LOG2_HIST_MIN_EXP), LOG2_HIST_MAX_EXP) - LOG2_HIST_MIN_EXP
+
+    expected = torch.zeros(LOG2_HIST_BINS, dtype=torch.int64)
+    for b in [zero, zero, nonfinite, nonfinite, nonfinite, at(0), at(0), at(1), at(-1)]:
+        expected[b] += 1
+    expected[at(EXP_RANGE[dtype][1])] += 1  # max finite: top binade
+    expected[at(EXP_RANGE[dtype][0])] += 1  # smallest subnormal
+    expected[at(math.frexp(info.smallest_normal)[1] - 1)] += 1
+    assert torch.equal(hist, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_dense_layouts_and_mixed_lists(dtype, device):
+    native(device)
+    base = spread(4 * 33 * 65, dtype, device, seed=3).reshape(4, 33, 65)
+    views = [
+        base.transpose(0, 2),  # dense, permuted
+        base[:, ::2, 1:],  # strided: copied by the op
+        base.reshape(4, 33, 65, 1).expand(4, 33, 65, 3),  # expanded: each repeated element counted
+        torch.empty(0, 5, dtype=dtype, device=device),  # empty
+        spread(70_001, dtype, device, seed=4).to(memory_format=torch.contiguous_format),
+    ]
+    check(views)
+    check([spread(50, torch.float16, device, seed=5), views[1], spread(40_000, torch.float64, device, seed=6)])
+
+
+def test_every_fp32_exponent_field_on_one_chunk_boundary(device):
+    native(device)
+    # All 2^8 exponent fields with random mantissas, straddling a 32768-element chunk boundary.
+    g = torch.Generator().manual_seed(11)
+    bits = (torch.arange(256, dtype=torch.int32) << 23).repeat(300) | torch.randint(
+        0, 2**23, (76_800,), generator=g, dtype=torch.int32
+    )
+    t = bits.view(torch.float32)
+    check([t.to(device), t[32000:34000].to(device), (-t).to(device)])
+
+
+def gradient_like(dtype, device, seed=0):
+    """What the vector kernels' fast path sees: magnitudes within a dozen binades, per block scales
+    that jump (the window must move), runs of exact zeros (unused embedding rows), a few strays."""
+    g = torch.Generator().manual_seed(seed)
+    n = 32768 * 3 + 1000
+    scale = torch.pow(2.0, torch.randint(-40, 10, (n // 512 + 1,), generator=g).double()).repeat_interleave(512)[:n]
+    x = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    x[1000:9000] = 0.0  # zero rows
+    x[20_000:20_064] = -0.0
+    x[40_000:40_003] = torch.tensor([1e-40, float("nan"), 3e30], dtype=torch.float64)  # far outside the window
+    x[50_000:50_016] = torch.pow(2.0, torch.arange(-30, 2, 2, dtype=torch.float64))  # one per binade
+    small = torch.randn(777, generator=g, dtype=torch.float64) * 1e-3
+    return [x.to(dtype).to(device), small.to(dtype).to(device), torch.zeros(5000, dtype=dtype, device=device)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_like_data_through_the_fast_path(dtype, device):
+    native(device)
+    check(gradient_like(dtype, device))
+
+
+def test_grad_stats_wrapper_histogram_flag(device):
+    native(device)
+    grads = [spread(1000, torch.float32, device, seed=1), spread(10, torch.bfloat16, device, seed=2)]
+    plain = gradwatch.grad_stats(grads)
+    assert plain.log2_hist is None
+    with_hist = gradwatch.grad_stats(grads, histogram=True)
+    assert torch.equal(with_hist.log2_hist.cpu(), log2_hist_reference(grads).cpu())
+    torch.testing.assert_close(with_hist.packed, plain.packed, rtol=0, atol=0, equal_nan=True)
+
+
+def test_reference_fallback_when_no_kernel(monkeypatch):
+    grads = [spread(500, torch.float32, "cpu", seed=8), spread(9, torch.float16, "cpu", seed=9)]
+    monkeypatch.setitem(_ops._NATIVE, "cpu", False)
+    monkeypatch.setattr(_ops, "_warned_fallback", {"cpu"})
+    s = gradwatch.grad_stats(grads, histogram=True)
+    torch.testing.assert_close(s.packed, grad_stats_reference(grads), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(s.log2_hist, log2_hist_reference(grads))
+
+
+def test_errors(device):
+    native(device)
+    with pytest.raises(ValueError, match="tensors is empty"):
+        gradwatch.grad_stats([], histogram=True)
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch.int64"):
+        gradwatch.grad_stats(
+            [torch.ones(2, device=device), torch.ones(2, dtype=torch.int64, device=device)], histogram=True
+        )
+    with pytest.raises(TypeError, match=r"grad_stats_hist: tensors\[0\] has dtype"):
+        torch.ops.gradwatch.grad_stats_hist([torch.ones(2, dtype=torch.int32, device=device)])
+
+
+def test_opcheck_and_compile(device):
+    native(device)
+    # No NaN here: opcheck compares outputs with assert_close, where NaN != NaN.
+    tensors = [spread(n, dt, device, seed=n, special=False) for n, dt in zip([7, 1000, 40_000, 3], DTYPES, strict=True)]
+    torch.library.opcheck(torch.ops.gradwatch.grad_stats_hist.default, (tensors,))
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def zero_fraction(grads):
+        s = gradwatch.grad_stats(grads, histogram=True)
+        return s.log2_hist[:, 0] / s.log2_hist.sum(1), s.total_norm
+
+    fraction, _ = zero_fraction(tensors)
+    want = log2_hist_reference(tensors)
+    torch.testing.assert_close(fraction.cpu(), (want[:, 0] / want.sum(1)).cpu())
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_capability(capability):
+    """Each compiled kernel variant (picked by ATEN_CPU_CAPABILITY) in its own process."""
+    if gradwatch.cpu_kernel_capability() is None:
+        pytest.skip("extension not built")
+    code = (
+        "import torch, gradwatch\n"
+        "from tests.test_log2_hist import spread, check, gradient_like, DTYPES\n"
+        "print(gradwatch.cpu_kernel_capability())\n"
+        "for dt in DTYPES:\n"
+        "    check([spread(n, dt, 'cpu', seed=n) for n in (0, 5, 64, 1000, 32768 + 77, 70_001)])\n"
+        "    check(gradient_like(dt, 'cpu', seed=1))\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    supported = torch.backends.cpu.get_cpu_capability()
+    assert order.index(out.stdout.split()[0]) == min(order.index(capability.upper()), order.index(supported))
