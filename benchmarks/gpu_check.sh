@@ -35,7 +35,7 @@ FREE_GB=$($PY -c "import torch; print(torch.cuda.mem_get_info()[0] // 2**30)")
 
 # Every CUDA-relevant test: the kernels' own file first (its failures matter most).
 timeout 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_ops.py tests/test_scale.py \
-  tests/test_build.py > "$OUT/tests_kernels.log" 2>&1
+  tests/test_build.py tests/test_log2_hist.py > "$OUT/tests_kernels.log" 2>&1
 stage "kernel tests" $? "$(tail -1 "$OUT/tests_kernels.log")"
 timeout 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_monitor.py tests/test_in_backward.py tests/test_policies.py \
   > "$OUT/tests_monitor.log" 2>&1
@@ -45,6 +45,10 @@ stage "monitor tests" $? "$(tail -1 "$OUT/tests_monitor.log")"
 timeout 60 $PY -m benchmarks.op_bench --device cuda --repeats 20 --out "$OUT" > "$OUT/op_bench.log" 2>&1
 stage op_bench $?
 cat "$OUT/op_bench_cuda.md" 2>/dev/null
+
+# The statistics pass with log2 histograms against without (and copy + histc per layer), on the GPU.
+timeout 30 $PY -m benchmarks.histogram_cost --device cuda --repeats 10 > "$OUT/histogram_cost.log" 2>&1
+stage "histogram cost" $? "$(tail -5 "$OUT/histogram_cost.log" | tr '\n' ' ')"
 
 # Monitoring overhead per step: ResNet-50 (batch 64, 224^2, bf16 autocast) and the tiny-tensor model.
 timeout 55 $PY -m benchmarks --device cuda --workloads resnet50 tiny_params --rounds 2 --no-progress \

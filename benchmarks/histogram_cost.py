@@ -42,10 +42,12 @@ def methods(ts: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
     }
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call; the slow torch way runs every fifth round only (at least 3 times)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():  # warm up
         fn()
+    sync()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():
@@ -53,19 +55,20 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict
                 continue
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def run(repeats: int, quick: bool) -> list[dict]:
+def run(repeats: int, quick: bool, device: torch.device) -> list[dict]:
     sets = {"ResNet-50": resnet50_shapes(), "GPT-2 small": gpt2_small_shapes()}
     if quick:
         sets = {name: shapes[:12] for name, shapes in sets.items()}
     rows = []
     for name, shapes in sets.items():
         for dtype in (torch.float32, torch.bfloat16):
-            ts = make_grads(shapes, torch.device("cpu"), dtype)
-            t = time_round_robin(methods(ts), repeats)
+            ts = make_grads(shapes, device, dtype)
+            t = time_round_robin(methods(ts), repeats, device)
             rows.append(
                 {
                     "set": name,
@@ -96,9 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.histogram_cost", description=__doc__)
     parser.add_argument("--repeats", type=int, default=30, help="calls per method, round-robin (median kept)")
     parser.add_argument("--quick", action="store_true", help="the first 12 tensors of each set (smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args(argv)
-    print(f"threads: {torch.get_num_threads()}, CPU kernel: {gradwatch.cpu_kernel_capability()}")
-    print(markdown(run(args.repeats, args.quick)))
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{where}, CPU kernel: {gradwatch.cpu_kernel_capability()}")
+    print(markdown(run(args.repeats, args.quick, device)))
 
 
 if __name__ == "__main__":

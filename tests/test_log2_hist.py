@@ -22,6 +22,7 @@ from gradwatch._reference import (
     grad_stats_reference,
     log2_hist_reference,
 )
+from tests.conftest import requires_cuda
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NAN, INF = float("nan"), float("inf")
@@ -232,3 +233,22 @@ def test_every_cpu_capability(capability):
     order = ["DEFAULT", "AVX2", "AVX512"]
     supported = torch.backends.cpu.get_cpu_capability()
     assert order.index(out.stdout.split()[0]) == min(order.index(capability.upper()), order.index(supported))
+
+
+@requires_cuda
+def test_cuda_agrees_with_cpu_kernel_packs_and_blocks_without_sync():
+    # Tiny tensors (a warp per task in packs), block-sized ones and multi-task ones, misaligned views.
+    native(torch.device("cuda"))
+    g = torch.Generator().manual_seed(5)
+    sizes = [1, 3, 31, 4096, 4097, 65536 * 2 + 7] + torch.randint(1, 300, (200,), generator=g).tolist()
+    cpu = [gradient_like(torch.float32, "cpu", seed=s)[0][:n] for s, n in enumerate(sizes)]
+    cpu += [spread(70_001, dt, "cpu", seed=3)[1:] for dt in DTYPES]  # offset by one element: misaligned
+    gpu = [t.cuda() for t in cpu]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats, hist = torch.ops.gradwatch.grad_stats_hist(gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(hist.cpu(), torch.ops.gradwatch.grad_stats_hist(cpu)[1])
+    assert torch.equal(hist.cpu(), log2_hist_reference(cpu))
+    torch.testing.assert_close(stats, torch.ops.gradwatch.grad_stats(gpu), rtol=0, atol=0, equal_nan=True)
