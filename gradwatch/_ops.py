@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._layout import NUM_STATS, Stat
 from ._reference import grad_stats_reference, scale_reference_
 
 __all__ = ["GradStats", "grad_stats", "grad_stats_packed", "scale_", "native_backends", "combine_rows"]
@@ -84,7 +85,7 @@ if _C is not None:
                 t.dtype in SUPPORTED_DTYPES,
                 lambda i=i, t=t: f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype",
             )
-        return tensors[0].new_empty((len(tensors) + 1, 3), dtype=torch.float64)
+        return tensors[0].new_empty((len(tensors) + 1, NUM_STATS), dtype=torch.float64)
 
     @torch.library.register_fake("gradwatch::scale_")
     def _scale_fake(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
@@ -113,10 +114,10 @@ class GradStats(NamedTuple):
         """Builds the typed view of a packed ``[N + 1, 3]`` statistics tensor."""
         rows = packed[:-1]
         return cls(
-            norms=rows[:, 0].float(),
-            max_abs=rows[:, 1].float(),
-            nonfinite=rows[:, 2].long(),
-            total_norm=packed[-1, 0].float(),
+            norms=rows[:, Stat.NORM].float(),
+            max_abs=rows[:, Stat.MAX_ABS].float(),
+            nonfinite=rows[:, Stat.NONFINITE].long(),
+            total_norm=packed[-1, Stat.NORM].float(),
             packed=packed,
         )
 
@@ -141,7 +142,8 @@ def combine_rows(rows: torch.Tensor) -> torch.Tensor:
     Norms add in quadrature, maxima take the max (NaN wins), counts add. Used to merge groups of
     tensors (devices, shards) without touching the tensors again.
     """
-    return torch.stack([rows[:, 0].square().sum().sqrt(), rows[:, 1].amax(), rows[:, 2].sum()])
+    norm, max_abs, nonfinite = rows[:, Stat.NORM], rows[:, Stat.MAX_ABS], rows[:, Stat.NONFINITE]
+    return torch.stack([norm.square().sum().sqrt(), max_abs.amax(), nonfinite.sum()])
 
 
 def _indices_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
@@ -197,7 +199,7 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     if all(t.device == device for t in tensors):
         return measure_unchecked(tensors)
-    rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
+    rows = torch.empty((len(tensors), NUM_STATS), dtype=torch.float64, device=device)
     for index in _indices_by_device(tensors).values():
         packed = _async_to(measure_unchecked([tensors[i] for i in index]), device)
         rows[torch.tensor(index, device=device)] = packed[:-1]

@@ -7,15 +7,18 @@ from collections.abc import Sequence
 
 import torch
 
+from ._layout import NUM_STATS, Stat
+
 __all__ = ["grad_stats_reference", "scale_reference_"]
 
 
 def grad_stats_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Packed statistics of ``tensors``, laid out like ``torch.ops.gradwatch.grad_stats``.
 
-    Returns a float64 tensor of shape ``[N + 1, 3]`` on the tensors' device: row ``i`` holds the L2
-    norm, the max absolute value (NaN if any element is NaN) and the number of non-finite elements
-    of ``tensors[i]``; row ``N`` holds the same statistics over all tensors.
+    Returns a float64 tensor of shape ``[N + 1, len(Stat)]`` on the tensors' device: row ``i`` holds
+    the L2 norm, the max absolute value (NaN if any element is NaN) and the number of non-finite
+    elements of ``tensors[i]`` (columns named by :class:`~gradwatch._layout.Stat`); row ``N`` holds
+    the same statistics over all tensors.
     """
     if len(tensors) == 0:
         raise ValueError("grad_stats: tensors is empty; pass at least one tensor")
@@ -25,18 +28,22 @@ def grad_stats_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             raise TypeError(f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype")
         x = t.detach().to(torch.float64).reshape(-1)
         if x.numel() == 0:
-            rows.append(x.new_zeros(3))
+            rows.append(x.new_zeros(NUM_STATS))
             continue
-        sumsq = (x * x).sum()
-        max_abs = x.abs().max()  # torch.max propagates NaN
-        nonfinite = (~torch.isfinite(x)).sum().to(torch.float64)
-        rows.append(torch.stack([sumsq, max_abs, nonfinite]))
+        row = {
+            Stat.NORM: (x * x).sum(),  # the sum of squares until the end
+            Stat.MAX_ABS: x.abs().max(),  # torch.max propagates NaN
+            Stat.NONFINITE: (~torch.isfinite(x)).sum().to(torch.float64),
+        }
+        rows.append(torch.stack([row[s] for s in Stat]))
     per_tensor = torch.stack(rows)
-    total_sumsq = per_tensor[:, 0].sum()
-    total_max = per_tensor[:, 1].max()
-    total_nonfinite = per_tensor[:, 2].sum()
-    packed = torch.cat([per_tensor, torch.stack([total_sumsq, total_max, total_nonfinite])[None]])
-    packed[:, 0] = packed[:, 0].sqrt()
+    total = {
+        Stat.NORM: per_tensor[:, Stat.NORM].sum(),
+        Stat.MAX_ABS: per_tensor[:, Stat.MAX_ABS].max(),
+        Stat.NONFINITE: per_tensor[:, Stat.NONFINITE].sum(),
+    }
+    packed = torch.cat([per_tensor, torch.stack([total[s] for s in Stat])[None]])
+    packed[:, Stat.NORM] = packed[:, Stat.NORM].sqrt()
     return packed
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .events import AnomalyEvent
 from .history import HistoryWriter, encode_float, read_history
-from .summary import badness_of
+from .summary import badness_of, fmt
 
 if TYPE_CHECKING:  # torch is imported where the demo runs, so `gradwatch report` never loads it
     import torch
@@ -372,11 +372,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
 
 
 def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
+    return fmt(x, ".3e" if x is not None and abs(x) >= 1e5 else ".4g")  # exponent from 1e5: columns stay narrow
 
 
 def format_table(result: DemoResult) -> str:

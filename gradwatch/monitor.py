@@ -1,4 +1,4 @@
-"""The monitor users touch: :class:`GradWatch` and the hook-monitor drop-in :class:`GradientMonitor`.
+"""The monitor users touch: :class:`GradWatch` (the hook-monitor drop-in is in ``gradient_monitor.py``).
 
 One check per optimizer step (or per backward pass without an optimizer) runs as a fixed pipeline,
 every stage on the device, nothing read back on the host::
@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,15 +40,16 @@ from torch.utils.hooks import RemovableHandle
 
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from ._records import HostRecord, LossPacket, RecordQueue, encode_record
+from ._records import HostRecord, LossPacket, RecordQueue, encode_record, extras_layout
 from ._selection import Selector, select_parameters
 from ._stepping import StepControl
+from ._validate import positive_int
 from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
-from .events import AnomalyEvent, GradientAnomalyError, StepRecord
+from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord, close_sink
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
-__all__ = ["GradWatch", "GradientMonitor"]
+__all__ = ["GradWatch"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
 
 logger = logging.getLogger("gradwatch")
 
@@ -89,7 +90,8 @@ class GradWatch:
         exclude: name patterns and/or module types to leave out.
         every: check every N-th optimizer step (or backward pass). Default 1.
         history: a path; a :class:`gradwatch.history.HistoryWriter` on it is added as a sink.
-        sinks: callables ``fn(record: StepRecord)`` called once per drained step, in step order.
+        sinks: :class:`~gradwatch.events.Sink` s, callables ``fn(record: StepRecord)`` called once per
+            drained step, in step order.
         process_group: the ranks that must agree on every decision (see :mod:`gradwatch.distributed`);
             None means the default group once ``torch.distributed`` is initialized. Statistics of
             FSDP2/DTensor-sharded gradients are reduced over their own mesh groups. Create the
@@ -143,7 +145,7 @@ class GradWatch:
         exclude: Selector | Iterable[Selector] | None = None,
         every: int = 1,
         history: Any = None,
-        sinks: Iterable[Callable[[StepRecord], Any]] = (),
+        sinks: Iterable[Sink] = (),
         process_group: Any = None,
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
@@ -154,13 +156,11 @@ class GradWatch:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if not isinstance(attach, bool):
             raise TypeError(f"attach must be a bool, got {attach!r}")
         self.model = model
         self.optimizer = optimizer
-        self.every = every
+        self.every = positive_int("every", every)
         self.process_group = process_group
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         rank = torch.distributed.get_rank() if is_distributed() else 0
@@ -181,21 +181,21 @@ class GradWatch:
         self.step_control = StepControl(optimizer)
         self._records = RecordQueue(self.detector.config)
         self._index_cache = IndexCache(limit=64)
-        self._sinks: OrderedDict[int, Callable[[StepRecord], Any]] = OrderedDict()
+        self._sinks: OrderedDict[int, Sink] = OrderedDict()
+        self._owned_sinks: list[Sink] = []  # made here (history=): closed by remove()
         self._handles: list[RemovableHandle] = []
         self._queued = False
         self._loss: tuple[LossDetection, int] | None = None  # observed for the upcoming check
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
-        self._history = None
         for fn in sinks:
             self.add_sink(fn)
         if history is not None and self._runs_sinks:
             from .history import HistoryWriter  # lazily: reporting is optional
 
-            self._history = HistoryWriter(history)
-            self.add_sink(self._history)
+            self._owned_sinks.append(HistoryWriter(history))
+            self.add_sink(self._owned_sinks[-1])
         self.policy.attach(self)
         if attach:
             self.register_hooks()
@@ -237,13 +237,16 @@ class GradWatch:
         return InBackwardStats(self._params, lambda: self.step % self.every == 0)
 
     def remove(self) -> None:
-        """Detaches every hook and closes the history writer. Pending records stay drainable."""
+        """Detaches every hook and closes the sinks the monitor made (the history writer).
+
+        Pending records stay drainable.
+        """
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._history is not None:
-            self._history.close()
-            self._history = None
+        owned, self._owned_sinks = self._owned_sinks, []
+        for sink in owned:
+            close_sink(sink)
 
     def __enter__(self) -> GradWatch:
         return self
@@ -273,8 +276,8 @@ class GradWatch:
 
     # ----------------------------------------------------------------------------- public
 
-    def add_sink(self, fn: Callable[[StepRecord], Any]) -> RemovableHandle:
-        """Calls ``fn(record)`` on the host once per drained step, in step order.
+    def add_sink(self, fn: Sink) -> RemovableHandle:
+        """Calls ``fn(record)`` on the host once per drained step, in step order (see :class:`~gradwatch.events.Sink`).
 
         Returns:
             A handle whose ``remove()`` unregisters ``fn``.
@@ -400,7 +403,7 @@ class GradWatch:
                 scaler_skipped,
                 decision.extras,
             )
-            self._records.put_record(step, names, payload, tuple(len(group) for group in decision.extras))
+            self._records.put_record(step, names, payload, extras_layout(decision.extras))
             if loss is not None:
                 self._records.put_loss(step, loss[0])
             if self.optimizer is None:
@@ -505,18 +508,8 @@ class GradWatch:
     def _publish_events(self, events: list[AnomalyEvent]) -> None:
         for e in events:
             level = logging.WARNING if e.action != "none" else logging.INFO
-            where = e.param if e.param is not None else "<global>"
-            thr = "" if e.threshold is None else f" (threshold {e.threshold:.6g})"
-            logger.log(
-                level,
-                "gradwatch: step %d: %s in %s: value %.6g%s; action %s",
-                e.step,
-                e.kind.value,
-                where,
-                e.value,
-                thr,
-                e.action,
-            )
+            if logger.isEnabledFor(level):
+                logger.log(level, "gradwatch: %s", e.describe())
         self.events.extend(events)
 
     def _publish_record(self, rec: HostRecord) -> None:
@@ -557,76 +550,10 @@ class GradWatch:
         """Subclass hook, called for every drained record after the sinks."""
 
 
-class GradientMonitor(GradWatch):
-    """Drop-in for the hand-written hook monitor: per-layer gradient norms, without a sync per layer.
+def __getattr__(name: str) -> Any:
+    # GradientMonitor lives in gradient_monitor.py (it subclasses GradWatch); this import path stays.
+    if name == "GradientMonitor":
+        from .gradient_monitor import GradientMonitor
 
-    The hand-written version registers a tensor hook per parameter that appends
-    ``grad.norm().item()`` to a list, a device sync per layer per step. This one measures all
-    gradients in one fused pass at the end of each backward pass and fills the same list
-    asynchronously; reading :attr:`grad_norms` drains pending records first (one wait, only when
-    read). Norms are appended per backward pass in parameter order (``model.named_parameters()``),
-    with the parameter names alongside in :attr:`grad_norm_names`.
-
-    Args:
-        model: the module to watch.
-        optimizer: optional; with one, norms are taken once per optimizer step (accumulated).
-        policy: default ``"warn"`` (events are logged and kept in :attr:`events`).
-        attach: register the hooks now; default False, as hand-written monitors call
-            :meth:`register_hooks` themselves.
-        **kwargs: as for :class:`GradWatch` (``include``, ``exclude``, ``every``, detector options).
-
-    Example:
-        >>> import torch, gradwatch
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
-        >>> monitor = gradwatch.GradientMonitor(model)
-        >>> handles = monitor.register_hooks()
-        >>> model(torch.randn(2, 4)).sum().backward()
-        >>> len(monitor.grad_norms)
-        4
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        *,
-        policy: str | Policy | PolicySet | Iterable[str | Policy] = "warn",
-        attach: bool = False,
-        **kwargs: Any,
-    ):
-        self._grad_norms: list[float] = []
-        self._grad_norm_names: list[str] = []
-        self._total_norms: list[float] = []
-        super().__init__(model, optimizer, policy=policy, attach=attach, **kwargs)
-
-    def _on_record(self, record: StepRecord) -> None:
-        self._grad_norms.extend(record.norms)
-        self._grad_norm_names.extend(record.names)
-        self._total_norms.append(record.total_norm)
-
-    @property
-    def grad_norms(self) -> list[float]:
-        """Per-layer gradient norms, appended each check (reading it drains pending records)."""
-        self.flush()
-        return self._grad_norms
-
-    @grad_norms.setter
-    def grad_norms(self, value: list[float]) -> None:
-        self.flush()
-        self._grad_norms = value
-
-    @property
-    def grad_norm_names(self) -> list[str]:
-        """The parameter name of each entry of :attr:`grad_norms`."""
-        self.flush()
-        return self._grad_norm_names
-
-    @property
-    def total_norms(self) -> list[float]:
-        """The total gradient norm of each check."""
-        self.flush()
-        return self._total_norms
-
-    def remove_hooks(self) -> None:
-        """Removes the hooks (alias of :meth:`remove`, the name hand-written monitors use)."""
-        self.remove()
+        return GradientMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
