@@ -24,7 +24,9 @@ from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = Path("csrc")
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Cubins for the GPUs users most likely have (T4 sm_75; A100/A10/RTX 30xx-40xx sm_80, which also runs
+# on sm_86/sm_89; H100/H200 sm_90; B200 sm_100; RTX 50xx sm_120) and PTX of the newest for later GPUs.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0;10.0;12.0+PTX"
 
 # The vectorized CPU kernel file is compiled once per capability with ATen's macros and flags, and
 # the op picks one at run time by at::get_cpu_capability() (as ATen's DispatchStub does).
@@ -88,7 +90,7 @@ class BuildExtension(cpp_extension.BuildExtension):
                     "cxx": ext.extra_compile_args["cxx"] + defines + flags + ["-Wno-maybe-uninitialized"],
                     "nvcc": [],
                 },
-                depends=[str(CSRC / "cpu" / "kernels.h")],
+                depends=[str(CSRC / "cpu" / "kernels.h"), str(CSRC / "stats.h"), str(CSRC / "dtype.h")],
             )
             ext.extra_objects.extend(objects)
         super().build_extension(ext)
@@ -107,7 +109,8 @@ def make_extension():
     extra = {"cxx": cxx}
     if with_cuda:
         sources.append(str(CSRC / "cuda" / "grad_stats_cuda.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
+        # --threads 0: the per-arch device compiles (5 cubins + PTX) run in parallel on the free cores.
+        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--threads", "0"]
         return cpp_extension.CUDAExtension("gradwatch._C", sources, extra_compile_args=extra, extra_link_args=link)
     return cpp_extension.CppExtension("gradwatch._C", sources, extra_compile_args=extra, extra_link_args=link)
 

@@ -343,6 +343,21 @@ METHODS: dict[str, MethodSpec] = {
     "gradwatch_every10": MethodSpec(
         lambda: GradWatchMethod("gradwatch_every10", "gradwatch: + detection, every=10", "warn", every=10)
     ),
+    "gradwatch_every10_skip": MethodSpec(
+        lambda: GradWatchMethod(
+            "gradwatch_every10_skip", "gradwatch: + skip, every=10", ["warn", "skip"], every=10, extra="; skip"
+        )
+    ),
+    "gradwatch_every10_guard": MethodSpec(
+        lambda: GradWatchMethod(
+            "gradwatch_every10_guard",
+            "gradwatch: + skip, every=10, guard=True",
+            ["warn", "skip"],
+            every=10,
+            extra="; skip; non-finite guard on the other 9 steps",
+            guard=True,
+        )
+    ),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -34,16 +35,50 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     return [(vocab, d), (ctx, d)] + block * layers + [(d,), (d,)]
 
 
+def llama8b_shapes(layers: int = 32) -> list[tuple[int, ...]]:
+    """Llama-3-8B parameter shapes (GQA, 8 KV heads); ``layers`` < 32 scales it down to fit."""
+    d, kv, ffn, vocab = 4096, 1024, 14336, 128256
+    block = [(d, d), (kv, d), (kv, d), (d, d), (ffn, d), (ffn, d), (d, ffn), (d,), (d,)]
+    return [(vocab, d)] + block * layers + [(d,), (vocab, d)]
+
+
+def llama_layers_that_fit(device: torch.device) -> int:
+    """Layers of the Llama-8B set whose bf16 gradients, and their flat copy, use under half the free memory."""
+    per_layer = 2 * sum(math.prod(s) for s in llama8b_shapes(1)[1:-2])
+    fixed = 2 * 2 * 128256 * 4096
+    free = torch.cuda.mem_get_info(device)[0] // 2 // 2  # gradients + the flat copy of the ceiling
+    return max(1, min(32, (free - fixed) // per_layer))
+
+
+def host_microseconds(device: torch.device, counts=(100, 1000, 10000), repeats: int = 200) -> dict[int, float]:
+    """Host time per grad_stats call (no sync) with a cached plan, by number of tensors."""
+    out = {}
+    for n in counts:
+        ts = [torch.randn(64, device=device) for _ in range(n)]
+        torch.ops.gradwatch.grad_stats(ts)  # builds and caches the plan
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.ops.gradwatch.grad_stats(ts)
+        out[n] = (time.perf_counter() - start) / repeats * 1e6
+        torch.cuda.synchronize(device)
+    return out
+
+
 def tiny_shapes(n: int = 2000) -> list[tuple[int, ...]]:
     g = torch.Generator().manual_seed(0)
     return [(int(k),) for k in torch.randint(1, 256, (n,), generator=g)]
 
 
 def make_grads(shapes, device, dtype=torch.float32) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
+    # Generated where they live: billions of elements (the Llama set) would take minutes on the host.
+    g = torch.Generator(device).manual_seed(0)
     # Gradient-like magnitudes: small values with a per-tensor scale spread over orders of magnitude.
     return [
-        (torch.randn(s, generator=g) * 10 ** (-4 + 3 * torch.rand(1, generator=g))).to(device, dtype) for s in shapes
+        (torch.randn(s, generator=g, device=device) * 10 ** (-4 + 3 * torch.rand(1, generator=g, device=device))).to(
+            dtype
+        )
+        for s in shapes
     ]
 
 
@@ -103,8 +138,15 @@ def run(device: str, repeats: int, quick: bool) -> dict:
         "repeats": repeats,
         "sets": {},
     }
+    dtypes = dict.fromkeys(sets, torch.float32)
+    if dev.type == "cuda" and not quick:
+        layers = llama_layers_that_fit(dev)
+        name = f"Llama-8B bf16 ({layers} of 32 layers)"
+        sets[name] = lambda: llama8b_shapes(layers)
+        dtypes[name] = torch.bfloat16
+        results["host_us_per_call"] = host_microseconds(dev)
     for set_name, shapes_fn in sets.items():
-        ts = make_grads(shapes_fn(), dev)
+        ts = make_grads(shapes_fn(), dev, dtypes[set_name])
         times = time_methods(methods(ts), repeats, dev)
         nbytes = sum(t.numel() * t.element_size() for t in ts)
         results["sets"][set_name] = {
@@ -114,6 +156,9 @@ def run(device: str, repeats: int, quick: bool) -> dict:
             "bandwidth_GBps": {k: nbytes / v / 1e9 for k, v in times.items()},
             "accuracy": accuracy(ts),
         }
+        del ts
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
@@ -138,8 +183,12 @@ def markdown(results: dict) -> str:
             "",
             f"Norm accuracy vs float64: gradwatch {acc['gradwatch max rel. error']:.1e}, "
             f"_foreach_norm {acc['_foreach_norm max rel. error']:.1e} (max relative error over tensors).",
+            f"gradwatch at {r['times_s']['flat sum() ceiling'] / base:.0%} of a flat sum() over the same bytes.",
             "",
         ]
+    if "host_us_per_call" in results:
+        per = ", ".join(f"{n} tensors {us:.0f} us" for n, us in results["host_us_per_call"].items())
+        lines += [f"Host time per grad_stats call with a cached plan (no sync): {per}.", ""]
     return "\n".join(lines)
 
 

@@ -9,6 +9,10 @@
 // Row i < N is (L2 norm, max |x|, non-finite count) of tensors[i]; row N is the same three
 // statistics over all tensors (total norm, global max |x|, total non-finite count).
 // float64 keeps counts exact past 2^24 and lets a distributed reduction combine rows losslessly.
+// The columns are named once, in stats.h (kNorm, kMaxAbs, kNonfinite), with the one combine rule.
+// scale_ multiplies tensors[i] in place by factors[i] (float32 or float64, one per tensor): 1 skips
+// the tensor, 0 writes zeros, strided and expanded views scale each memory location once, tensors
+// that share memory are refused, and version counters are bumped (tensor_list.h, stats.h).
 TORCH_LIBRARY(gradwatch, m) {
   m.def("grad_stats(Tensor[] tensors) -> Tensor");
   m.def("scale_(Tensor(a!)[] tensors, Tensor factors) -> ()");

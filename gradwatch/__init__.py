@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
     from .gradient_monitor import GradientMonitor
     from .history import HistoryWriter, RunHistory, read_history
-    from .monitor import GradWatch
+    from .monitor import GradWatch, SinkError
     from .policies import AdaptiveClip, Clip, LRBackoff, Policy, PolicySet, Raise, Rollback, Skip, Warn, Zero
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "DetectorConfig",
     "GradWatch",
     "GradientMonitor",
+    "SinkError",
     "Policy",
     "PolicySet",
     "Warn",
@@ -66,7 +67,7 @@ _MODULE_OF = {
                      "native_backends", "scale_"], "._ops"),
     **dict.fromkeys(["Detector", "DetectorConfig"], ".detect"),
     **dict.fromkeys(["AnomalyEvent", "AnomalyKind", "GradientAnomalyError", "StepRecord"], ".events"),
-    "GradWatch": ".monitor",
+    **dict.fromkeys(["GradWatch", "SinkError"], ".monitor"),
     "GradientMonitor": ".gradient_monitor",
     **dict.fromkeys(["Policy", "PolicySet", "Warn", "Clip", "AdaptiveClip", "Zero", "Skip", "Raise", "LRBackoff",
                      "Rollback"], ".policies"),

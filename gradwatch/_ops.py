@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from ._layout import NUM_STATS, Stat
-from ._reference import grad_stats_reference, scale_reference_
+from ._reference import grad_stats_reference, l2_norm, scale_reference_
 
 __all__ = ["GradStats", "grad_stats", "grad_stats_packed", "scale_", "native_backends", "combine_rows"]
 
@@ -64,8 +64,10 @@ def _use_native(device: torch.device) -> bool:
         return True
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
-        reason = f"the extension failed to load ({_LOAD_ERROR})" if _C is not None or _LOAD_ERROR else ""
-        reason = reason or f"it was built without {device.type} kernels"
+        if _C is None:
+            reason = f"the extension failed to load ({_LOAD_ERROR})"
+        else:
+            reason = f"it was built without {device.type} kernels"
         warnings.warn(
             f"gradwatch: no compiled kernel for {device.type} because {reason}; using the pure-PyTorch "
             "reference, which is correct but much slower. Rebuild with `make build` (see README).",
@@ -90,16 +92,24 @@ if _C is not None:
     @torch.library.register_fake("gradwatch::scale_")
     def _scale_fake(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
         torch._check(factors.numel() == len(tensors), lambda: "scale_: factors needs one entry per tensor")
+        torch._check(
+            factors.dtype in (torch.float32, torch.float64), lambda: "scale_: factors must be float32 or float64"
+        )
 
 
 class GradStats(NamedTuple):
     """Per-tensor statistics from :func:`grad_stats`, on the tensors' device.
 
+    The views are float64, like the op's output: float32 would turn a finite float64 norm such as
+    1e100 into Inf and 1e-50 into 0 (and even float32 gradients can have a norm above float32's max).
+
     Attributes:
-        norms: float32 ``[N]``, L2 norm of each tensor (accumulated in float32 or better).
-        max_abs: float32 ``[N]``, max absolute value; NaN where the tensor holds a NaN.
+        norms: float64 ``[N]``, L2 norm of each tensor (accumulated in float32 lanes folded into
+            float64, or float64; overflow- and underflow-safe: finite inputs give a finite norm
+            unless the norm itself exceeds float64's max).
+        max_abs: float64 ``[N]``, max absolute value; NaN where the tensor holds a NaN.
         nonfinite: int64 ``[N]``, number of NaN and +-Inf elements of each tensor.
-        total_norm: float32 scalar, L2 norm over all tensors.
+        total_norm: float64 scalar, L2 norm over all tensors.
         packed: float64 ``[N + 1, 3]``, the op's raw output; row N holds the totals.
     """
 
@@ -114,10 +124,10 @@ class GradStats(NamedTuple):
         """Builds the typed view of a packed ``[N + 1, 3]`` statistics tensor."""
         rows = packed[:-1]
         return cls(
-            norms=rows[:, Stat.NORM].float(),
-            max_abs=rows[:, Stat.MAX_ABS].float(),
+            norms=rows[:, Stat.NORM],
+            max_abs=rows[:, Stat.MAX_ABS],
             nonfinite=rows[:, Stat.NONFINITE].long(),
-            total_norm=packed[-1, Stat.NORM].float(),
+            total_norm=packed[-1, Stat.NORM],
             packed=packed,
         )
 
@@ -140,10 +150,10 @@ def combine_rows(rows: torch.Tensor) -> torch.Tensor:
     """Combines packed statistic rows ``[G, 3]`` into one row ``[3]`` as the op's total row does.
 
     Norms add in quadrature, maxima take the max (NaN wins), counts add. Used to merge groups of
-    tensors (devices, shards) without touching the tensors again.
+    tensors (devices, shards) without touching the tensors again. Overflow-safe like the op: the
+    norms are scaled by a power of two near their maximum where their squares would leave float64.
     """
-    norm, max_abs, nonfinite = rows[:, Stat.NORM], rows[:, Stat.MAX_ABS], rows[:, Stat.NONFINITE]
-    return torch.stack([norm.square().sum().sqrt(), max_abs.amax(), nonfinite.sum()])
+    return torch.stack([l2_norm(rows[:, Stat.NORM]), rows[:, Stat.MAX_ABS].amax(), rows[:, Stat.NONFINITE].sum()])
 
 
 def _indices_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
@@ -174,6 +184,10 @@ class IndexCache:
         return cached
 
 
+# Device index tensors of the multi-device paths: the same groups recur call after call.
+_INDEX_CACHE = IndexCache(limit=64)
+
+
 def _async_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # A non-blocking copy into CPU memory could be read before it lands: only async on devices.
     return t.to(device, non_blocking=device.type != "cpu")
@@ -202,7 +216,7 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     rows = torch.empty((len(tensors), NUM_STATS), dtype=torch.float64, device=device)
     for index in _indices_by_device(tensors).values():
         packed = _async_to(measure_unchecked([tensors[i] for i in index]), device)
-        rows[torch.tensor(index, device=device)] = packed[:-1]
+        rows[_INDEX_CACHE.get(index, device)] = packed[:-1]
     return torch.cat([rows, combine_rows(rows)[None]])
 
 
@@ -233,36 +247,42 @@ def grad_stats(tensors: Iterable[torch.Tensor]) -> GradStats:
 def scale_(tensors: Iterable[torch.Tensor], factors: torch.Tensor | Sequence[float]) -> None:
     """In place, ``tensors[i] *= factors[i]`` for all i, in one fused pass per device.
 
-    A factor of exactly 0 writes zeros rather than multiplying, so it also clears NaN and Inf; a
-    factor of 1 leaves the tensor untouched (not even read).
+    A factor of exactly 0 (or -0.0) writes zeros rather than multiplying, so it also clears NaN and
+    Inf; a factor of 1 leaves the tensor untouched (not even read). Otherwise each element is
+    multiplied in float32 by the factor rounded to float32 (float64 for float64 tensors, and for
+    factors float32 cannot hold, such as 1e-50) and rounded once. Views that are not dense
+    (strided, expanded) are scaled in place the same way on every backend: each memory location
+    once. Autograd version counters are bumped, as by in-place ATen ops.
 
     Args:
-        tensors: floating tensors to scale in place.
-        factors: float32 tensor ``[N]`` on the tensors' device (the fast path: no host sync), or a
-            sequence of N floats.
+        tensors: floating tensors to scale in place; no two may share memory.
+        factors: float64 (or float32) tensor ``[N]`` on the tensors' device (the fast path: no host
+            sync), or a sequence of N floats (kept in float64).
 
     Raises:
-        ValueError: ``tensors`` is empty or ``factors`` has the wrong length or shape.
+        ValueError: ``tensors`` is empty, ``factors`` has the wrong length or shape, or two tensors
+            share memory (their shared elements would be scaled twice).
         TypeError: an element is not a floating tensor.
     """
     tensors = _checked_list(tensors, "scale_")
     device = tensors[0].device
     if not isinstance(factors, torch.Tensor):
-        factors = torch.tensor(list(factors), dtype=torch.float32, device=device)
+        factors = torch.tensor(list(factors), dtype=torch.float64).to(device, non_blocking=True)
     if factors.dim() != 1 or factors.numel() != len(tensors):
         raise ValueError(
             f"scale_: factors must have shape [{len(tensors)}] (one per tensor); got {tuple(factors.shape)}"
         )
-    factors = factors.to(torch.float32)
+    if factors.dtype != torch.float32:
+        factors = factors.to(torch.float64)
     groups = _indices_by_device(tensors)
     for group_device, index in groups.items():
         group = [tensors[i] for i in index]
-        group_factors = factors if len(groups) == 1 else factors[torch.tensor(index, device=factors.device)]
+        group_factors = factors if len(groups) == 1 else factors[_INDEX_CACHE.get(index, factors.device)]
         scale_unchecked(group, _async_to(group_factors, group_device))
 
 
 def scale_unchecked(tensors: list[torch.Tensor], factors: torch.Tensor) -> None:
-    """:func:`scale_` for floating tensors on one device with float32 ``factors`` already there.
+    """:func:`scale_` for floating tensors on one device with float64 (or float32) ``factors`` there.
 
     For callers that validated once up front (the monitor's clipping, every step).
     """

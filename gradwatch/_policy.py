@@ -87,7 +87,8 @@ class Decision:
     """The device-side outcome of all policies for one step.
 
     Attributes:
-        factors: float32 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
+        factors: float64 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
+            float64, so that a clip factor is neither rounded nor underflows to 0 (which would zero).
         skip: bool scalar; the optimizer step must not happen.
         raise_now: bool scalar; the host raises :class:`GradientAnomalyError` for this step.
         clip_factor: float64 scalar; the product of the clipping factors applied to all gradients.
@@ -106,7 +107,7 @@ class Decision:
         """Do nothing: factors 1, no skip, no raise."""
         false = torch.zeros((), dtype=torch.bool, device=device)
         return cls(
-            factors=torch.ones(n, dtype=torch.float32, device=device),
+            factors=torch.ones(n, dtype=torch.float64, device=device),
             skip=false,
             raise_now=false.clone(),
             clip_factor=torch.ones((), dtype=torch.float64, device=device),
@@ -163,6 +164,7 @@ class Policy:
     can_skip: ClassVar[bool] = False
     scales: ClassVar[bool] = False
     needs_optimizer: ClassVar[bool] = False
+    restores_state: ClassVar[bool] = False  # host actions run first (see PolicySet.on_record)
 
     def __init__(
         self,
@@ -292,9 +294,18 @@ class PolicySet:
         for p in self.policies:
             p.before_check(host, step)
 
-    def decide(self, ctx: DecisionContext, decision: Decision) -> None:
-        """Every member decides, by priority; ``decision.extras`` gets each member's report, in member order."""
+    def decide(self, ctx: DecisionContext, decision: Decision, gating_only: bool = False) -> None:
+        """Every member decides, by priority; ``decision.extras`` gets each member's report, in member order.
+
+        Args:
+            ctx: the step's statistics and flags.
+            decision: updated in place.
+            gating_only: only the gating members (priority 0: zero, skip, raise, rollback) decide,
+                the others' reports stay None (the non-finite guard of ``every=N``).
+        """
         order = sorted(range(len(self.policies)), key=lambda i: self.policies[i].priority)
+        if gating_only:
+            order = [i for i in order if self.policies[i].priority == 0]
         extras: list[Any] = [None] * len(self.policies)
         for i in order:
             extras[i] = self.policies[i].decide(ctx, decision)
@@ -317,14 +328,35 @@ class PolicySet:
 
     def events(self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]) -> list[AnomalyEvent]:
         """The step's events: the detected ones labelled, then those the members create (a clip)."""
-        events = [self.label(e, outcomes) for e in detected]
+        anomalies, routine = self.split_events(detected, outcomes)
+        return anomalies + routine
+
+    def split_events(
+        self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]
+    ) -> tuple[list[AnomalyEvent], list[AnomalyEvent]]:
+        """The step's events as (anomalies, routine): routine ones are a routine policy's (a clip).
+
+        A member's event is left out when a detected event of the same kind and parameter already
+        reports it (the detector's ``max_total_norm`` event of a clipped step): one event per fact.
+        """
+        anomalies = [self.label(e, outcomes) for e in detected]
+        seen = {(e.kind, e.param) for e in anomalies}
+        routine: list[AnomalyEvent] = []
         for p, o in zip(self.policies, outcomes, strict=True):
-            events.extend(p.events_for(o))
-        return events
+            for e in p.events_for(o):
+                if (e.kind, e.param) in seen:
+                    continue
+                (routine if getattr(p, "routine", False) else anomalies).append(e)
+        return anomalies, routine
 
     def on_record(self, record: StepRecord, outcomes: Sequence[Outcome], host: PolicyHost) -> None:
-        """Runs every member's host-side action for ``record``, in the given order."""
-        for p, o in zip(self.policies, outcomes, strict=True):
+        """Runs every member's host-side action for ``record``: restoring ones (rollback) first.
+
+        A restore replaces the state the others adjust (an :class:`LRBackoff` scales the restored
+        learning rates), so the policies' order in the list does not change the result.
+        """
+        pairs = list(zip(self.policies, outcomes, strict=True))
+        for p, o in sorted(pairs, key=lambda pair: not pair[0].restores_state):
             p.on_record(record, o, host)
 
     def state_dict(self) -> dict[str, Any]:

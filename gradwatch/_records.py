@@ -9,6 +9,7 @@ Layout of a record's payload::
 
     head       [len(Head)]              the step's totals and decisions (:class:`Head`)
     flags      [NUM_KINDS]              step-level flags (columns of ``detect.KINDS``)
+    seen by    [NUM_KINDS]              per kind, 1 + the lowest rank that detected it (0: none)
     extras     [...]                    the fields of the policies' reports, policy after policy
     parameters [n, len(Column)]         per parameter: statistics, thresholds, z, flags [NUM_KINDS]
 """
@@ -27,6 +28,7 @@ import torch
 from ._layout import Stat
 from .detect import (
     KIND_INDEX,
+    KINDS,
     NUM_KINDS,
     PARAM_EVENT_KINDS,
     STEP_EVENT_KINDS,
@@ -39,7 +41,7 @@ from .detect import (
 )
 from .events import AnomalyEvent, AnomalyKind
 
-__all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue", "encode_record", "extras_layout"]
+__all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue", "StepLoss", "encode_record", "extras_layout"]
 
 
 class Head(IntEnum):
@@ -98,6 +100,7 @@ class HostRecord:
         extras: per policy, its report with floats for tensors (None: it returned none).
         events: what the detector flagged: loss events, then step-level, then per-parameter ones.
         loss: the step's loss, if one was observed.
+        seen_by: under ``torch.distributed``, per kind detected on any rank, the lowest such rank.
     """
 
     step: int
@@ -113,6 +116,7 @@ class HostRecord:
     extras: list[Any]
     events: list[AnomalyEvent] = field(default_factory=list)
     loss: float | None = None
+    seen_by: dict[AnomalyKind, int] = field(default_factory=dict)
 
 
 def encode_record(
@@ -123,8 +127,13 @@ def encode_record(
     raise_now: torch.Tensor,
     scaler_skipped: torch.Tensor,
     extras: Sequence[Any],
+    seen_by: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One check's device results as one float64 vector (layout: module docstring)."""
+    """One check's device results as one float64 vector (layout: module docstring).
+
+    ``seen_by`` is the agreed ``[NUM_KINDS]`` "1 + lowest rank that detected the kind" (None:
+    a single process, all zeros).
+    """
     d = detection
     f64 = torch.float64
     total = packed[-1]
@@ -153,7 +162,10 @@ def encode_record(
         ],
         dim=1,
     )
-    parts = [head, d.global_flags.to(f64)] + ([torch.stack(flat_extras)] if flat_extras else []) + [per.reshape(-1)]
+    if seen_by is None:
+        seen_by = torch.zeros(NUM_KINDS, dtype=f64, device=total.device)
+    extras_part = [torch.stack(flat_extras)] if flat_extras else []
+    parts = [head, d.global_flags.to(f64), seen_by.to(f64), *extras_part, per.reshape(-1)]
     return torch.cat(parts)
 
 
@@ -167,11 +179,13 @@ def decode_record(
 ) -> HostRecord:
     """The inverse of :func:`encode_record`, with the flags turned into events."""
     sizes = [0 if cls is None else len(fields(cls)) for cls in extras_layout]
-    pos = _HEAD + NUM_KINDS + sum(sizes)
+    pos = _HEAD + 2 * NUM_KINDS + sum(sizes)
     v = host[:pos].tolist()
     head, gflags = v[:_HEAD], v[_HEAD : _HEAD + NUM_KINDS]
+    seen = v[_HEAD + NUM_KINDS : _HEAD + 2 * NUM_KINDS]
+    seen_by = {kind: int(seen[KIND_INDEX[kind]]) - 1 for kind in KINDS if seen[KIND_INDEX[kind]] > 0}
     extras: list[Any] = []
-    cut = _HEAD + NUM_KINDS
+    cut = _HEAD + 2 * NUM_KINDS
     for cls, size in zip(extras_layout, sizes, strict=True):
         extras.append(None if cls is None else cls(*v[cut : cut + size]))
         cut += size
@@ -206,23 +220,68 @@ def decode_record(
         scaler_skipped=bool(head[Head.SCALER_SKIPPED]),
         extras=extras,
         events=events,
+        seen_by=seen_by,
     )
 
 
-def encode_loss(loss: LossDetection) -> torch.Tensor:
-    """A loss detection as one float64 vector: value, threshold, flags [NUM_KINDS]."""
-    return torch.cat([torch.stack([loss.value, loss.threshold]), loss.flags.to(torch.float64)])
+class StepLoss:
+    """The losses observed for one step (one per micro-batch under accumulation), on the device.
+
+    Each micro-batch's loss is judged on its own when observed (a spike in any micro-batch is
+    flagged); the step's loss is their mean. Everything stays on the device: no sync.
+
+    Args:
+        step: the step the losses belong to.
+        first: the first micro-batch's :class:`~gradwatch.detect.LossDetection`.
+    """
+
+    _SPIKE = KIND_INDEX[AnomalyKind.LOSS_SPIKE]
+
+    def __init__(self, step: int, first: LossDetection):
+        self.step = step
+        self.count = 1
+        self.total = first.value
+        self.flags = first.flags
+        spike = first.flags[self._SPIKE]
+        # the worst spiking micro-batch: its loss and threshold are what a spike event reports
+        self.peak, self.peak_threshold, self.any_spike = first.value, first.threshold, spike
+
+    def add(self, detection: LossDetection) -> None:
+        """Adds the next micro-batch's detection."""
+        spike = detection.flags[self._SPIKE]
+        worse = spike & (~self.any_spike | (detection.value > self.peak))
+        self.peak = torch.where(worse, detection.value, self.peak)
+        self.peak_threshold = torch.where(worse, detection.threshold, self.peak_threshold)
+        self.any_spike = self.any_spike | spike
+        self.flags = self.flags | detection.flags
+        self.total = self.total + detection.value
+        self.count += 1
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The step's loss: the mean over its micro-batches (float64 scalar, on the device)."""
+        return self.total / self.count
+
+
+def encode_loss(loss: StepLoss) -> torch.Tensor:
+    """A step's loss as one float64 vector: mean, spike value, spike threshold, flags [NUM_KINDS]."""
+    head = torch.stack([loss.mean, loss.peak, loss.peak_threshold])
+    return torch.cat([head, loss.flags.to(torch.float64)])
 
 
 def decode_loss(host: torch.Tensor, step: int) -> LossPacket:
-    """The inverse of :func:`encode_loss`, with the flags turned into events."""
+    """The inverse of :func:`encode_loss`, with the flags turned into events.
+
+    A spike event reports the worst spiking micro-batch's loss; a non-finite one the step's mean.
+    """
     v = host.tolist()
-    value, threshold, flags = v[0], v[1], v[2:]
+    value, peak, threshold, flags = v[0], v[1], v[2], v[3:]
     events = []
     for kind in _LOSS_EVENT_KINDS:
         if flags[KIND_INDEX[kind]]:
-            _, thr = loss_event_value(kind, value, threshold)
-            events.append(AnomalyEvent(step, kind, None, value, thr, "none"))
+            shown = peak if kind is AnomalyKind.LOSS_SPIKE else value
+            _, thr = loss_event_value(kind, shown, threshold)
+            events.append(AnomalyEvent(step, kind, None, shown, thr, "none"))
     return LossPacket(step, value, events)
 
 
@@ -236,6 +295,13 @@ class _Pending:
     event: torch.cuda.Event | None
     names: list[str] = field(default_factory=list)  # records: the measured parameters, in row order
     extras_layout: tuple[type | None, ...] = ()
+    sampled: bool = True  # False: a guarded step of every=N, handed over only when it found something
+
+    def notable(self) -> bool:
+        """A guarded step's record is dropped unless it saw a non-finite gradient or decided something."""
+        v = self.host[: _HEAD + 2 * NUM_KINDS].tolist()
+        nonfinite = v[Head.NONFINITE] > 0 and not v[Head.SCALER_SKIPPED]
+        return nonfinite or bool(v[Head.SKIP]) or bool(v[Head.RAISE]) or any(v[_HEAD + NUM_KINDS :])
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -275,14 +341,19 @@ class RecordQueue:
             self._pinned.setdefault(item.host.numel(), []).append(item.host)
 
     def put_record(
-        self, step: int, names: list[str], payload: torch.Tensor, extras_layout: tuple[type | None, ...]
+        self,
+        step: int,
+        names: list[str],
+        payload: torch.Tensor,
+        extras_layout: tuple[type | None, ...],
+        sampled: bool = True,
     ) -> None:
-        """Starts the copy of an :func:`encode_record` payload to the host."""
+        """Starts the copy of an :func:`encode_record` payload to the host (``sampled``: see ``_Pending``)."""
         host, event = self._to_host(payload)
-        self._pending.append(_Pending("record", step, host, event, names, extras_layout))
+        self._pending.append(_Pending("record", step, host, event, names, extras_layout, sampled))
 
-    def put_loss(self, step: int, loss: LossDetection) -> None:
-        """Starts the copy of a step's loss detection to the host."""
+    def put_loss(self, step: int, loss: StepLoss) -> None:
+        """Starts the copy of a step's losses to the host."""
         host, event = self._to_host(encode_loss(loss))
         self._pending.append(_Pending("loss", step, host, event))
 
@@ -319,6 +390,8 @@ class RecordQueue:
             if loss_item is not None:
                 self._pending.remove(loss_item)
             try:
+                if item.kind == "record" and not item.sampled and not item.notable():
+                    continue  # a guarded step that found nothing: no record (the release still runs)
                 if item.kind == "record":
                     record = decode_record(item.host, item.step, item.names, item.extras_layout, self.config)
                     if loss_item is not None:

@@ -12,19 +12,74 @@ A skip reaches the optimizer by one of two paths:
 Either way, :meth:`StepControl.restore` must run after the optimizer step (the monitor registers
 it as a step post-hook; a caller that runs the check itself calls it after ``optimizer.step()``):
 it puts the hidden gradients back and ``found_inf`` as it was.
+
+Several monitors on one optimizer (and a ``GradScaler``) compose through one :class:`SharedStep`
+per optimizer: the first monitor to change ``found_inf`` in a step saves the value the optimizer
+came with (a GradScaler's flag, or none), every monitor reads the GradScaler's flag from that saved
+value (never another monitor's skip flag), skip flags OR into ``found_inf``, gradients hidden by
+one monitor's host skip stay visible to the others' checks, and the first restore after the step
+puts everything back once. So each monitor sees every step, a skip by any of them skips the step,
+and nothing is left behind in any order of their hooks.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
 from ._layout import Stat
 
-__all__ = ["SkipPath", "StepControl"]
+__all__ = ["ScalerTap", "SharedStep", "SkipPath", "StepControl"]
 
 SkipPath = Literal["fused", "host"]
+
+_MISSING = object()
+
+
+class SharedStep:
+    """What the monitors of one optimizer changed during the current step, undone once after it.
+
+    Attributes:
+        found_inf: the ``found_inf`` the optimizer came into the step with (``_MISSING``: none),
+            saved by the first monitor that wrote its skip flag; None while none has.
+        stashed: gradients hidden by a host-side skip, by ``id`` of their parameter.
+    """
+
+    _by_optimizer: weakref.WeakKeyDictionary[torch.optim.Optimizer, SharedStep] = weakref.WeakKeyDictionary()
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.found_inf: Any = None
+        self.stashed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> SharedStep:
+        """The one instance for ``optimizer`` (created on first use)."""
+        shared = cls._by_optimizer.get(optimizer)
+        if shared is None:
+            shared = cls._by_optimizer[optimizer] = cls(optimizer)
+        return shared
+
+    def scaler_found_inf(self) -> Any:
+        """The GradScaler's ``found_inf`` for this step (None when there is none), whatever monitors wrote."""
+        value = getattr(self.optimizer, "found_inf", None) if self.found_inf is None else self.found_inf
+        return None if value is _MISSING else value
+
+    def restore(self) -> None:
+        """Hidden gradients back and ``found_inf`` as the optimizer came with it; idempotent."""
+        for p, g in self.stashed.values():
+            p.grad = g
+        self.stashed = {}
+        if self.found_inf is not None:
+            if self.found_inf is _MISSING:
+                if hasattr(self.optimizer, "found_inf"):
+                    del self.optimizer.found_inf
+            else:
+                self.optimizer.found_inf = self.found_inf
+            self.found_inf = None
 
 
 class StepControl:
@@ -41,8 +96,14 @@ class StepControl:
     def __init__(self, optimizer: torch.optim.Optimizer | None):
         self.optimizer = optimizer
         self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        self._stashed_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._found_inf_saved: tuple[bool, Any] | None = None
+        self.shared = None if optimizer is None else SharedStep.of(optimizer)
+
+    def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The gradients of ``params``, including those another monitor hid for its skip this step."""
+        if self.shared is None or not self.shared.stashed:
+            return [p.grad for p in params]
+        stashed = self.shared.stashed
+        return [stashed[id(p)][1] if p.grad is None and id(p) in stashed else p.grad for p in params]
 
     def unscale(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Removes a GradScaler's scale from the statistics; flags the scaler's own inf-steps.
@@ -63,7 +124,7 @@ class StepControl:
             inv = scale.to(device, torch.float64).reciprocal()
             # norm and max|g| scale with the gradients; the non-finite count does not
             packed = torch.cat([packed[:, : Stat.NONFINITE] * inv, packed[:, Stat.NONFINITE :]], dim=1)
-        found_inf = getattr(self.optimizer, "found_inf", None)
+        found_inf = self.shared.scaler_found_inf() if self.shared is not None else None
         if isinstance(found_inf, torch.Tensor):
             scaler_skipped = found_inf.to(device).reshape(()) > 0
         return packed, scaler_skipped
@@ -90,9 +151,11 @@ class StepControl:
         return True
 
     def skip_fused(self, skip: torch.Tensor) -> None:
-        """Writes ``skip`` into ``optimizer.found_inf`` (OR-ed with a GradScaler's flag); no sync."""
+        """Writes ``skip`` into ``optimizer.found_inf``, OR-ed with the scaler's and other monitors' flags; no sync."""
+        assert self.shared is not None
         current = getattr(self.optimizer, "found_inf", None)
-        self._found_inf_saved = (hasattr(self.optimizer, "found_inf"), current)
+        if self.shared.found_inf is None:  # the first writer this step keeps what the optimizer came with
+            self.shared.found_inf = current if hasattr(self.optimizer, "found_inf") else _MISSING
         flag = skip.to(torch.float32)
         if isinstance(current, torch.Tensor):
             flag = torch.maximum(current.to(flag.device, torch.float32), flag)
@@ -101,31 +164,83 @@ class StepControl:
     def skip_on_host(self, skip: torch.Tensor) -> None:
         """Reads ``skip`` (one sync) and, when set, hides every gradient of the optimizer for this step."""
         if bool(skip.item()):
-            stashed = []
+            assert self.shared is not None
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
-                        stashed.append((p, p.grad))
+                        self.shared.stashed[id(p)] = (p, p.grad)
                         p.grad = None
-            self._stashed_grads = stashed
 
     def restore(self) -> None:
         """Undoes the skip bookkeeping after the step: hidden gradients back, ``found_inf`` as it was.
 
-        Idempotent; a no-op when nothing was skipped.
+        Shared by every monitor of the optimizer: the first restore after a step undoes what all
+        of them did. Idempotent; a no-op when nothing was skipped.
         """
-        if self._stashed_grads is not None:
-            for p, g in self._stashed_grads:
-                p.grad = g
-            self._stashed_grads = None
-        if self._found_inf_saved is not None:
-            had, value = self._found_inf_saved
-            if had:
-                self.optimizer.found_inf = value
-            else:
-                del self.optimizer.found_inf
-            self._found_inf_saved = None
+        if self.shared is not None:
+            self.shared.restore()
 
     def post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """:meth:`restore` with the signature of an optimizer step post-hook."""
         self.restore()
+
+
+class ScalerTap:
+    """Tells monitors about ``GradScaler.step(optimizer)`` calls, so a step the scaler skips counts.
+
+    A GradScaler does not call a non-fused optimizer's ``step()`` on a step whose gradients
+    overflowed, so no optimizer hook sees that step. The tap replaces the scaler instance's
+    ``step`` with a wrapper (once per scaler, however many monitors use it) that calls each
+    callback registered for that optimizer after the scaler's step returned; removing the last
+    callback puts the scaler's own method back.
+    """
+
+    _by_scaler: weakref.WeakKeyDictionary[Any, ScalerTap] = weakref.WeakKeyDictionary()
+
+    def __init__(self, scaler: Any):
+        self.scaler = scaler
+        self.callbacks: dict[int, tuple[Any, tuple[Callable[[], Any], Callable[[Any], None]]]] = {}
+        self._next = 0
+
+    @classmethod
+    def of(cls, scaler: Any) -> ScalerTap:
+        """The one tap of ``scaler`` (created on first use)."""
+        tap = cls._by_scaler.get(scaler)
+        if tap is None:
+            tap = cls._by_scaler[scaler] = cls(scaler)
+        return tap
+
+    def add(self, optimizer: torch.optim.Optimizer, before: Callable[[], Any], after: Callable[[Any], None]) -> Any:
+        """Calls ``token = before()`` ahead of and ``after(token)`` behind each ``scaler.step(optimizer)``.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the pair.
+        """
+        if not self.callbacks:
+            self._install()
+        key = self._next
+        self._next += 1
+        self.callbacks[key] = (optimizer, (before, after))
+        tap = self
+
+        class _Handle:
+            def remove(self) -> None:
+                tap.callbacks.pop(key, None)
+                if not tap.callbacks and tap.scaler.__dict__.get("step") is not None:
+                    del tap.scaler.step  # the class's method again
+
+        return _Handle()
+
+    def _install(self) -> None:
+        original = type(self.scaler).step.__get__(self.scaler)
+        callbacks = self.callbacks
+
+        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            mine = [pair for opt, pair in list(callbacks.values()) if opt is optimizer]
+            tokens = [before() for before, _ in mine]
+            out = original(optimizer, *args, **kwargs)
+            for (_, after), token in zip(mine, tokens, strict=True):
+                after(token)
+            return out
+
+        self.scaler.step = step

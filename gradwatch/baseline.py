@@ -14,7 +14,8 @@ thresholds from it") as files:
 :func:`calibrate` reads a run history (:mod:`gradwatch.history`) and computes, per watched
 parameter and for the total norm, the mean and variance of the log-norm over the healthy steps
 (steps with non-finite values, skipped steps and steps with anomaly events are left out), the same
-for each parameter's log share of the total norm, and the mean and variance of the loss.
+for each parameter's log share of the total norm, and the mean and variance of the loss (on the
+detector's :func:`~gradwatch.detect.loss_scale`).
 :meth:`gradwatch.detect.Detector.load_baseline` puts them into the detector's running statistics
 with their count raised to the warm-up, so every adaptive rule is armed from the first step; the
 statistics then keep adapting as usual.
@@ -100,7 +101,7 @@ def calibrate(records: Iterable[StepRecord], steps: tuple[int | None, int | None
     moments = [_moments(logs[n]) for n in names]
     share_moments = [_moments(shares[n]) for n in names]
     total = _moments([math.log(max(r.total_norm, 1e-30)) for r in used])
-    loss = _moments([r.loss for r in used if r.loss is not None])
+    loss = _moments([math.asinh(r.loss / 0.01) for r in used if r.loss is not None])  # detect.loss_scale
 
     def pack(m: tuple[float, float, int]) -> dict[str, torch.Tensor]:
         return {

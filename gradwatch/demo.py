@@ -301,7 +301,7 @@ def _describe_detection(result: RunResult, history: HistoryWriter | None) -> Non
         # Only global statistics fired (total norm, loss): name the largest gradient of that step.
         record = next((r for r in read_history(history.path).steps if r.step == first), None)
         if record is not None and record.norms:
-            i = max(range(len(record.norms)), key=lambda j: record.norms[j])
+            i = max(range(len(record.norms)), key=lambda j: -math.inf if record.norms[j] is None else record.norms[j])
             result.layer = f"{record.names[i]} ({at_first[0].kind.value})"
     if result.layer is None:
         result.layer = f"<global> ({at_first[0].kind.value})"

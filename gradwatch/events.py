@@ -51,6 +51,10 @@ class AnomalyEvent:
         value: the offending value (norm, z-score, loss, or non-finite count).
         threshold: the limit it crossed, if any.
         action: what the policy did, e.g. ``"warn"``, ``"clip"``, ``"skip"``, ``"zero"``.
+        rank: under ``torch.distributed``, set on an event this rank did not detect itself: the
+            lowest rank that did (``param`` None, ``value`` NaN: the details are in that rank's
+            events). Every rank holds the same kinds of events per step, so host-side remedies
+            (rollback, learning-rate backoff) act identically everywhere. None otherwise.
     """
 
     step: int
@@ -59,12 +63,22 @@ class AnomalyEvent:
     value: float
     threshold: float | None
     action: str
+    rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``kind`` as its string value)."""
+        """A JSON-ready dict (``kind`` as its string value; ``rank`` only when set)."""
         d = asdict(self)
         d["kind"] = self.kind.value
+        if d["rank"] is None:
+            del d["rank"]
         return d
+
+    @property
+    def where(self) -> str:
+        """Where it was seen, for messages: the parameter, ``<rank N>`` or ``<global>``."""
+        if self.param is not None:
+            return self.param
+        return f"<rank {self.rank}>" if self.rank is not None else "<global>"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnomalyEvent:
@@ -80,9 +94,8 @@ class AnomalyEvent:
             meaning: also say what the kind means, after it: ``spike (gradient norm spike)``.
         """
         kind = f"{self.kind.value} ({self.kind.meaning})" if meaning else self.kind.value
-        where = self.param if self.param is not None else "<global>"
         threshold = "" if self.threshold is None else f" (threshold {self.threshold:.6g})"
-        return f"step {self.step}: {kind} in {where}: value {self.value:.6g}{threshold}; action {self.action}"
+        return f"step {self.step}: {kind} in {self.where}: value {self.value:.6g}{threshold}; action {self.action}"
 
 
 @dataclass
@@ -94,8 +107,10 @@ class StepRecord:
 
     Attributes:
         step: optimizer step index.
-        names: watched parameter names, in the order of the per-parameter lists.
-        norms: per-parameter L2 norms of the gradients as seen by the check (before any action).
+        names: every watched parameter name (the monitor's ``param_names``, in that order), the
+            same on every step: ``norms[i]`` always belongs to ``names[i]``.
+        norms: per-parameter L2 norms of the gradients as seen by the check (before any action);
+            ``None`` for a parameter without a gradient at this step (likewise in the lists below).
         max_abs: per-parameter max |g|.
         nonfinite: per-parameter counts of NaN/Inf elements.
         total_norm: L2 norm over all watched gradients.
@@ -107,9 +122,9 @@ class StepRecord:
 
     step: int
     names: Sequence[str]
-    norms: list[float]
-    max_abs: list[float]
-    nonfinite: list[int]
+    norms: list[float | None]
+    max_abs: list[float | None]
+    nonfinite: list[int | None]
     total_norm: float
     loss: float | None = None
     clip_factor: float = 1.0

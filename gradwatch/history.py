@@ -336,7 +336,7 @@ class HistoryWriter:
         if self.per_param == "all":
             norms = [encode_float(x) for x in record.norms]
             max_abs = [encode_float(x) for x in record.max_abs]
-            nonfinite: list[int | None] = [int(x) for x in record.nonfinite]
+            nonfinite: list[int | None] = [None if x is None else int(x) for x in record.nonfinite]
             if columns is not None:
                 norms, max_abs, nonfinite = (_spread(v, columns, len(self._index)) for v in (norms, max_abs, nonfinite))
             line.update(norms=norms, max_abs=max_abs, nonfinite=nonfinite)

@@ -30,28 +30,48 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._buffers import BufferGuard
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from ._records import HostRecord, LossPacket, RecordQueue, encode_record, extras_layout
+from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record, extras_layout
 from ._selection import Selector, select_parameters
-from ._stepping import StepControl
-from ._validate import positive_int
-from .detect import NUM_KINDS, Detector, DetectorConfig, LossDetection
+from ._stepping import ScalerTap, StepControl
+from ._validate import is_positive_int, positive_int
+from .detect import NUM_KINDS, Detector, DetectorConfig, nonfinite_detection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
-from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord, close_sink
+from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
-__all__ = ["GradWatch"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
+__all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
 
 logger = logging.getLogger("gradwatch")
+
+_MAX_SINK_ERRORS = 1000  # failures kept in GradWatch.sink_errors; all are counted
+
+
+@dataclass(frozen=True)
+class SinkError:
+    """A sink that raised: at which step, which sink, and the exception.
+
+    Attributes:
+        step: the step of the record the sink was given.
+        sink: the sink (the callable passed to ``sinks=`` or :meth:`GradWatch.add_sink`).
+        error: what it raised.
+    """
+
+    step: int
+    sink: Sink
+    error: Exception
 
 
 class GradWatch:
@@ -74,10 +94,21 @@ class GradWatch:
       all ``torch.optim`` optimizers treat as "no update, no state change, no step count"; the
       gradients are put back right after the step.
 
+    Either way, module buffers the skipped step's forward pass changed (BatchNorm running
+    statistics) are put back to their values from before that forward pass, with ``torch.where`` on
+    the device skip flag (see :mod:`gradwatch._buffers`); this needs the monitor's own hooks
+    (``attach=True`` or :meth:`register_hooks`).
+
     Works with ``torch.amp.GradScaler``: while the scaler's ``grad_scale`` is set on a fused
     optimizer, statistics are divided by it (the unscaled gradients are measured), and on steps the
     scaler skips itself (``found_inf``) nothing is flagged and no statistic updated. Non-fused
-    optimizers see already unscaled gradients and are not called on the scaler's inf-steps.
+    optimizers see already unscaled gradients and are not called at all on the scaler's
+    inf-steps: pass ``scaler=`` so those steps are counted (step numbers stay the loop's optimizer
+    steps) and recorded as skipped steps, not anomalies.
+
+    Several monitors (and a GradScaler) on one optimizer compose in any order: each checks every
+    step, a skip decided by any of them skips the step for all, and each records the steps by its
+    own decision (see :mod:`gradwatch._stepping`).
 
     Args:
         model: the module whose parameters are watched.
@@ -88,10 +119,18 @@ class GradWatch:
         include: name patterns (``fnmatch``, or a module prefix such as ``"encoder"``) and/or
             module types; only matching parameters are watched. Default: all.
         exclude: name patterns and/or module types to leave out.
-        every: check every N-th optimizer step (or backward pass). Default 1.
+        every: check every N-th optimizer step (or backward pass). Default 1. Only the checked
+            steps are protected: a NaN on a step in between lands in the weights, unless
+            ``guard=True``.
+        guard: with ``every=N > 1``, run a non-finite guard on the steps in between: the fused
+            statistics pass and the gating policies (``skip``, ``zero``, ``raise``, ``rollback``)
+            on non-finite gradients only, no detector statistics, no spike rules, and a record
+            reaches the host (sinks, history) only when it found something. It costs the
+            measuring pass of a check (see ``benchmarks/RESULTS.md``) and, with a non-fused
+            optimizer and a skipping policy, the one sync per step of the host skip. Default False.
         history: a path; a :class:`gradwatch.history.HistoryWriter` on it is added as a sink.
         sinks: :class:`~gradwatch.events.Sink` s, callables ``fn(record: StepRecord)`` called once per
-            drained step, in step order.
+            drained step, in step order; one that raises is logged and counted (:attr:`sink_errors`), never propagated.
         process_group: the ranks that must agree on every decision (see :mod:`gradwatch.distributed`);
             None means the default group once ``torch.distributed`` is initialized. Statistics of
             FSDP2/DTensor-sharded gradients are reduced over their own mesh groups. Create the
@@ -109,14 +148,30 @@ class GradWatch:
             unscale kernel does not bump versions), through ``.data``, or by collectives; it is
             refused under ``torch.distributed`` (DDP all-reduces in place), for DTensors and for
             models on several devices. Default False.
+        scaler: the ``torch.amp.GradScaler`` whose ``step(optimizer)`` drives the optimizer, if any.
+            Needed with a non-fused optimizer, whose ``step()`` the scaler does not call on an
+            overflow step: the monitor then counts and records that step as skipped by the scaler.
+            (The scaler instance's ``step`` is wrapped while the hooks are attached.)
+        max_events: how many events :attr:`events` keeps, the newest (the oldest are dropped and
+            counted in :attr:`events_dropped`; the history file and sinks still get every one).
+            None keeps all. Default 10000 (a few MB).
         attach: register the hooks now (see :meth:`register_hooks`). False leaves it to the
             caller: call :meth:`register_hooks` later, or run :meth:`check` yourself before each
             optimizer step and ``step_control.restore()`` after it. Default True.
+        baseline: a healthy run's detector statistics (a file from ``gradwatch calibrate``, or the
+            dict of :func:`gradwatch.baseline.calibrate`): every adaptive rule is armed from the
+            first check, parameters matched by name (see :meth:`~gradwatch.detect.Detector.load_baseline`).
+        baseline_ignore_extra: accept baseline parameters this monitor does not watch.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
     Attributes:
-        events: every :class:`AnomalyEvent` drained so far.
+        events: the :class:`AnomalyEvent` s drained so far, the newest ``max_events`` of them.
+        events_dropped: how many older events were dropped from :attr:`events` by ``max_events``.
+        sink_errors: the sinks' failures (:class:`SinkError`, the first 1000; ``sink_error_count``
+            counts all). A sink that raises never reaches training or the collectives: its first
+            failure is logged at ERROR with the step and the sink, the other sinks still get every
+            record, and the failing sink keeps being called.
         step: optimizer steps (or backward passes) seen; with ``every=1``, the checks done.
         param_names: names of the watched parameters.
         detector: the :class:`~gradwatch.detect.Detector`.
@@ -149,7 +204,12 @@ class GradWatch:
         process_group: Any = None,
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
+        scaler: Any = None,
+        max_events: int | None = 10_000,
         attach: bool = True,
+        baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        baseline_ignore_extra: bool = False,
+        guard: bool = False,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -158,17 +218,32 @@ class GradWatch:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if not isinstance(attach, bool):
             raise TypeError(f"attach must be a bool, got {attach!r}")
+        if max_events is not None and not is_positive_int(max_events):
+            raise ValueError(f"max_events must be an integer >= 1 or None, got {max_events!r}")
+        self.max_events = max_events
+        self.events_dropped = 0
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if scaler is not None and optimizer is None:
+            raise ValueError("scaler= needs the optimizer it steps; pass optimizer=")
+        self.scaler = scaler
+        if not isinstance(guard, bool):
+            raise TypeError(f"guard must be a bool, got {guard!r}")
+        self.guard = guard
         self.model = model
         self.optimizer = optimizer
         self.every = positive_int("every", every)
         self.process_group = process_group
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         rank = torch.distributed.get_rank() if is_distributed() else 0
+        self._distributed = is_distributed(process_group)
         self._runs_sinks = log_rank is None or log_rank == rank
         self.policy: PolicySet = make_policy(policy)
         self.policy.check_optimizer(optimizer)
         selected = select_parameters(model, include, exclude)
         self.param_names: list[str] = [n for n, _ in selected]
+        self._names = list(self.param_names)  # every record's names: the same object each step
+        self._position = {name: i for i, name in enumerate(self.param_names)}
         self._params: list[nn.Parameter] = [p for _, p in selected]
         # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
         self._has_dtensor = any(is_dtensor(p) for p in self._params)
@@ -176,26 +251,42 @@ class GradWatch:
         self._all_index = list(range(len(self._params)))
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
+        if baseline is not None:
+            device = self._params[0].device
+            self.detector.load_baseline(baseline, self.param_names, ignore_extra=baseline_ignore_extra, device=device)
         self.events: list[AnomalyEvent] = []
         self.step = 0
         self.step_control = StepControl(optimizer)
         self._records = RecordQueue(self.detector.config)
         self._index_cache = IndexCache(limit=64)
         self._sinks: OrderedDict[int, Sink] = OrderedDict()
-        self._owned_sinks: list[Sink] = []  # made here (history=): closed by remove()
         self._handles: list[RemovableHandle] = []
         self._queued = False
-        self._loss: tuple[LossDetection, int] | None = None  # observed for the upcoming check
+        self._loss: StepLoss | None = None  # observed for the upcoming check
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._force_skip = False
         self._in_check: int | None = None
+        self._sparse_now = False
+        # every parameter of the model, watched or deliberately left out: the optimizer's others are reported
+        self._model_param_ids = {id(p) for p in model.parameters()}
+        self._optimizer_layout: tuple[int, int] | None = None
+        self._unwatched_reported: set[int] = set()
+        # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
+        self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
+        self._history = None
+        self.sink_errors: list[SinkError] = []
+        self.sink_error_count = 0
+        self._failed_sinks: set[int] = set()
         for fn in sinks:
             self.add_sink(fn)
         if history is not None and self._runs_sinks:
-            from .history import HistoryWriter  # lazily: reporting is optional
+            from .history import HistoryWriter, call_at_exit, rank_path  # lazily: reporting is optional
 
-            self._owned_sinks.append(HistoryWriter(history))
-            self.add_sink(self._owned_sinks[-1])
+            # Every rank writing one path would interleave lines: log_rank=None gives each rank a file.
+            path = rank_path(history, rank) if log_rank is None and is_distributed() else history
+            self._history = HistoryWriter(path, names=self.param_names)
+            self.add_sink(self._history)
+            call_at_exit(self, "_at_exit")  # a script that ends (or dies) without remove() keeps its last steps
         self.policy.attach(self)
         if attach:
             self.register_hooks()
@@ -211,16 +302,35 @@ class GradWatch:
         """
         if self._handles:
             return list(self._handles)
+        if self._history is not None and self._history.closed:
+            self._history.reopen()  # after remove(): the same file goes on
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self.step_control.post_step_hook))
+            if self.scaler is not None:
+                tap = ScalerTap.of(self.scaler)
+                self._handles.append(tap.add(self.optimizer, lambda: self.step, self._after_scaler_step))
         else:
             for p in self._params:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self._in_backward is not None:
             self._handles.extend(self._in_backward.register())
+        if self.optimizer is not None and self.policy.can_skip:
+            self._handles.append(self._buffer_guard.register())
         return list(self._handles)
+
+    def _skippable_step_ahead(self) -> bool:
+        """Whether the step the next forward pass belongs to is checked (and so may be skipped)."""
+        return self.step % self.every == 0
+
+    def buffers_before_forward(self) -> dict[str, torch.Tensor]:
+        """Module buffers as they were before this step's first forward pass (those a forward changes).
+
+        Empty unless a policy can skip: only then are they kept. Rollback snapshots use it, so a
+        snapshot taken at a step holds the state from before that step's forward pass.
+        """
+        return self._buffer_guard.before_forward()
 
     def _make_in_backward(self, wanted: bool) -> InBackwardStats | None:
         if not isinstance(wanted, bool):
@@ -237,26 +347,33 @@ class GradWatch:
         return InBackwardStats(self._params, lambda: self.step % self.every == 0)
 
     def remove(self) -> None:
-        """Detaches every hook and closes the sinks the monitor made (the history writer).
+        """Detaches every hook, drains pending records to the sinks and closes the history writer.
 
-        Pending records stay drainable.
+        :meth:`register_hooks` attaches again and reopens the history (it appends to the same file).
         """
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        owned, self._owned_sinks = self._owned_sinks, []
-        for sink in owned:
-            close_sink(sink)
+        try:
+            self.flush()
+        finally:
+            if self._history is not None:
+                self._history.close()
+
+    def _at_exit(self) -> None:
+        self.remove()
 
     def __enter__(self) -> GradWatch:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if exc[0] is None:
-                self.flush()
-        finally:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
             self.remove()
+            return
+        try:  # the step that explains the exception goes to the history too
+            self.remove()
+        except Exception as error:  # the exception in flight is the one to see
+            logger.warning("gradwatch: draining on exit after %s: %s", exc_type.__name__, error)
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if not self._queued:
@@ -273,6 +390,15 @@ class GradWatch:
         except BaseException:
             self.step_control.restore()  # the step will not run: undo the skip bookkeeping
             raise
+
+    def _after_scaler_step(self, step_before: int) -> None:
+        """After ``scaler.step(optimizer)``: a step the scaler skipped without calling the optimizer."""
+        if self.step != step_before:
+            return  # the optimizer ran (and so did the check)
+        try:
+            self.check(scaler_skipped=True)
+        finally:
+            self.step_control.restore()
 
     # ----------------------------------------------------------------------------- public
 
@@ -295,6 +421,11 @@ class GradWatch:
         its flags take part in that step's decision (``skip`` on a loss spike). Without one, call it
         after ``backward()``: it is recorded with the check that backward pass triggered.
 
+        Under gradient accumulation call it once per micro-batch, with that micro-batch's loss:
+        each one is judged by the detector (a spike in any micro-batch is flagged, and its event
+        reports the worst one), and the step's recorded loss is their mean, computed on the device.
+        The loss statistics are then statistics of micro-batch losses.
+
         Args:
             loss: the scalar loss tensor (detached here).
         """
@@ -302,6 +433,11 @@ class GradWatch:
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__} {loss!r}")
         if loss.numel() != 1:
             raise ValueError(f"loss must hold one element, got shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise TypeError(
+                f"loss is complex ({loss.dtype}); a loss to minimize is real: pass loss.real or loss.abs(), "
+                "whichever your training backpropagates"
+            )
         late = self.optimizer is None and self._last_checked is not None
         target = self._last_checked if late else self.step
         if target % self.every:
@@ -310,9 +446,11 @@ class GradWatch:
             self._last_checked = None
         detection = self.detector.detect_loss(loss)
         if late:
-            self._records.put_loss(target, detection)
+            self._records.put_loss(target, StepLoss(target, detection))
+        elif self._loss is not None and self._loss.step == target:
+            self._loss.add(detection)  # another micro-batch of the same optimizer step
         else:
-            self._loss = (detection, target)
+            self._loss = StepLoss(target, detection)
 
     def flush(self) -> None:
         """Drains every pending record to the host now (waits for the copies); returns None."""
@@ -336,11 +474,15 @@ class GradWatch:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` output.
 
+        The saved detector configuration must equal this monitor's (its statistics and thresholds
+        are only meaningful under the settings they were built with).
+
         Raises:
-            ValueError: the state watches different parameters or has an unknown version.
+            TypeError: ``state`` is not a mapping.
+            ValueError: the state has an unknown version, lacks entries, watches different
+                parameters, or was saved with other detector settings (the differing ones are named).
         """
-        if state.get("version") != 1:
-            raise ValueError(f"unsupported GradWatch state version {state.get('version')!r}; expected 1")
+        self._check_state(state)
         if list(state["param_names"]) != self.param_names:
             raise ValueError(
                 f"state watches {len(state['param_names'])} parameters that differ from this monitor's "
@@ -350,91 +492,211 @@ class GradWatch:
         self.detector.load_state_dict(state["detector"], device)
         self.policy.load_state_dict(state["policy"])
         self.step = int(state["step"])
+        if self._history is not None:
+            self._history.resume(self.step)  # keep the file's steps before this one, drop the rest
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"GradWatch.load_state_dict: state must be the dict GradWatch.state_dict() returned, "
+                f"got {type(state).__name__} {state!r:.80}"
+            )
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported GradWatch state version {state.get('version')!r}; expected 1")
+        missing = [k for k in ("step", "param_names", "detector", "policy") if k not in state]
+        if missing:
+            raise ValueError(
+                f"GradWatch.load_state_dict: state lacks {missing}; pass the whole dict GradWatch.state_dict() returned"
+            )
+        saved = state["detector"].get("config") if isinstance(state["detector"], Mapping) else None
+        if isinstance(saved, Mapping):
+            mine = asdict(self.detector.config)
+            differ = [f"{k}: saved {saved[k]!r}, here {mine[k]!r}" for k in mine if k in saved and saved[k] != mine[k]]
+            if differ:
+                raise ValueError(
+                    "GradWatch.load_state_dict: the state was saved with other detector settings ("
+                    + "; ".join(differ)
+                    + "); create the monitor with the saved settings to resume, or start a fresh monitor"
+                )
+
+    # ----------------------------------------------------------------------------- copies
+
+    def __copy__(self) -> GradWatch:
+        raise TypeError(self._no_copy())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradWatch:
+        raise TypeError(self._no_copy())
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(self._no_copy())
+
+    @staticmethod
+    def _no_copy() -> str:
+        return (
+            "a GradWatch cannot be copied or pickled: it is bound to its model's and optimizer's hooks, and a copy "
+            "would watch nothing. Save monitor.state_dict() and load it into a new GradWatch(model, optimizer, ...)"
+        )
 
     def request_skip(self, drained_step: int) -> None:
-        """Skips the step in flight if its gradients predate a restore caused by ``drained_step``."""
+        """Skips the step in flight if its gradients predate a restore caused by ``drained_step``.
+
+        The restore replaced the buffers too, so the copies kept from before this step's forward
+        pass are dropped rather than put back.
+        """
+        self._buffer_guard.forget()
         if self._in_check is None or drained_step < self._in_check:
             self._force_skip = True
 
     # ----------------------------------------------------------------------------- the check
 
-    def check(self) -> None:
-        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record."""
+    def check(self, *, scaler_skipped: bool = False) -> None:
+        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record.
+
+        On the steps ``every=N`` leaves out, only the non-finite guard runs (``guard=True``).
+
+        Args:
+            scaler_skipped: the GradScaler skipped this step without calling the optimizer (only
+                its statistics are recorded; nothing is flagged or acted on).
+        """
         step = self.step
         self.step += 1
-        if step % self.every:
+        sampled = step % self.every == 0
+        if not sampled and not self.guard:
             return
         self._in_check = step
         try:
-            self._drain(force_before=step - 1)
-            self.policy.before_check(self, step)
+            # Under torch.distributed every rank takes the previous step's record (and so its
+            # host-side remedies: rollback, LR backoff) at this same check: ranks never disagree
+            # on when a learning rate changed or a snapshot was restored.
+            self._drain(force_before=step if self._distributed else step - 1)
+            self._report_unwatched()
+            if sampled:
+                self.policy.before_check(self, step)
             index, grads = self._collect()
             loss, self._loss = self._loss, None
-            if loss is not None and loss[1] != step:
+            if loss is not None and loss.step != step:
                 loss = None
             if not grads:
-                if self._in_backward is not None:
+                if self._in_backward is not None and sampled:
                     self._in_backward.discard()
                 return
-            packed = self._measure(grads)
-            packed, scaler_skipped = self.step_control.unscale(packed)
+            # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
+            packed = self._measure(grads) if sampled else grad_stats_packed(grads)
+            packed, scaler_flag = self.step_control.unscale(packed)
+            if scaler_skipped:
+                scaler_flag = torch.ones_like(scaler_flag)
             packed = self._reduce(packed, index)
             device = packed.device
-            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_skipped)
+            if sampled:
+                observed = None if loss is None else loss.mean  # judges the total norm given the loss
+                detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_flag, observed)
+            else:  # non-finite gradients only; the running statistics stay those of the sampled steps
+                detection = nonfinite_detection(packed, scaler_flag)
             loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
             if loss is not None:
-                loss_flags = loss[0].flags.to(device)
+                loss_flags = loss.flags.to(device)
             names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, scaler_skipped, loss_flags)
+            ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
             decision = Decision.neutral(len(grads), device)
-            self.policy.decide(ctx, decision)
+            self.policy.decide(ctx, decision, gating_only=not sampled)
             if self._force_skip:
                 decision.skip = torch.ones_like(decision.skip)
                 self._force_skip = False
-            decision = self._agree(decision)
+            decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
             skip_path = self.step_control.skip_path(self.policy.can_skip)
             self._act(grads, decision, skip_path == "fused")
+            self._buffer_guard.settle(decision.skip if skip_path is not None else None)
             payload = encode_record(
                 packed,
                 detection,
                 decision.clip_factor,
                 decision.skip,
                 decision.raise_now,
-                scaler_skipped,
+                scaler_flag,
                 decision.extras,
+                seen_by,
             )
-            self._records.put_record(step, names, payload, extras_layout(decision.extras))
+            self._records.put_record(step, names, payload, extras_layout(decision.extras), sampled=sampled)
             if loss is not None:
-                self._records.put_loss(step, loss[0])
-            if self.optimizer is None:
+                self._records.put_loss(step, loss)
+            if self.optimizer is None and sampled:
                 self._last_checked = step
             if skip_path == "host":
                 self.step_control.skip_on_host(decision.skip)
                 self.flush()  # the sync above means everything queued has landed
         finally:
             self._in_check = None
+            self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
+
+    def _report_unwatched(self) -> None:
+        """Warns once about optimizer parameters that are not the model's (``add_param_group`` later, ...).
+
+        Re-examined only when the optimizer's param groups change size: two integers per check.
+        """
+        if self.optimizer is None:
+            return
+        groups = self.optimizer.param_groups
+        layout = (len(groups), sum(len(g["params"]) for g in groups))
+        if layout == self._optimizer_layout:
+            return
+        self._optimizer_layout = layout
+        new = [
+            (i, p)
+            for i, g in enumerate(groups)
+            for p in g["params"]
+            if id(p) not in self._model_param_ids and id(p) not in self._unwatched_reported
+        ]
+        if new:
+            self._unwatched_reported.update(id(p) for _, p in new)
+            shapes = [f"group {i}: {tuple(p.shape)}" for i, p in new[:5]]
+            logger.warning(
+                "gradwatch: %d optimizer parameter(s) are not parameters of the watched model and are not "
+                "watched (%s%s); their gradients are not checked. Create the monitor after adding them "
+                "to the model (add_param_group), or watch their module with another GradWatch",
+                len(new),
+                ", ".join(shapes),
+                ", ..." if len(new) > 5 else "",
+            )
 
     def _collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash).
 
         Written for thousands of parameters: a gradient has its parameter's dtype and device, so
-        only presence and layout are checked per step, in two list passes.
+        only presence and layout are checked per step, in a few list passes. A sparse gradient
+        (``nn.Embedding(sparse=True)``) is watched through its values: coalesced once (so its
+        values are the gradient's nonzeros, duplicates summed), measured and scaled in place.
         """
-        grads = [p.grad for p in self._params]
-        present = [g is not None and not g.is_sparse for g in grads]
+        grads = self.step_control.grads(self._params)
+        present = [g is not None for g in grads]
         if all(present):
             index = self._all_index
         else:
             index = [i for i, ok in enumerate(present) if ok]
             grads = [grads[i] for i in index]
+        sparse = [k for k, g in enumerate(grads) if g.is_sparse]
+        self._sparse_now = bool(sparse)
+        if sparse:
+            grads = list(grads)
+            for k in sparse:
+                grads[k] = self._sparse_values(self._params[index[k]], grads[k])
         if self._has_dtensor:
             grads = [local_gradient(g) for g in grads]  # shards; _reduce makes them whole-parameter
         return index, grads
 
+    @staticmethod
+    def _sparse_values(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The values of a sparse gradient, coalesced (written back to ``param.grad`` when it is that)."""
+        if not grad.is_coalesced():
+            coalesced = grad.coalesce()
+            if param.grad is grad:
+                param.grad = coalesced
+            grad = coalesced
+        return grad._values()
+
     def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Stage 2: one fused ``grad_stats`` pass per device; rows gathered on the first device."""
         if self._in_backward is not None:
-            if len(grads) == len(self._params):
+            if len(grads) == len(self._params) and not self._sparse_now:
                 return self._in_backward.take(grads)
             self._in_backward.discard()  # some gradients are missing: measure what is there
         if self._one_device:  # the common case: validated once, at construction
@@ -461,29 +723,50 @@ class GradWatch:
             return None
         return self._index_cache.get(index, device)
 
-    def _agree(self, decision: Decision) -> Decision:
+    def _agree(
+        self,
+        decision: Decision,
+        global_flags: torch.Tensor,
+        param_flags: torch.Tensor,
+        loss_flags: torch.Tensor,
+    ) -> tuple[Decision, torch.Tensor | None]:
         """Distributed seam 2: every rank takes the most severe decision of any rank.
 
         Statistics are identical across ranks after :meth:`_reduce`, but a loss, a rank-local
         gradient fault or a GradScaler flag may not be. One all-reduce (max) over ``process_group``
-        of [skip, raise, -clip factor, -per-parameter factors] makes skip and raise global and
-        takes the smallest factors, so no rank steps while another skips.
+        of [skip, raise, -clip factor, -per-parameter factors, seen-by] makes skip and raise global
+        and takes the smallest factors, so no rank steps while another skips. Seen-by holds, per
+        anomaly kind, ``world - rank`` where this rank detected it: after the max, the lowest rank
+        that did. The record carries it, and every rank adds events for the kinds only other ranks
+        saw, so host-side remedies decide from the same kinds everywhere and rank 0's history
+        holds every rank's anomalies.
+
+        Returns:
+            ``(decision, seen_by)``: seen-by as ``[NUM_KINDS]`` float64 "1 + lowest rank that
+            detected the kind" (0: no rank), or None in a single process.
         """
-        if not is_distributed(self.process_group):
-            return decision
+        if not self._distributed:
+            return decision, None
         f64 = torch.float64
+        group = self.process_group
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        local = global_flags | param_flags.any(dim=0) | loss_flags
+        seen = torch.where(local, float(world - rank), 0.0).to(f64)
+        n = decision.factors.numel()
         packed = torch.cat(
             [
                 torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
                 -decision.factors.to(f64),
+                seen,
             ]
         )
-        agree(packed, self.process_group)
+        agree(packed, group)
         decision.skip = packed[0] > 0
         decision.raise_now = packed[1] > 0
         decision.clip_factor = -packed[2]
-        decision.factors = (-packed[3:]).to(torch.float32)
-        return decision
+        decision.factors = -packed[3 : 3 + n]  # float64: a clip factor never rounds to 0 (= zeroing)
+        seen = packed[3 + n :]
+        return decision, torch.where(seen > 0, world + 1 - seen, torch.zeros_like(seen))
 
     def _act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
@@ -505,12 +788,23 @@ class GradWatch:
         outcomes = self.policy.outcomes(outcome)
         self._publish_events([self.policy.label(e, outcomes) for e in packet.events])
 
-    def _publish_events(self, events: list[AnomalyEvent]) -> None:
+    def _publish_events(self, events: list[AnomalyEvent], level: int | None = None) -> None:
+        """Logs and keeps ``events``: anomalies acted on at WARNING, others at INFO, or at ``level``."""
         for e in events:
-            level = logging.WARNING if e.action != "none" else logging.INFO
-            if logger.isEnabledFor(level):
-                logger.log(level, "gradwatch: %s", e.describe())
+            level_e = level if level is not None else logging.WARNING if e.action != "none" else logging.INFO
+            if logger.isEnabledFor(level_e):
+                logger.log(level_e, "gradwatch: %s", e.describe())
         self.events.extend(events)
+        excess = 0 if self.max_events is None else len(self.events) - self.max_events
+        if excess > 0:
+            del self.events[:excess]
+            if not self.events_dropped:
+                logger.warning(
+                    "gradwatch: more than max_events=%d events; GradWatch.events keeps the newest (the history "
+                    "and sinks get every one; the number dropped is in events_dropped)",
+                    self.max_events,
+                )
+            self.events_dropped += excess
 
     def _publish_record(self, rec: HostRecord) -> None:
         """A drained record: label its events, run the policies' host side and the sinks; maybe raise."""
@@ -524,27 +818,73 @@ class GradWatch:
             scaler_skipped=rec.scaler_skipped,
         )
         outcomes = self.policy.outcomes(base, rec.extras)
-        events = self.policy.events(rec.events, outcomes)
+        local_kinds = {e.kind for e in rec.events}
+        remote = [
+            AnomalyEvent(rec.step, kind, None, math.nan, None, "none", rank=r)
+            for kind, r in rec.seen_by.items()
+            if kind not in local_kinds
+        ]
+        anomalies, routine = self.policy.split_events(rec.events + remote, outcomes)
+        events = anomalies + routine
+        names, norms, max_abs, nonfinite = self._all_params(rec)
         record = StepRecord(
             step=rec.step,
-            names=rec.names,
-            norms=rec.norms,
-            max_abs=rec.max_abs,
-            nonfinite=rec.nonfinite,
+            names=names,
+            norms=norms,
+            max_abs=max_abs,
+            nonfinite=nonfinite,
             total_norm=rec.total_norm,
             loss=rec.loss,
             clip_factor=rec.clip_factor,
             skipped=skipped or rec.scaler_skipped,
             events=events,
         )
-        self._publish_events(events)
+        self._publish_events(anomalies)
+        self._publish_events(routine, logging.DEBUG)
         self.policy.on_record(record, outcomes, self)
         if self._runs_sinks:
             for fn in list(self._sinks.values()):
-                fn(record)
+                try:
+                    fn(record)
+                except Exception as error:  # a sink never changes training, nor the collectives
+                    self._sink_failed(fn, record.step, error)
         self._on_record(record)
         if rec.raised:
             raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events, step=rec.step)
+
+    def _all_params(self, rec: HostRecord) -> tuple[Sequence[str], list, list, list]:
+        """A record's per-parameter lists over every watched parameter (index-stable).
+
+        Parameters without a gradient at that step (not measured) get ``None`` in every list:
+        ``record.norms[i]`` always belongs to ``watch.param_names[i]``.
+        """
+        if len(rec.names) == len(self.param_names):
+            return self._names, rec.norms, rec.max_abs, rec.nonfinite
+        n = len(self.param_names)
+        rows = [self._position[name] for name in rec.names]
+        lists: list[list] = [[None] * n, [None] * n, [None] * n]
+        for out, values in zip(lists, (rec.norms, rec.max_abs, rec.nonfinite), strict=True):
+            for row, value in zip(rows, values, strict=True):
+                out[row] = value
+        return self._names, lists[0], lists[1], lists[2]
+
+    def _sink_failed(self, fn: Sink, step: int, error: Exception) -> None:
+        """Logs a sink's first failure (with the traceback), keeps every failure in :attr:`sink_errors`."""
+        if len(self.sink_errors) < _MAX_SINK_ERRORS:
+            self.sink_errors.append(SinkError(step, fn, error))
+        self.sink_error_count += 1
+        if id(fn) in self._failed_sinks:
+            logger.debug("gradwatch: step %d: sink %r failed again: %r", step, fn, error)
+            return
+        self._failed_sinks.add(id(fn))
+        logger.error(
+            "gradwatch: step %d: sink %r raised %r; training goes on, the sink is still called "
+            "for every record and later failures are only counted (watch.sink_errors)",
+            step,
+            fn,
+            error,
+            exc_info=error,
+        )
 
     def _on_record(self, record: StepRecord) -> None:
         """Subclass hook, called for every drained record after the sinks."""

@@ -125,6 +125,9 @@ class ClipExtras(Generic[_T]):
     factor: _T
 
 
+_SMALLEST_FACTOR = 2.0**-1074  # the smallest positive float64
+
+
 @register_policy
 class Clip(Policy):
     """Global max-norm clipping every step, like ``torch.nn.utils.clip_grad_norm_``.
@@ -133,7 +136,14 @@ class Clip(Policy):
     computed from the norms the fused op already measured, adjusted for parameters a gating policy
     zeroed; no second reduction pass over the gradients. When the total norm is NaN/Inf the factor
     is 1: non-finite gradients are the business of the gating policies (``clip_grad_norm_`` would
-    turn every gradient into NaN). Each clipped step adds a TOTAL_NORM_LIMIT event.
+    turn every gradient into NaN).
+
+    Clipping is routine, not an anomaly: each step whose total norm exceeds ``max_norm`` gets one
+    TOTAL_NORM_LIMIT event with action ``"clip"`` in its record (``StepRecord.clip_factor`` holds
+    the factor; :attr:`clipped_steps` counts them), logged at DEBUG. A total norm at or below the
+    limit is no event, even though the formula scales it by ``1 - 1e-6``. When the detector's own
+    ``max_total_norm`` rule flags the same step, that one event (a WARNING) is labelled ``clip``
+    instead of a second one being added.
 
     Args:
         max_norm: the limit. Default 1.0, the value used by Megatron-LM, OLMo and most LLM recipes.
@@ -142,11 +152,13 @@ class Clip(Policy):
     name = "clip"
     priority = 10
     scales = True
+    routine: ClassVar[bool] = True  # its events are logged at DEBUG, not as anomalies
     event_kind: ClassVar[AnomalyKind] = AnomalyKind.TOTAL_NORM_LIMIT  # what a clipped step reports
 
     def __init__(self, max_norm: float = 1.0):
         super().__init__(None)
         self.max_norm = positive_number("max_norm", max_norm, "Clip")
+        self.clipped_steps = 0
 
     def _limit(self, ctx: DecisionContext) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.full(
@@ -160,22 +172,32 @@ class Clip(Policy):
         # a zeroed gradient contributes 0, even if its norm was NaN (NaN * 0 would be NaN)
         norms = torch.where(factors == 0, torch.zeros_like(factors), ctx.packed[:-1, Stat.NORM] * factors)
         total = norms.square().sum().sqrt()
-        coef = (limit / (total + 1e-6)).clamp(max=1.0)
+        # at least the smallest float64: a clip never rounds to 0, which scale_ reads as "write zeros"
+        coef = (limit / (total + 1e-6)).clamp(min=_SMALLEST_FACTOR, max=1.0)
         use = active & torch.isfinite(total) & ~ctx.scaler_skipped
         coef = torch.where(use, coef, torch.ones_like(coef))
-        decision.factors = decision.factors * coef.to(torch.float32)
-        decision.clip_factor = decision.clip_factor * coef.to(torch.float32).to(torch.float64)
+        decision.factors = decision.factors * coef
+        decision.clip_factor = decision.clip_factor * coef
         return ClipExtras(total, limit, coef)
+
+    def _clipped(self, outcome: Outcome) -> bool:
+        report: ClipExtras[float] | None = outcome.extras
+        if report is None:  # a lone loss packet, or a guarded step: no clip decision in it
+            return False
+        return report.factor < 1.0 and report.total > report.limit and not outcome.skipped
 
     @override
     def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
-        return None
+        # the detector's own total-norm event of a clipped step: this clip is what was done about it
+        same = event.kind is self.event_kind and event.param is None and event.rank is None
+        return self.name if same and self._clipped(outcome) else None
 
     @override
     def events_for(self, outcome: Outcome) -> list[AnomalyEvent]:
-        report: ClipExtras[float] = outcome.extras
-        if report.factor >= 1.0 or outcome.skipped:
+        if not self._clipped(outcome):
             return []
+        self.clipped_steps += 1
+        report: ClipExtras[float] = outcome.extras
         return [AnomalyEvent(outcome.step, self.event_kind, None, report.total, report.limit, self.name)]
 
     def __repr__(self) -> str:
@@ -197,8 +219,9 @@ class AdaptiveClip(Clip):
 
     * *Where a spike is clipped to.* ZClip's default ``adaptive_scaling`` clips a norm with z-score
       ``z_t > z`` to ``mean + z * std / (z_t / z)``: the larger the spike, the *lower* the target,
-      down to the mean, so a x10 spike ends about 2x lower than here (factors ~0.14 vs ~0.28 on a
-      small CNN) and the clipped norm is not monotone in the raw one. Here the target is the
+      down to the mean, so a spike ends 2-2.5x lower than here (median clip factors 0.11 vs 0.27 on
+      a whole-model x10, 0.010 vs 0.020 on a x100, benchmark runs) and the clipped norm is not
+      monotone in the raw one. Here the target is the
       limit: the smallest change that makes the step ordinary, and a larger raw norm never gives a
       smaller clipped one. Users who want a spike gone rather than capped should use ``"skip"``.
     * *Statistics.* ZClip keeps an EMA (alpha 0.97) of the raw norm, updated with the clipped
@@ -216,9 +239,11 @@ class AdaptiveClip(Clip):
 
     name = "adaptive_clip"
     event_kind = AnomalyKind.SPIKE
+    routine = False  # it clips only spikes: an anomaly, logged as one
 
     def __init__(self, z: float = 2.5, max_norm: float | None = None):
         Policy.__init__(self, None)
+        self.clipped_steps = 0
         self.z = positive_number("z", z, "AdaptiveClip")
         self.max_norm = None if max_norm is None else positive_number("max_norm", max_norm, "AdaptiveClip")
 
@@ -265,6 +290,9 @@ class Zero(Policy):
 @register_policy
 class Skip(Policy):
     """The optimizer step does not happen: parameters, optimizer state and step counters untouched.
+
+    Buffers the step's forward pass changed (BatchNorm running statistics) are restored too, by the
+    monitor, on the device.
 
     Args:
         kinds: kinds that skip the step; default :data:`HARMFUL_KINDS`.
@@ -417,35 +445,59 @@ def _clone_tree(obj: Any, device: torch.device | None) -> Any:
 class Rollback(Policy):
     """Restores the model and optimizer from an in-memory snapshot of the last healthy step.
 
-    Every ``every`` checked steps, before the step is applied, the monitor's model ``state_dict``
-    and optimizer ``state_dict`` are copied (device-side clones: no sync, but one extra copy of the
-    weights and optimizer state in memory; pass ``device="cpu"`` to keep it in host memory at the
-    price of a synchronizing copy). A snapshot becomes *healthy* once every step before it has
-    been seen without an anomaly (skipped steps do not taint it). On an anomaly of ``kinds`` the
-    step is skipped on the device, and when its record reaches the host the model and optimizer
-    are restored from the healthy snapshot; the step then in flight, whose gradients came from the
-    replaced weights, is skipped too.
+    Every ``every`` checked steps the model's state as it was before that step's forward pass
+    (parameters, and buffers such as BatchNorm running statistics as they were before the forward
+    pass changed them) and the optimizer's ``state_dict`` are copied (device-side clones: no sync,
+    but one extra copy of the weights and optimizer state in memory; pass ``device="cpu"`` to keep
+    it in host memory at the price of a synchronizing copy). A snapshot becomes *healthy* once
+    every step before it has been seen without an anomaly (skipped steps do not taint it). On an
+    anomaly of ``kinds`` the step is skipped on the device (its forward pass's buffer changes
+    undone too), and when its record reaches the host the model and optimizer are restored from
+    the healthy snapshot; the step then in flight, whose gradients came from the replaced weights,
+    is skipped too.
+
+    Learning rates: without ``schedulers``, a rollback restores the optimizer's per-parameter
+    state (moments, step counts) and leaves every param group's hyperparameters (``lr``,
+    ``momentum``, ...) as they are, so an LR scheduler that keeps counting and an
+    :class:`LRBackoff` in any order stay consistent. With ``schedulers``, they are snapshotted
+    and restored together with the optimizer's param groups, as when resuming from a checkpoint:
+    the learning rate and the schedulers' step counts go back to the snapshot's.
 
     Args:
         every: snapshot interval in checked steps. Default 100.
         kinds: kinds that roll back; default :data:`HARMFUL_KINDS`.
         device: where snapshots live; None keeps them beside the tensors.
+        schedulers: LR schedulers (anything with ``state_dict``/``load_state_dict``) to roll back
+            with the optimizer; None or empty: learning rates are left as they are (see above).
+
+    Needs an optimizer (``GradWatch(model, None, policy="rollback")`` is refused): the bad step
+    must be skipped before the snapshot is restored.
     """
 
     name = "rollback"
     can_skip = True
+    needs_optimizer = True
+    restores_state = True
 
     def __init__(
         self,
         every: int = 100,
         kinds: Iterable[AnomalyKind | str] | None = None,
         device: torch.device | str | None = None,
+        schedulers: Iterable[Any] | None = None,
     ):
         super().__init__(kinds)
         self.every = positive_int("every", every, "Rollback")
         self.device = None if device is None else torch.device(device)
-        self.healthy: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
-        self._candidates: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
+        self.schedulers = list(schedulers or ())
+        for i, sched in enumerate(self.schedulers):
+            if not (callable(getattr(sched, "state_dict", None)) and callable(getattr(sched, "load_state_dict", None))):
+                raise TypeError(
+                    f"Rollback: schedulers[{i}] is a {type(sched).__name__}, which has no state_dict/load_state_dict; "
+                    "pass LR schedulers (torch.optim.lr_scheduler.*)"
+                )
+        self.healthy: tuple[int, dict[str, Any], dict[str, Any] | None, list[Any]] | None = None
+        self._candidates: list[tuple[int, dict[str, Any], dict[str, Any] | None, list[Any]]] = []
         self._drained = -1  # last step whose record was seen
         self.rollbacks = 0
 
@@ -453,9 +505,13 @@ class Rollback(Policy):
     def before_check(self, host: PolicyHost, step: int) -> None:
         if step % self.every:
             return
-        model = _clone_tree(host.model.state_dict(), self.device)
+        # the buffers as they were before this step's forward pass changed them (BatchNorm statistics)
+        before = getattr(host, "buffers_before_forward", dict)()
+        state = {k: before.get(k, v) for k, v in host.model.state_dict().items()}
+        model = _clone_tree(state, self.device)
         optim = None if host.optimizer is None else _clone_tree(host.optimizer.state_dict(), self.device)
-        self._candidates.append((step, model, optim))
+        scheds = [_clone_tree(s.state_dict(), self.device) for s in self.schedulers]
+        self._candidates.append((step, model, optim, scheds))
         self._promote()
 
     def _promote(self) -> None:
@@ -474,10 +530,12 @@ class Rollback(Policy):
         self._drained = max(self._drained, record.step)
         hit = any(e.kind in self.kinds for e in record.events)
         if hit and self.healthy is not None:
-            step, model, optim = self.healthy
+            step, model, optim, scheds = self.healthy
             host.model.load_state_dict(model)
             if optim is not None and host.optimizer is not None:
-                host.optimizer.load_state_dict(_clone_tree(optim, None))
+                self._restore_optimizer(host.optimizer, optim)
+            for sched, saved in zip(self.schedulers, scheds, strict=True):
+                sched.load_state_dict(_clone_tree(saved, None))
             self._candidates = []
             self.rollbacks += 1
             host.request_skip(record.step)
@@ -489,9 +547,17 @@ class Rollback(Policy):
             self._candidates = [c for c in self._candidates if c[0] <= record.step]
         self._promote()
 
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+        """The snapshot's optimizer state; the current hyperparameters unless schedulers roll back too."""
+        keep = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(_clone_tree(saved, None))
+        if not self.schedulers:
+            for group, hyper in zip(optimizer.param_groups, keep, strict=True):
+                group.update(hyper)
+
     @override
     def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
         return self.name if event.kind in self.kinds and outcome.skipped else None
 
     def __repr__(self) -> str:
-        return f"Rollback(every={self.every})"
+        return f"Rollback(every={self.every}, schedulers={len(self.schedulers)})"

@@ -57,7 +57,7 @@ def test_calibrate_matches_the_history_oracle(healthy_history, tmp_path):
         assert baseline["mean"][i].item() == pytest.approx(mean, rel=1e-12)
         assert baseline["var"][i].item() == pytest.approx(sum((v - mean) ** 2 for v in logs) / len(logs), rel=1e-9)
         assert baseline["count"][i].item() == 90
-    losses = [r.loss for r in used]
+    losses = [math.asinh(r.loss / 0.01) for r in used]  # the detector's loss_scale
     assert baseline["loss"]["mean"].item() == pytest.approx(sum(losses) / len(losses), rel=1e-12)
     assert baseline["steps"] == [10, 99]
     # the CLI writes the same statistics
@@ -73,8 +73,7 @@ def test_armed_from_a_baseline_catches_a_x1000_layer_spike_at_step_3(healthy_his
     path = tmp_path / "baseline.pt"
     assert cli_main(["calibrate", str(healthy_history), "-o", str(path)]) == 0
     model, optimizer = make(1)  # a new run: other initialization, other data
-    watch = gradwatch.GradWatch(model, optimizer)
-    watch.detector.load_baseline(path, watch.param_names)
+    watch = gradwatch.GradWatch(model, optimizer, baseline=path)
     train(watch, model, optimizer, 8, seed=1, fault=(3, layer, 1000.0))
     watch.remove()
     flagged = {(e.step, e.param) for e in watch.events if e.kind is AnomalyKind.SPIKE}
@@ -103,3 +102,18 @@ def test_baseline_names_must_match(healthy_history):
     assert torch.equal(det.params.mean, expected)
     with pytest.raises(ValueError, match="not a gradwatch baseline"):
         det.load_baseline({"names": []}, ["a", "b", "c"])
+
+
+def test_monitor_baseline_mismatch_names_the_parameters(healthy_history, tmp_path):
+    path = tmp_path / "baseline.pt"
+    assert cli_main(["calibrate", str(healthy_history), "-o", str(path)]) == 0
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"missing from the baseline: \['4.weight', '4.bias'\]"):
+        gradwatch.GradWatch(wider, baseline=path)
+    model, _ = make(0)
+    with pytest.raises(ValueError, match=r"not watched here: \['0.bias', '0.weight'\]"):
+        gradwatch.GradWatch(model, exclude="0.*", baseline=path)
+    watch = gradwatch.GradWatch(model, exclude="0.*", baseline=path, baseline_ignore_extra=True)
+    assert watch.detector.params.count.min().item() >= watch.detector.config.warmup
+    watch.remove()

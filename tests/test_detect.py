@@ -53,14 +53,18 @@ def test_spike_flags_only_the_spiking_parameter_and_reports_thresholds():
         d = det.detect(packed_from_norms(row))
         assert not d.param_flags.any() and not d.global_flags.any()
     mean, var = det.params.mean.clone(), det.params.var.clone()
+    share_mean, share_var = det.shares.mean.clone(), det.shares.var.clone()
     row = norms[-1].clone()
     row[1] *= 1e4
     d = det.detect(packed_from_norms(row))
     assert d.param_flags[:, SPIKE].tolist() == [False, True, False]
-    std = var.sqrt()
-    expected_thr = (mean + torch.maximum(6 * std, torch.full_like(std, math.log(2)))).exp()
-    torch.testing.assert_close(d.spike_threshold, expected_thr)
-    assert d.z[1].item() == pytest.approx(((math.log(row[1]) - mean[1]) / std[1]).item())
+    # The threshold is the lower of the norm's and the share's (at this step's total), each
+    # mean + max(6 sd, log 4) in log space.
+    floor = torch.full_like(mean, math.log(4))
+    raw = mean + torch.maximum(6 * var.sqrt(), floor)
+    share = share_mean + torch.maximum(6 * share_var.sqrt(), floor) + math.log(row.square().sum().sqrt())
+    torch.testing.assert_close(d.spike_threshold, torch.minimum(raw, share).exp())
+    assert d.z[1].item() == pytest.approx(((math.log(row[1]) - mean[1]) / var[1].sqrt()).item())
     assert d.global_flags[SPIKE]  # the total norm spikes too
 
 
@@ -188,7 +192,8 @@ def test_state_saved_before_streams_were_merged_still_loads():
         assert torch.equal(x, y)
 
 
-def test_detection_dispatches_the_same_ops_for_5_or_5000_parameters():
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_detection_dispatches_the_same_ops_for_5_or_5000_parameters(with_loss):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -199,19 +204,21 @@ def test_detection_dispatches_the_same_ops_for_5_or_5000_parameters():
             return func(*args, **(kwargs or {}))
 
     counts = []
+    loss = torch.tensor(1.5) if with_loss else None
     for n in (5, 5000):
         det = Detector(n, warmup=2, max_norm=10.0, max_total_norm=100.0, rolling_limit=50.0)
         norms = lognormal_norms(4, n, seed=5)
         for row in norms[:3]:
-            det.detect(packed_from_norms(row))
+            det.detect(packed_from_norms(row), loss=loss)
         packed = packed_from_norms(norms[3])
         Count.ops = 0
         with Count():
-            det.detect(packed)
+            det.detect(packed, loss=loss)
         counts.append(Count.ops)
-    # One vectorized pass over 2n + 1 streams (raw, total, shares): launches stay constant. With all
-    # rules on: 106 ops before issue 10's detector, 137 after (shares and the early rule).
-    assert counts[0] == counts[1] < 140
+    # One vectorized pass over 2n + 2 streams (norms, total, shares, residual given the loss):
+    # launches stay constant. With all rules on: 106 ops before issue 10's detector; 143 after
+    # without a loss, 200 with one (the running regression of the total norm on the loss).
+    assert counts[0] == counts[1] < (210 if with_loss else 150)
 
 
 @pytest.mark.parametrize(
@@ -339,3 +346,38 @@ def test_a_spike_during_warm_up_does_not_poison_the_baseline():
         assert flagged == (step in faults), step
         if step == 200:
             assert d.param_flags[2, SPIKE]
+
+
+def test_total_norm_is_also_judged_on_what_the_loss_does_not_explain():
+    # A converging classifier: a hard batch has a high loss and a large gradient norm together
+    # (log norm ~ log loss), so the total norm alone is noisy (sd 0.5); a x10 with an ordinary
+    # loss is far outside the residual's band (sd 0.1) but only ~4.6 sd of the total's.
+    g = torch.Generator().manual_seed(12)
+    common = torch.randn(300, generator=g, dtype=torch.float64) * 0.5
+    noise = torch.randn(300, 3, generator=g, dtype=torch.float64) * 0.1
+    norms = (common[:, None] + noise).exp() * torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    losses = 0.3 * common.exp()
+    with_loss, without = Detector(3), Detector(3)
+    for step in range(300):
+        row = norms[step] * (10.0 if step == 250 else 1.0)
+        if step == 250:  # the fault hides in a quiet batch's worth of total-norm noise
+            row = row * math.exp(-0.6 - common[step].item())
+        a = with_loss.detect(packed_from_norms(row), loss=losses[step])
+        b = without.detect(packed_from_norms(row))
+        assert bool(a.global_flags[SPIKE]) == (step == 250), step
+        if step == 250:
+            assert not b.global_flags[SPIKE]  # the total alone does not see it
+            assert a.total_threshold.item() < math.hypot(*row.tolist())
+        assert not a.param_flags.any() and not b.param_flags.any()
+    beta = with_loss._beta(torch.device("cpu")).item()
+    assert beta == pytest.approx(1.0, abs=0.1)  # log norm moves one for one with log loss
+
+
+def test_a_non_finite_loss_is_not_learned_and_keeps_thresholds_finite():
+    det = Detector(2, warmup=10)
+    for row in lognormal_norms(30, 2, seed=13):
+        det.detect(packed_from_norms(row), loss=torch.tensor(1.0) + 0.1 * row[0])
+    before = det.regression.clone(), det.resid.count.clone()
+    d = det.detect(packed_from_norms(lognormal_norms(1, 2, seed=14)[0]), loss=torch.tensor(float("nan")))
+    assert torch.equal(det.regression, before[0]) and torch.equal(det.resid.count, before[1])
+    assert math.isfinite(d.total_threshold.item()) and not d.global_flags.any()

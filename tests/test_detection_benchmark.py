@@ -45,6 +45,7 @@ def test_check_reports_a_miss():
             detection.ZClipPackage.name: {"caught": {}, "total": {}, "fp": 0, "long_fp": 0},
         },
         "fp_steps": {"gradwatch (defaults)": ["mlp/s0@5"]},
+        "fp_by_run": {"gradwatch (defaults)": {"mlp/s0": 1}, detection.ZClipPackage.name: {"mlp/s0": 0}},
     }
     failures = detection.check(result)
-    assert "nan: caught 0 of 1" in failures and any("mlp/s0@5" in f for f in failures)
+    assert "nan: caught 0 of 1" in failures and "mlp/s0: 1 false positives, ZClip 0" in failures

@@ -359,12 +359,15 @@ def test_selection_every_and_missing_grads():
     watch.flush()
     assert [r.step for r in records] == [0, 2, 4] and watch.step == 5
     assert records[0].names == ["2.weight", "6.weight"]
-    # a parameter without a gradient is skipped, not a crash
+    # a parameter without a gradient is not measured, not a crash; the record keeps its place (None)
     everything = GradWatch(model, opt, sinks=[records.append])
     records.clear()
     train(model, opt, 1)
     everything.flush()
-    assert "0.weight" not in records[0].names and "0.bias" in records[0].names
+    assert records[0].names == everything.param_names
+    frozen, live = (everything.param_names.index(n) for n in ("0.weight", "0.bias"))
+    assert records[0].norms[frozen] is None and records[0].nonfinite[frozen] is None
+    assert records[0].norms[live] > 0
     with pytest.raises(ValueError, match="no parameters selected"):
         GradWatch(model, opt, include="nothing*")
     with pytest.raises(TypeError, match="include"):

@@ -1,5 +1,6 @@
 """The fused ops against the pure-PyTorch oracle: parity, edges, faults, errors, opcheck, compile."""
 
+import math
 import os
 import subprocess
 import sys
@@ -122,10 +123,78 @@ def test_mixed_dtypes_in_one_call(device):
 def test_public_wrapper_types(device):
     native(device)
     s = gradwatch.grad_stats([torch.tensor([3.0, -4.0], device=device), torch.tensor([NAN, 1.0], device=device)])
-    assert s.norms.dtype == torch.float32 and s.max_abs.dtype == torch.float32
+    assert s.norms.dtype == torch.float64 and s.max_abs.dtype == torch.float64 and s.total_norm.dtype == torch.float64
     assert s.nonfinite.dtype == torch.int64 and s.total_norm.dim() == 0
     assert s.norms[0].item() == 5.0 and s.max_abs[0].item() == 4.0 and s.nonfinite.tolist() == [0, 1]
     assert s.norms.device == device
+
+
+def _norm_oracle(values: list[float]) -> float:
+    # Exact to the last bit for these: Python floats scaled by a power of two, summed with fsum.
+    e = math.frexp(max(abs(v) for v in values))[1]
+    return math.ldexp(math.sqrt(math.fsum(math.ldexp(v, -e) ** 2 for v in values)), e)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "count"),
+    [
+        (torch.float64, 1e308, 1),  # the square overflows float64
+        (torch.float64, 1e160, 1000),
+        (torch.float64, 1e-200, 100),  # the square underflows float64
+        (torch.float64, 5e-320, 40000),  # subnormal, over several CPU chunks
+        (torch.float32, 1e20, 5000),  # the square overflows float32
+        (torch.float32, 1e-30, 70000),  # the square underflows float32
+        (torch.bfloat16, 1e-30, 1000),
+        (torch.bfloat16, 2e18, 3000),
+    ],
+)
+def test_finite_in_finite_out(device, dtype, value, count):
+    native(device)
+    t = torch.full((count,), value, dtype=dtype, device=device)
+    t[::3] *= -1
+    exact = _norm_oracle(t.double().tolist())
+    other = torch.tensor([3.0, 4.0], device=device)
+    for tensors in ([t], [other, t]):
+        packed = torch.ops.gradwatch.grad_stats(tensors)
+        assert packed[-2, 2].item() == 0 and packed[-2, 1].item() == abs(t[0].double().item())
+        assert packed[-2, 0].item() == pytest.approx(exact, rel=1e-7 if dtype != torch.float64 else 1e-13, abs=0)
+        total = _norm_oracle([exact] + ([5.0] if len(tensors) == 2 else []))
+        assert packed[-1, 0].item() == pytest.approx(total, rel=1e-7 if dtype != torch.float64 else 1e-13, abs=0)
+        torch.testing.assert_close(packed, grad_stats_reference(tensors), rtol=1e-7, atol=0)
+
+
+def test_views_and_combine_rows_keep_float64(device):
+    native(device)
+    big = torch.tensor([1e100, -1e100], dtype=torch.float64, device=device)
+    small = torch.tensor([1e-50], dtype=torch.float64, device=device)
+    s = gradwatch.grad_stats([big, small])
+    assert s.norms[0].item() == pytest.approx(2**0.5 * 1e100, rel=1e-15) and s.norms[1].item() == 1e-50
+    assert s.max_abs.tolist() == [1e100, 1e-50] and s.total_norm.item() == pytest.approx(2**0.5 * 1e100, rel=1e-15)
+    rows = torch.tensor([[1e200, 1e200, 0.0], [1e200, 1e200, 2.0]], dtype=torch.float64, device=device)
+    assert gradwatch.combine_rows(rows).tolist() == pytest.approx([2**0.5 * 1e200, 1e200, 2.0], rel=1e-15)
+    rows[1, 0] = NAN
+    assert math.isnan(gradwatch.combine_rows(rows)[0].item())
+
+
+def test_float64_spike_is_measured_finite_and_clipped(device):
+    """A float64 model with gradients x1e160: measured finite (was Inf: neither clipped nor flagged)."""
+    native(device)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).to(device=device, dtype=torch.float64)
+    model(torch.randn(8, 16, dtype=torch.float64, device=device)).square().sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    for g in grads:
+        g.mul_(1e160)
+    reference = [g.clone() for g in grads]
+    s = gradwatch.grad_stats(grads)
+    exact = _norm_oracle([x for g in reference for x in g.flatten().tolist()])
+    assert s.nonfinite.sum().item() == 0 and s.total_norm.item() == pytest.approx(exact, rel=1e-13)
+    factor = torch.clamp(1.0 / (s.total_norm + 1e-6), max=1.0)
+    gradwatch.scale_(grads, factor.expand(len(grads)).contiguous())
+    # clip_grad_norm_'s formula with the exact norm (its own _foreach_norm overflows to Inf here)
+    for got, want in zip(grads, reference, strict=True):
+        # the float32 factor (1e-161) was 0: the gradients were zeroed instead of clipped
+        torch.testing.assert_close(got, want * (1.0 / (exact + 1e-6)), rtol=1e-13, atol=0)
 
 
 def test_accuracy_beats_single_float32_accumulator():
@@ -168,6 +237,14 @@ def test_every_cpu_kernel_variant_matches_reference(capability):
         "    a = [t.clone() for t in ts]; b = [t.clone() for t in ts]\n"
         "    gradwatch.scale_(a, fs); gradwatch._reference.scale_reference_(b, fs)\n"
         "    for x, y in zip(a, b): torch.testing.assert_close(x, y, equal_nan=True)\n"
+        "big = [torch.full((70000,), 1e300, dtype=torch.float64), torch.full((70000,), 1e20)]\n"
+        "big.append(torch.full((9,), 1e-30))\n"
+        "got = torch.ops.gradwatch.grad_stats(big)[:, 0].tolist()\n"
+        "want = [1e300 * 70000**0.5, 1e20 * 70000**0.5, 3e-30, 1e300 * 70000**0.5]\n"
+        "assert all(abs(g / w - 1) < 1e-7 for g, w in zip(got, want)), got\n"
+        "x = torch.full((100,), 1e50, dtype=torch.float64); y = torch.full((100,), 1e30)\n"
+        "gradwatch.scale_([x, y], torch.tensor([1e-60, 1e-50], dtype=torch.float64))\n"
+        "assert (x == 1e50 * 1e-60).all() and (y == float(torch.tensor(1e30).double() * 1e-50)).all()\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

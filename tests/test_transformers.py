@@ -148,6 +148,8 @@ def test_nan_gradient_in_one_parameter_skips_that_step(tmp_path, optim):
     assert [(e.step, e.param) for e in nonfinite] == [(bad_step, NAN_PARAM)]
     assert nonfinite[0].value == param.numel() and "skip" in nonfinite[0].action
     assert {e.step for e in callback.events} == {bad_step}
+    # the Trainer's own log shows the fault too: its clip_grad_norm_ saw the NaN gradient (not hidden from it)
+    assert math.isnan(_logged(trainer, "grad_norm")[bad_step + 1]["grad_norm"])
     # the Trainer saw a skipped step: its LR scheduler advanced 5 times in 6 steps, AdamW counted 5 updates
     assert trainer.state.global_step == 6
     assert trainer.lr_scheduler.last_epoch == 5
@@ -173,15 +175,18 @@ def test_nan_loss_hidden_by_the_trainer_is_in_gradwatchs_records(tmp_path):
 
 
 def test_resume_from_checkpoint_restores_the_monitor(tmp_path):
-    straight = GradWatchCallback(warmup=2)
+    straight = GradWatchCallback(warmup=2, history=tmp_path / "straight.jsonl")
     _trainer(tmp_path / "a", [straight], save_strategy="steps", save_steps=3).train()
     saved = tmp_path / "a" / "out" / "checkpoint-3" / STATE_FILE
     assert saved.is_file() and torch.load(saved, weights_only=False)["step"] == 3
 
-    resumed = GradWatchCallback(warmup=2)
+    # One history through the restart: the interrupted run's steps 0-2 kept, 3-5 rewritten by the resumed run.
+    resumed = GradWatchCallback(warmup=2, history=tmp_path / "straight.jsonl")
     trainer = _trainer(tmp_path / "a", [resumed], save_strategy="steps", save_steps=3)
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
     assert resumed.watch.step == straight.watch.step == 6
+    steps = [r.step for r in read_history(tmp_path / "straight.jsonl").steps]
+    assert steps == list(range(6))
     # the resumed run's detector saw 3 restored + 3 new steps: the same statistics as 6 straight ones
     a, b = _running_stats(straight), _running_stats(resumed)
     assert torch.equal(b["total"]["count"], a["total"]["count"]) and int(a["total"]["count"].max()) == 6

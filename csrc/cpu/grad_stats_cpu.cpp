@@ -4,13 +4,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include "../stats.h"
 #include "../tensor_list.h"
 #include "kernels.h"
 
@@ -84,15 +90,13 @@ void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elemen
   });
 }
 
-inline double nan_max(double a, double b) { return (std::isnan(a) || a >= b) ? a : b; }
-
 at::Tensor grad_stats_cpu(at::TensorList tensors) {
   const auto n = static_cast<int64_t>(tensors.size());
   std::vector<at::Tensor> copies;
   const std::vector<FlatTensor> inputs = flat_inputs(tensors, "grad_stats", copies);
   int64_t total_elements = 0;
   const std::vector<Chunk> chunks = split_into_chunks(inputs, &total_elements);
-  std::vector<ChunkStats> partials(chunks.size());
+  std::vector<Partial> partials(chunks.size());
   const KernelTable& table = *selected().table;
   parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
     const Chunk& chunk = chunks[c];
@@ -101,63 +105,71 @@ at::Tensor grad_stats_cpu(at::TensorList tensors) {
   });
 
   // Chunks are ordered by tensor, so one sequential pass combines them deterministically.
-  std::vector<ChunkStats> per_tensor(tensors.size());
+  std::vector<Partial> per_tensor(tensors.size(), Partial{});
   for (size_t c = 0; c < chunks.size(); ++c) {
-    ChunkStats& acc = per_tensor[chunks[c].tensor];
-    acc.sumsq += partials[c].sumsq;
-    acc.max_abs = nan_max(acc.max_abs, partials[c].max_abs);
-    acc.nonfinite += partials[c].nonfinite;
+    per_tensor[chunks[c].tensor] = combine(per_tensor[chunks[c].tensor], partials[c]);
   }
-  at::Tensor out = at::zeros({n + 1, 3}, at::TensorOptions().dtype(at::kDouble));
-  double* row = out.data_ptr<double>();
-  ChunkStats total;
-  for (int64_t i = 0; i < n; ++i, row += 3) {
-    const ChunkStats& s = per_tensor[i];
-    row[0] = std::sqrt(s.sumsq);
-    row[1] = s.max_abs;
-    row[2] = static_cast<double>(s.nonfinite);
-    total.sumsq += s.sumsq;
-    total.max_abs = nan_max(total.max_abs, s.max_abs);
-    total.nonfinite += s.nonfinite;
+  at::Tensor out = at::empty({n + 1, kNumStats}, at::TensorOptions().dtype(at::kDouble));
+  double* rows = out.data_ptr<double>();
+  Partial total{};
+  for (int64_t i = 0; i < n; ++i) {
+    write_row(rows + kNumStats * i, per_tensor[i]);
+    total = combine(total, per_tensor[i]);
   }
-  row[0] = std::sqrt(total.sumsq);
-  row[1] = total.max_abs;
-  row[2] = static_cast<double>(total.nonfinite);
+  write_row(rows + kNumStats * n, total);
   return out;
 }
 
+// The distinct elements of a strided scale_ input, one by one (plan::offset_of, as the CUDA kernel).
+template <typename T>
+void scale_strided(const plan::Input& in, const plan::StridedLayout& layout, const ScaleFactor& factor) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  int64_t words[plan::kLayoutWords];
+  words[0] = layout.ndim;
+  std::copy(layout.sizes, layout.sizes + plan::kMaxDims, words + 1);
+  std::copy(layout.strides, layout.strides + plan::kMaxDims, words + 1 + plan::kMaxDims);
+  T* base = reinterpret_cast<T*>(in.address);
+  at::parallel_for(0, in.numel, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* p = base + plan::offset_of(words, i);
+      *p = scale_value<T, A>(*p, factor);
+    }
+  });
+}
+
 void scale_cpu(at::TensorList tensors, const at::Tensor& factors) {
-  TORCH_CHECK_VALUE(!tensors.empty(), "scale_: tensors is empty; pass at least one tensor");
-  check_factors(factors, tensors.size(), tensors[0].device());
-  const at::Tensor f_contig = factors.contiguous();
-  const float* f = f_contig.const_data_ptr<float>();
-  std::vector<FlatTensor> inputs;
-  std::vector<float> input_factors;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    const Dtype dtype = dtype_code(t, i, "scale_");
-    check_device(t, i, tensors[0].device(), "scale_");
-    if (f[i] == 1.0f) continue;  // nothing to write
-    if (!t.is_non_overlapping_and_dense()) {  // rare strided view: let ATen write it in place
-      if (f[i] == 0.0f) {
-        t.zero_();
-      } else {  // same arithmetic as the kernels: float32 (float64) product, rounded once
-        t.copy_(t.to(dtype == Dtype::Double ? at::kDouble : at::kFloat).mul_(f[i]));
+  const ScaleInputs all = scale_inputs(tensors);
+  const at::Tensor f64 = checked_factors(factors, tensors.size(), tensors[0].device());
+  const double* f = f64.const_data_ptr<double>();
+  std::vector<FlatTensor> flat;
+  std::vector<ScaleFactor> flat_factors;
+  for (size_t i = 0; i < all.inputs.size(); ++i) {
+    const plan::Input& in = all.inputs[i];
+    const ScaleFactor factor = make_scale_factor(f[i]);
+    if (factor.mode == ScaleMode::kSkip || in.numel == 0) continue;  // factor 1: not even read
+    if (in.layout >= 0) {
+      const plan::StridedLayout& layout = all.layouts[in.layout];
+      switch (in.dtype) {
+        case Dtype::Float: scale_strided<float>(in, layout, factor); break;
+        case Dtype::Double: scale_strided<double>(in, layout, factor); break;
+        case Dtype::Half: scale_strided<c10::Half>(in, layout, factor); break;
+        case Dtype::BFloat16: scale_strided<c10::BFloat16>(in, layout, factor); break;
       }
       continue;
     }
-    inputs.push_back(FlatTensor{static_cast<char*>(t.data_ptr()), t.numel(), dtype, t.element_size()});
-    input_factors.push_back(f[i]);
+    flat.push_back(FlatTensor{reinterpret_cast<char*>(in.address), in.numel, in.dtype, element_size(in.dtype)});
+    flat_factors.push_back(factor);
   }
   int64_t total_elements = 0;
-  const std::vector<Chunk> chunks = split_into_chunks(inputs, &total_elements);
+  const std::vector<Chunk> chunks = split_into_chunks(flat, &total_elements);
   const KernelTable& table = *selected().table;
   parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
     const Chunk& chunk = chunks[c];
-    const FlatTensor& in = inputs[chunk.tensor];
+    const FlatTensor& in = flat[chunk.tensor];
     table.scale[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, chunk.length,
-                                            input_factors[chunk.tensor]);
+                                            flat_factors[chunk.tensor]);
   });
+  bump_versions(tensors);
 }
 
 }  // namespace

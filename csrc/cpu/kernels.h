@@ -6,22 +6,20 @@
 #include <string>
 
 #include "../dtype.h"
+#include "../stats.h"
 
 namespace gradwatch::cpu {
 
 using gradwatch::Dtype;
 using gradwatch::kNumDtypes;
+using gradwatch::Partial;
+using gradwatch::ScaleFactor;
 
-// Statistics of one contiguous run of elements. Partials are combined in a fixed order.
-struct ChunkStats {
-  double sumsq = 0.0;     // sum of squares (float32 lanes folded into float64 every few hundred elements)
-  double max_abs = 0.0;   // NaN when the chunk holds a NaN
-  int64_t nonfinite = 0;  // NaN and +-Inf elements, counted one by one
-};
-
-using ChunkStatsFn = ChunkStats (*)(const void* data, int64_t n);
-// data[i] *= factor for i < n, in float for reduced precision types. factor == 0 writes zeros.
-using ScaleFn = void (*)(void* data, int64_t n, float factor);
+// Statistics of one contiguous run of elements (a chunk), exact even where float32 (float64)
+// squares overflow or underflow: see needs_scaled_pass in stats.h.
+using ChunkStatsFn = Partial (*)(const void* data, int64_t n);
+// data[i] = scale_value(data[i], factor) for i < n (mode kSkip never reaches the kernel).
+using ScaleFn = void (*)(void* data, int64_t n, const ScaleFactor& factor);
 
 struct KernelTable {
   ChunkStatsFn stats[kNumDtypes];

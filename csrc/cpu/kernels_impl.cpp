@@ -69,23 +69,40 @@ inline double max_lanes(const V& v) {
   return m;
 }
 
-// Element by element in float64: used for chunks whose fast sum is not finite, which is
-// the only way a NaN or Inf (or a float32 overflow of the squares) shows in the fast path.
 template <typename T>
-ChunkStats exact_stats(const T* x, int64_t n) {
-  ChunkStats s;
+constexpr Dtype dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return Dtype::Float;
+  else if constexpr (std::is_same_v<T, double>) return Dtype::Double;
+  else if constexpr (std::is_same_v<T, c10::Half>) return Dtype::Half;
+  else return Dtype::BFloat16;
+}
+
+// Element by element in float64: for chunks whose fast sum is not finite, which is the only way
+// a NaN or Inf (or an overflow of the squares) shows in the fast path.
+template <typename T>
+Partial exact_stats(const T* x, int64_t n) {
+  Partial s{};
   for (int64_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(x[i]);
-    const double a = std::fabs(v);
     s.sumsq += v * v;  // NaN and Inf propagate into the norm, as torch.linalg.vector_norm does
     if (!std::isfinite(v)) ++s.nonfinite;
-    if (!std::isnan(s.max_abs) && (std::isnan(a) || a > s.max_abs)) s.max_abs = a;  // NaN sticks
+    s.max_abs = gradwatch::nan_max(s.max_abs, std::fabs(v));  // NaN sticks
   }
   return s;
 }
 
+// The chunk again with squares scaled by a power of two (stats.h: needs_scaled_pass).
 template <typename T>
-ChunkStats chunk_stats(const void* data, int64_t n) {
+Partial scaled_stats(const T* x, int64_t n, const Partial& fast) {
+  const int e = gradwatch::scaled_pass_exponent(fast.max_abs);
+  const double inv = std::ldexp(1.0, -e);
+  double sumsq = 0.0;
+  for (int64_t i = 0; i < n; ++i) sumsq += gradwatch::scaled_square(static_cast<double>(x[i]), inv);
+  return gradwatch::with_scaled_sumsq(fast, sumsq, e);
+}
+
+template <typename T>
+Partial chunk_stats(const void* data, int64_t n) {
   using V = AccVec<T>;
   // Each float32 lane sums 16 squares before the partial is folded into float64: this keeps
   // the result within ~1e-7 of a float64 reference where one float32 accumulator drifts.
@@ -123,22 +140,26 @@ ChunkStats chunk_stats(const void* data, int64_t n) {
     }
     sumsq += sum_lanes((s0 + s1) + (s2 + s3));
   }
-  if (!std::isfinite(sumsq)) return exact_stats(x, n);
-  ChunkStats s;
-  s.sumsq = sumsq;
-  s.max_abs = max_lanes(at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3)));
-  return s;
+  Partial s{};
+  if (std::isfinite(sumsq)) {  // no NaN or Inf (they would make it so): the fast max is exact
+    s.sumsq = sumsq;
+    s.max_abs = max_lanes(at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3)));
+  } else {
+    s = exact_stats(x, n);
+  }
+  return gradwatch::needs_scaled_pass(s, dtype_of<T>()) ? scaled_stats(x, n, s) : s;
 }
 
 template <typename T>
-void scale(void* data, int64_t n, float factor) {
+void scale(void* data, int64_t n, const ScaleFactor& factor) {
   T* x = static_cast<T*>(data);
-  if (factor == 0.0f) {  // zeros, not x * 0: clearing a NaN gradient must not leave NaN behind
-    for (int64_t i = 0; i < n; ++i) x[i] = T(0);
+  if (factor.mode != gradwatch::ScaleMode::kNarrow) {  // zeros, or a factor float32 cannot hold
+    for (int64_t i = 0; i < n; ++i) x[i] = gradwatch::scale_value<T, acc_t<T>>(x[i], factor);
     return;
   }
   using V = AccVec<T>;
-  const V f(static_cast<acc_t<T>>(factor));
+  const acc_t<T> f_scalar = std::is_same_v<T, double> ? static_cast<acc_t<T>>(factor.f64) : factor.f32;
+  const V f(f_scalar);
   int64_t i = 0;
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     for (; i + V::size() <= n; i += V::size()) (V::loadu(x + i) * f).store(x + i);
@@ -149,7 +170,7 @@ void scale(void* data, int64_t n, float factor) {
       at::vec::convert_from_float<T>(lo * f, hi * f).store(x + i);
     }
   }
-  for (; i < n; ++i) x[i] = static_cast<T>(static_cast<acc_t<T>>(x[i]) * static_cast<acc_t<T>>(factor));
+  for (; i < n; ++i) x[i] = gradwatch::scale_value<T, acc_t<T>>(x[i], factor);
 }
 
 }  // namespace

@@ -1,11 +1,14 @@
-// CUDA implementations of gradwatch::grad_stats and gradwatch::scale_ as multi-tensor kernels:
-// every tensor is cut into tasks (a 64K-element chunk of a large tensor, or a whole small tensor),
-// blocks take either one large task or a pack of small ones (a warp each), and a task table on
-// the device tells each block what to read. grad_stats is two launches for any number of tensors
-// and dtypes: per-task partials, then one block that combines them in a fixed order (no atomics,
-// so results are bit-reproducible). Nothing is read back to the host.
+// CUDA implementations of gradwatch::grad_stats and gradwatch::scale_ as multi-tensor kernels.
+// The plan (../plan.h, unit-tested on the CPU) cuts every tensor into tasks; one task walk runs a
+// functor per task, a whole block for a large chunk, a warp per task in a pack of small tensors.
+// grad_stats: per-task partials (StatsOp), then per-tensor rows (a warp per tensor) and the total
+// row (one block), all combined in a fixed order (no atomics: bit-reproducible, and a tensor's row
+// does not depend on the other tensors in the list). The per-element math and the combine are the
+// CPU kernel's (../stats.h), overflow-safe scaled pass included. Nothing is read back to the host.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -13,346 +16,360 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "../plan.h"
+#include "../stats.h"
 #include "../tensor_list.h"
 
 namespace gradwatch::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kFinalThreads = 512;
-constexpr int64_t kChunk = 65536;     // elements of a large tensor per task
-constexpr int64_t kSmall = 4096;      // tensors up to this size are packed, one warp per tensor
-constexpr int kMaxTasksPerPack = 64;  // and at most this many (or kChunk elements) per block
+using plan::kThreads;
+using plan::kWarps;
 
-// The task table, one int64 buffer (word offsets from its start):
-//   tensors            [N][2]  address, Dtype
-//   tasks              [T][3]  tensor index, element offset, length
-//   tensor_task_begin  [N+1]   tasks of tensor i are [begin[i], begin[i+1])
-//   block_task_begin   [B+1]   tasks of block b are [begin[b], begin[b+1])
-struct TaskTable {
-  const int64_t* tensors;
-  const int64_t* tasks;
-  const int64_t* tensor_task_begin;
-  const int64_t* block_task_begin;
+// ---- the device plan, cached per unchanged list ---------------------------------------------
+
+struct DevicePlan {
+  plan::Shape shape;
+  at::Tensor table;  // int64 on the device, plan.h's layout
 };
 
-__host__ __device__ inline TaskTable view_table(const int64_t* base, int64_t n, int64_t t) {
-  return TaskTable{base, base + 2 * n, base + 2 * n + 3 * t, base + 2 * n + 3 * t + n + 1};
-}
-
-struct Plan {
-  at::Tensor table;  // on the device
-  int64_t num_tasks;
-  int64_t num_blocks;
-};
-
-// Builds the task table on the host (pinned) and copies it to the device without a sync: the
-// caching host allocator keeps the pinned buffer alive until the copy has run.
-Plan make_plan(const std::vector<FlatTensor>& inputs, const at::Device& device) {
-  const auto n = static_cast<int64_t>(inputs.size());
-  std::vector<int64_t> tasks, tensor_begin, block_begin;
-  bool pack_open = false;
-  int pack_tasks = 0;
-  int64_t pack_elements = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    tensor_begin.push_back(static_cast<int64_t>(tasks.size() / 3));
-    const int64_t numel = inputs[i].numel;
-    if (numel == 0) continue;
-    if (numel <= kSmall) {
-      if (!pack_open) {
-        block_begin.push_back(static_cast<int64_t>(tasks.size() / 3));
-        pack_open = true;
-        pack_tasks = 0;
-        pack_elements = 0;
+// Plans for the last few lists, keyed by what the plan is built from (addresses, sizes, dtypes,
+// layouts): an unchanged gradient list costs no host work beyond building the key, and no copy.
+// While a stream is being captured into a CUDA graph, a plan found here is used and kept for the
+// life of the process, and a plan built here is uploaded from a pinned buffer kept for the life of
+// the process too: the graph's replays read memory that nothing can free or recycle.
+class PlanCache {
+ public:
+  DevicePlan get(const std::vector<plan::Input>& inputs, const std::vector<plan::StridedLayout>& layouts,
+                 const at::Device& device, cudaStream_t stream) {
+    std::vector<int64_t> key = make_key(inputs, layouts, device);
+    const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->key != key) continue;
+      entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+      Entry& e = entries_.front();
+      if (stream != e.stream) {  // the caching allocator must not recycle it while this stream reads
+        c10::cuda::CUDACachingAllocator::recordStream(e.plan.table.storage().data_ptr(),
+                                                      c10::cuda::getCurrentCUDAStream(device.index()));
       }
-      tasks.insert(tasks.end(), {i, 0, numel});
-      pack_tasks += 1;
-      pack_elements += numel;
-      pack_open = pack_tasks < kMaxTasksPerPack && pack_elements < kChunk;
-      continue;
+      if (capturing) e.captured = true;
+      return e.plan;
     }
-    pack_open = false;
-    for (int64_t offset = 0; offset < numel; offset += kChunk) {
-      block_begin.push_back(static_cast<int64_t>(tasks.size() / 3));
-      tasks.insert(tasks.end(), {i, offset, std::min(kChunk, numel - offset)});
+    const plan::Plan host_plan = plan::make_plan(inputs, layouts);
+    at::Tensor pinned = at::empty({static_cast<int64_t>(host_plan.words.size())},
+                                  at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::memcpy(pinned.data_ptr<int64_t>(), host_plan.words.data(), host_plan.words.size() * sizeof(int64_t));
+    DevicePlan result{host_plan.shape, pinned.to(device, at::kLong, /*non_blocking=*/true)};
+    if (capturing) kept_for_graphs_.push_back(pinned);
+    entries_.push_front(Entry{std::move(key), result, stream, capturing});
+    while (entries_.size() > kMaxEntries) {
+      auto last = std::prev(entries_.end());
+      if (last->captured) kept_for_graphs_.push_back(last->plan.table);  // a graph still reads it
+      entries_.erase(last);
     }
+    return result;
   }
-  const auto num_tasks = static_cast<int64_t>(tasks.size() / 3);
-  const auto num_blocks = static_cast<int64_t>(block_begin.size());
-  tensor_begin.push_back(num_tasks);
-  block_begin.push_back(num_tasks);
 
-  const int64_t words = 2 * n + 3 * num_tasks + (n + 1) + (num_blocks + 1);
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* w = host.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    *w++ = static_cast<int64_t>(reinterpret_cast<intptr_t>(inputs[i].data));
-    *w++ = static_cast<int64_t>(inputs[i].dtype);
+ private:
+  static constexpr size_t kMaxEntries = 8;
+  struct Entry {
+    std::vector<int64_t> key;
+    DevicePlan plan;
+    cudaStream_t stream;
+    bool captured;
+  };
+
+  static std::vector<int64_t> make_key(const std::vector<plan::Input>& inputs,
+                                       const std::vector<plan::StridedLayout>& layouts, const at::Device& device) {
+    std::vector<int64_t> key;
+    key.reserve(2 + 4 * inputs.size() + plan::kLayoutWords * layouts.size());
+    key.push_back(device.index());
+    key.push_back(static_cast<int64_t>(inputs.size()));
+    for (const plan::Input& in : inputs) {
+      key.insert(key.end(), {static_cast<int64_t>(in.address), in.numel, static_cast<int64_t>(in.dtype), in.layout});
+    }
+    for (const plan::StridedLayout& l : layouts) {
+      key.push_back(l.ndim);
+      key.insert(key.end(), l.sizes, l.sizes + plan::kMaxDims);
+      key.insert(key.end(), l.strides, l.strides + plan::kMaxDims);
+    }
+    return key;
   }
-  for (const auto* part : {&tasks, &tensor_begin, &block_begin}) {
-    std::memcpy(w, part->data(), part->size() * sizeof(int64_t));
-    w += part->size();
-  }
-  return Plan{host.to(device, at::kLong, /*non_blocking=*/true), num_tasks, num_blocks};
-}
 
-// ---- statistics ---------------------------------------------------------------------------
-
-struct Partial {
-  double sumsq;
-  double max_abs;
-  long long nonfinite;
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+  std::vector<at::Tensor> kept_for_graphs_;
 };
 
-template <typename A>
-__device__ inline A nan_max(A a, A b) {
-  return (a != a || a >= b) ? a : b;  // a NaN on either side wins, unlike fmax
+PlanCache& plan_cache() {
+  static auto* cache = new PlanCache();  // never destroyed: no CUDA calls at interpreter exit
+  return *cache;
 }
 
-// Per-thread accumulator: float32 for reduced precision and float32 inputs, float64 for float64.
-template <typename T>
-struct ThreadStats {
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  A sumsq = 0;
-  A max_abs = 0;
-  long long nonfinite = 0;
+// ---- groups of threads that share a task --------------------------------------------------
 
-  __device__ inline void add(T raw) {
-    const A v = static_cast<A>(raw);
-    sumsq += v * v;  // NaN and Inf propagate into the norm, as torch.linalg.vector_norm does
-    max_abs = nan_max(max_abs, static_cast<A>(fabs(v)));
-    nonfinite += !isfinite(v);  // counted from the element, never inferred from the sum
-  }
-
-  __device__ inline void add16(const uint4& raw) {
-    const T* x = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int k = 0; k < int(16 / sizeof(T)); ++k) add(x[k]);
-  }
-};
-
-// Accumulates elements [0, n) of p visited by `lane` among `stride` threads.
-template <typename T>
-__device__ Partial range_stats(const T* p, int64_t n, int lane, int stride) {
-  ThreadStats<T> acc;
-  constexpr int kVec = 16 / sizeof(T);
-  int64_t scalar_from = 0;
-  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {  // 16-byte loads, four in flight per thread
-    const uint4* pv = reinterpret_cast<const uint4*>(p);
-    const int64_t nvec = n / kVec;
-    int64_t v = lane;
-    for (; v + 3 * stride < nvec; v += 4 * stride) {
-      const uint4 r0 = __ldg(pv + v), r1 = __ldg(pv + v + stride);
-      const uint4 r2 = __ldg(pv + v + 2 * stride), r3 = __ldg(pv + v + 3 * stride);
-      acc.add16(r0);
-      acc.add16(r1);
-      acc.add16(r2);
-      acc.add16(r3);
-    }
-    for (; v < nvec; v += stride) acc.add16(__ldg(pv + v));
-    scalar_from = nvec * kVec;
-  }
-  for (int64_t i = scalar_from + lane; i < n; i += stride) acc.add(p[i]);
-  return Partial{static_cast<double>(acc.sumsq), static_cast<double>(acc.max_abs), acc.nonfinite};
+__device__ inline Partial shfl_down(const Partial& p, int offset) {
+  Partial o;
+  o.sumsq = __shfl_down_sync(0xffffffffu, p.sumsq, offset);
+  o.max_abs = __shfl_down_sync(0xffffffffu, p.max_abs, offset);
+  o.nonfinite = __shfl_down_sync(0xffffffffu, p.nonfinite, offset);
+  o.exponent = __shfl_down_sync(0xffffffffu, p.exponent, offset);
+  return o;
 }
 
-__device__ inline void combine(Partial& into, const Partial& p) {
-  into.sumsq += p.sumsq;
-  into.max_abs = nan_max(into.max_abs, p.max_abs);
-  into.nonfinite += p.nonfinite;
+__device__ inline Partial shfl_from_lane0(const Partial& p) {
+  return Partial{__shfl_sync(0xffffffffu, p.sumsq, 0), __shfl_sync(0xffffffffu, p.max_abs, 0),
+                 __shfl_sync(0xffffffffu, p.nonfinite, 0), __shfl_sync(0xffffffffu, p.exponent, 0)};
 }
 
+// Fixed tree over a warp; the result is valid in lane 0.
 __device__ inline Partial warp_reduce(Partial p) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    Partial other;
-    other.sumsq = __shfl_down_sync(0xffffffffu, p.sumsq, offset);
-    other.max_abs = __shfl_down_sync(0xffffffffu, p.max_abs, offset);
-    other.nonfinite = __shfl_down_sync(0xffffffffu, p.nonfinite, offset);
-    combine(p, other);
-  }
+  for (int offset = 16; offset > 0; offset /= 2) p = combine(p, shfl_down(p, offset));
   return p;
 }
 
-// Fixed-shape reduction over the block; the result is valid in thread 0.
+// A warp reading one task: reduce() gives every lane the warp's combined partial.
+struct WarpGroup {
+  int lane;
+  static constexpr int size = 32;
+  __device__ Partial reduce(const Partial& p) const { return shfl_from_lane0(warp_reduce(p)); }
+};
+
+// Fixed tree over a block of kBlockThreads; the result is valid in thread 0.
 template <int kBlockThreads>
 __device__ inline Partial block_reduce(Partial p) {
   __shared__ Partial warp_results[kBlockThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // warp_results may still be read by a previous reduction
   p = warp_reduce(p);
   if (lane == 0) warp_results[warp] = p;
   __syncthreads();
-  if (warp == 0) {
-    p = lane < kBlockThreads / 32 ? warp_results[lane] : Partial{0.0, 0.0, 0};
-    p = warp_reduce(p);
-  }
+  if (warp == 0) p = warp_reduce(lane < kBlockThreads / 32 ? warp_results[lane] : Partial{});
   return p;
 }
 
-__device__ Partial task_stats(const TaskTable& table, int64_t task, int lane, int stride) {
-  const int64_t* t = table.tasks + 3 * task;
-  const int64_t* tensor = table.tensors + 2 * t[0];
-  const int64_t offset = t[1], length = t[2];
-  switch (static_cast<Dtype>(tensor[1])) {
-    case Dtype::Float: return range_stats(reinterpret_cast<const float*>(tensor[0]) + offset, length, lane, stride);
-    case Dtype::Double: return range_stats(reinterpret_cast<const double*>(tensor[0]) + offset, length, lane, stride);
-    case Dtype::Half:
-      return range_stats(reinterpret_cast<const c10::Half*>(tensor[0]) + offset, length, lane, stride);
-    case Dtype::BFloat16:
-      return range_stats(reinterpret_cast<const c10::BFloat16*>(tensor[0]) + offset, length, lane, stride);
+// The whole block reading one task: reduce() gives every thread the block's combined partial.
+struct BlockGroup {
+  int lane;
+  static constexpr int size = kThreads;
+  __device__ Partial reduce(const Partial& p) const {
+    __shared__ Partial result;
+    const Partial r = block_reduce<kThreads>(p);
+    if (threadIdx.x == 0) result = r;
+    __syncthreads();
+    return result;
   }
-  return Partial{0.0, 0.0, 0};
-}
+};
 
-__global__ void __launch_bounds__(kThreads)
-    task_stats_kernel(const int64_t* table_base, int64_t n, int64_t num_tasks, double* partials) {
-  const TaskTable table = view_table(table_base, n, num_tasks);
+// The one task walk: a block with one large task reads it whole, otherwise a warp per task.
+template <typename Op>
+__global__ void __launch_bounds__(kThreads) tasks_kernel(const int64_t* table_base, plan::Shape shape, Op op) {
+  const plan::Table table = plan::view(table_base, shape);
   const int64_t first = table.block_task_begin[blockIdx.x], last = table.block_task_begin[blockIdx.x + 1];
-  if (last - first == 1) {  // the whole block reads one chunk
-    const Partial p = block_reduce<kThreads>(task_stats(table, first, threadIdx.x, kThreads));
-    if (threadIdx.x == 0) {
-      partials[3 * first] = p.sumsq;
-      partials[3 * first + 1] = p.max_abs;
-      partials[3 * first + 2] = static_cast<double>(p.nonfinite);
+  if (last - first == 1) {
+    const plan::Task task = plan::task_at(table, first);
+    if (plan::block_reads_whole_task(task.length)) {
+      op(task, first, BlockGroup{static_cast<int>(threadIdx.x)});
+      return;
     }
-    return;
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t task = first + warp; task < last; task += kWarps) {  // a pack of small tensors
-    const Partial p = warp_reduce(task_stats(table, task, lane, 32));
-    if (lane == 0) {
-      partials[3 * task] = p.sumsq;
-      partials[3 * task + 1] = p.max_abs;
-      partials[3 * task + 2] = static_cast<double>(p.nonfinite);
-    }
+  const int warp = threadIdx.x / 32;
+  for (int64_t t = first + warp; t < last; t += kWarps) {
+    op(plan::task_at(table, t), t, WarpGroup{static_cast<int>(threadIdx.x % 32)});
   }
 }
 
-// One block: each thread combines the partials of its tensors in task order, then the block
-// reduces the totals in a fixed tree. Writes out[N + 1][3] (see gradwatch.cpp).
-__global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(const int64_t* table_base, int64_t n, int64_t num_tasks, const double* partials, double* out) {
-  const TaskTable table = view_table(table_base, n, num_tasks);
-  Partial total{0.0, 0.0, 0};
-  for (int64_t i = threadIdx.x; i < n; i += kFinalThreads) {
-    Partial s{0.0, 0.0, 0};
-    for (int64_t task = table.tensor_task_begin[i]; task < table.tensor_task_begin[i + 1]; ++task) {
-      combine(s, Partial{partials[3 * task], partials[3 * task + 1], static_cast<long long>(partials[3 * task + 2])});
-    }
-    out[3 * i] = sqrt(s.sumsq);
-    out[3 * i + 1] = s.max_abs;
-    out[3 * i + 2] = static_cast<double>(s.nonfinite);
-    combine(total, s);
+// The one dtype dispatch: f(T{}) with the element type of `dtype`.
+template <typename F>
+__device__ inline void dispatch(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::Float: return f(float{});
+    case Dtype::Double: return f(double{});
+    case Dtype::Half: return f(c10::Half{});
+    case Dtype::BFloat16: return f(c10::BFloat16{});
   }
-  total = block_reduce<kFinalThreads>(total);
-  if (threadIdx.x == 0) {
-    out[3 * n] = sqrt(total.sumsq);
-    out[3 * n + 1] = total.max_abs;
-    out[3 * n + 2] = static_cast<double>(total.nonfinite);
+}
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+__device__ inline uint4 load16(const T* p, int64_t i) {
+  return __ldg(reinterpret_cast<const uint4*>(p + i));
+}
+
+// ---- statistics ---------------------------------------------------------------------------
+
+// Per-task partials: the fast pass (stats.h Accumulator: float32 lanes folded into float64 every
+// 16 elements), then, where needs_scaled_pass says the squares overflowed or underflowed, the task
+// again with scaled float64 squares, as the CPU kernel does for a chunk.
+struct StatsOp {
+  Partial* partials;
+
+  template <typename Group>
+  __device__ void operator()(const plan::Task& task, int64_t index, const Group& g) const {
+    dispatch(task.dtype, [&](auto zero) {
+      using T = decltype(zero);
+      const T* p = reinterpret_cast<const T*>(task.address) + task.offset;
+      const plan::VecSplit split = plan::vec_split(reinterpret_cast<uintptr_t>(p), task.length, sizeof(T));
+      Accumulator<acc_t<T>> acc;
+      const auto add16 = [&](const uint4& raw) {
+        const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < int(16 / sizeof(T)); ++k) acc.add(static_cast<acc_t<T>>(x[k]));
+      };
+      plan::walk(
+          split, task.length, g.lane, g.size, [&](int64_t i) { acc.add(static_cast<acc_t<T>>(p[i])); },
+          [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+            const uint4 r0 = load16(p, i0), r1 = load16(p, i1), r2 = load16(p, i2), r3 = load16(p, i3);
+            add16(r0);
+            add16(r1);
+            add16(r2);
+            add16(r3);
+            acc.fold();  // 16 to 32 squares per float32 lane, as the CPU kernel's fold
+          },
+          [&](int64_t i) {
+            add16(load16(p, i));
+            acc.fold();
+          });
+      Partial part = g.reduce(acc.partial());
+      if (needs_scaled_pass(part, task.dtype)) {  // the same on every lane: reduce() broadcasts
+        const int e = scaled_pass_exponent(part.max_abs);
+        const double inv = ::ldexp(1.0, -e);
+        double sumsq = 0.0;
+        for (int64_t i = g.lane; i < task.length; i += g.size) sumsq += scaled_square(static_cast<double>(p[i]), inv);
+        const Partial scaled = g.reduce(Partial{sumsq, 0.0, 0, 0});
+        part = with_scaled_sumsq(part, scaled.sumsq, e);
+      }
+      if (g.lane == 0) partials[index] = part;
+    });
   }
+};
+
+// Row i of the output from tensor i's task partials: a warp per tensor, lanes striding over the
+// tasks in order, then a fixed tree (parallel within a tensor: 8k chunks of an embedding are
+// 256 per lane, not 8k on one thread).
+__global__ void __launch_bounds__(kThreads) tensor_rows_kernel(const int64_t* table_base, plan::Shape shape,
+                                                                const Partial* partials, Partial* per_tensor,
+                                                                double* out) {
+  const plan::Table table = plan::view(table_base, shape);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= shape.n) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32;
+  Partial s{};
+  for (int64_t t = table.tensor_task_begin[i] + lane; t < table.tensor_task_begin[i + 1]; t += 32) {
+    s = combine(s, partials[t]);
+  }
+  s = warp_reduce(s);
+  if (lane == 0) {
+    per_tensor[i] = s;
+    write_row(out + kNumStats * i, s);
+  }
+}
+
+constexpr int kTotalThreads = 512;
+
+// Row N: all tensors' partials, threads striding in order, then a fixed tree.
+__global__ void __launch_bounds__(kTotalThreads) total_row_kernel(const Partial* per_tensor, int64_t n, double* out) {
+  Partial s{};
+  for (int64_t i = threadIdx.x; i < n; i += kTotalThreads) s = combine(s, per_tensor[i]);
+  s = block_reduce<kTotalThreads>(s);
+  if (threadIdx.x == 0) write_row(out + kNumStats * n, s);
 }
 
 at::Tensor grad_stats_cuda(at::TensorList tensors) {
   std::vector<at::Tensor> copies;
-  const std::vector<FlatTensor> inputs = flat_inputs(tensors, "grad_stats", copies);
+  const std::vector<FlatTensor> flat = flat_inputs(tensors, "grad_stats", copies);
   const at::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto n = static_cast<int64_t>(inputs.size());
-  const Plan plan = make_plan(inputs, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  std::vector<plan::Input> inputs;
+  inputs.reserve(flat.size());
+  for (const FlatTensor& f : flat) inputs.push_back(plan::Input{reinterpret_cast<uintptr_t>(f.data), f.numel, f.dtype, -1});
+  const DevicePlan dp = plan_cache().get(inputs, {}, device, stream);
+  const int64_t n = dp.shape.n;
   const auto doubles = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor partials = at::empty({std::max<int64_t>(plan.num_tasks, 1), 3}, doubles);
-  at::Tensor out = at::empty({n + 1, 3}, doubles);
-  const int64_t* table = plan.table.const_data_ptr<int64_t>();
-  if (plan.num_blocks > 0) {
-    task_stats_kernel<<<plan.num_blocks, kThreads, 0, stream>>>(table, n, plan.num_tasks,
-                                                                 partials.data_ptr<double>());
+  static_assert(sizeof(Partial) == 4 * sizeof(double));
+  at::Tensor scratch = at::empty({std::max<int64_t>(dp.shape.num_tasks + n, 1), 4}, doubles);
+  auto* partials = reinterpret_cast<Partial*>(scratch.data_ptr<double>());
+  Partial* per_tensor = partials + dp.shape.num_tasks;
+  at::Tensor out = at::empty({n + 1, kNumStats}, doubles);
+  const int64_t* table = dp.table.const_data_ptr<int64_t>();
+  if (dp.shape.num_blocks > 0) {
+    tasks_kernel<<<dp.shape.num_blocks, kThreads, 0, stream>>>(table, dp.shape, StatsOp{partials});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(table, n, plan.num_tasks, partials.const_data_ptr<double>(),
-                                                   out.data_ptr<double>());
+  tensor_rows_kernel<<<(n + kWarps - 1) / kWarps, kThreads, 0, stream>>>(table, dp.shape, partials, per_tensor,
+                                                                        out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  total_row_kernel<<<1, kTotalThreads, 0, stream>>>(per_tensor, n, out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 // ---- scaling ------------------------------------------------------------------------------
 
-template <typename T>
-__device__ void range_scale(T* p, int64_t n, float factor, int lane, int stride) {
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  for (int64_t i = lane; i < n; i += stride) {
-    // zeros, not x * 0: clearing a NaN gradient must not leave NaN behind
-    p[i] = factor == 0.0f ? T(0) : static_cast<T>(static_cast<A>(p[i]) * static_cast<A>(factor));
-  }
-}
+// factors[i] applied to every distinct element of tensor i (stats.h scale_value, as on the CPU).
+struct ScaleOp {
+  const double* factors;
 
-__device__ void task_scale(const TaskTable& table, int64_t task, const float* factors, int lane, int stride) {
-  const int64_t* t = table.tasks + 3 * task;
-  const float factor = factors[t[0]];
-  if (factor == 1.0f) return;
-  const int64_t* tensor = table.tensors + 2 * t[0];
-  const int64_t offset = t[1], length = t[2];
-  switch (static_cast<Dtype>(tensor[1])) {
-    case Dtype::Float: return range_scale(reinterpret_cast<float*>(tensor[0]) + offset, length, factor, lane, stride);
-    case Dtype::Double:
-      return range_scale(reinterpret_cast<double*>(tensor[0]) + offset, length, factor, lane, stride);
-    case Dtype::Half:
-      return range_scale(reinterpret_cast<c10::Half*>(tensor[0]) + offset, length, factor, lane, stride);
-    case Dtype::BFloat16:
-      return range_scale(reinterpret_cast<c10::BFloat16*>(tensor[0]) + offset, length, factor, lane, stride);
+  template <typename Group>
+  __device__ void operator()(const plan::Task& task, int64_t, const Group& g) const {
+    const ScaleFactor f = make_scale_factor(factors[task.tensor]);
+    if (f.mode == ScaleMode::kSkip) return;  // factor 1: not even read
+    dispatch(task.dtype, [&](auto zero) {
+      using T = decltype(zero);
+      using A = acc_t<T>;
+      T* base = reinterpret_cast<T*>(task.address);
+      if (task.layout != nullptr) {  // a strided or expanded view: its distinct elements, one by one
+        for (int64_t i = task.offset + g.lane; i < task.offset + task.length; i += g.size) {
+          T* q = base + plan::offset_of(task.layout, i);
+          *q = scale_value<T, A>(*q, f);
+        }
+        return;
+      }
+      T* p = base + task.offset;
+      const auto scale16 = [&](int64_t i) {
+        uint4 raw = *reinterpret_cast<const uint4*>(p + i);
+        T* x = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < int(16 / sizeof(T)); ++k) x[k] = scale_value<T, A>(x[k], f);
+        *reinterpret_cast<uint4*>(p + i) = raw;
+      };
+      plan::walk(
+          plan::vec_split(reinterpret_cast<uintptr_t>(p), task.length, sizeof(T)), task.length, g.lane, g.size,
+          [&](int64_t i) { p[i] = scale_value<T, A>(p[i], f); },
+          [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+            scale16(i0);
+            scale16(i1);
+            scale16(i2);
+            scale16(i3);
+          },
+          scale16);
+    });
   }
-}
-
-__global__ void __launch_bounds__(kThreads)
-    scale_kernel(const int64_t* table_base, int64_t n, int64_t num_tasks, const float* factors) {
-  const TaskTable table = view_table(table_base, n, num_tasks);
-  const int64_t first = table.block_task_begin[blockIdx.x], last = table.block_task_begin[blockIdx.x + 1];
-  if (last - first == 1) {
-    task_scale(table, first, factors, threadIdx.x, kThreads);
-    return;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t task = first + warp; task < last; task += kWarps) task_scale(table, task, factors, lane, 32);
-}
+};
 
 void scale_cuda(at::TensorList tensors, const at::Tensor& factors) {
-  TORCH_CHECK_VALUE(!tensors.empty(), "scale_: tensors is empty; pass at least one tensor");
+  const ScaleInputs all = scale_inputs(tensors);  // strided and expanded views included: no copies
   const at::Device device = tensors[0].device();
-  check_factors(factors, tensors.size(), device);
-  // Strided views cannot be written through a flat pointer: write those with ATen ops instead
-  // (factor 0 gives zeros there too, via where()).
-  std::vector<at::Tensor> dense;
-  std::vector<int64_t> dense_index;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    dtype_code(tensors[i], i, "scale_");
-    check_device(tensors[i], i, device, "scale_");
-    if (tensors[i].is_non_overlapping_and_dense()) {
-      dense.push_back(tensors[i]);
-      dense_index.push_back(static_cast<int64_t>(i));
-    } else {
-      const auto acc = tensors[i].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      const at::Tensor f = factors.select(0, static_cast<int64_t>(i)).to(acc);
-      tensors[i].copy_(at::where(f == 0, at::zeros({}, f.options()), tensors[i].to(acc) * f));
-    }
-  }
-  if (dense.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> no_copies;
-  const std::vector<FlatTensor> inputs = flat_inputs(dense, "scale_", no_copies);
-  const at::Tensor dense_factors =
-      dense.size() == tensors.size()
-          ? factors.contiguous()
-          : factors.index_select(0, at::tensor(dense_index, at::TensorOptions().dtype(at::kLong)).to(device));
-  const Plan plan = make_plan(inputs, device);
-  if (plan.num_blocks == 0) return;
-  scale_kernel<<<plan.num_blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      plan.table.const_data_ptr<int64_t>(), static_cast<int64_t>(inputs.size()), plan.num_tasks,
-      dense_factors.const_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor f64 = checked_factors(factors, tensors.size(), device);  // on the device: no sync
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const DevicePlan dp = plan_cache().get(all.inputs, all.layouts, device, stream);
+  if (dp.shape.num_blocks > 0) {
+    tasks_kernel<<<dp.shape.num_blocks, kThreads, 0, stream>>>(dp.table.const_data_ptr<int64_t>(), dp.shape,
+                                                              ScaleOp{f64.const_data_ptr<double>()});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  bump_versions(tensors);
 }
 
 }  // namespace

@@ -6,9 +6,10 @@ optimizer closure, so the check sees this step's gradients even though the optim
 pre-hooks run before the closure. Metrics reach the loggers from the monitor's asynchronous host
 records, never from a per-layer ``.item()``, on the ``Trainer``'s ``log_every_n_steps`` cadence.
 
-Under ``accumulate_grad_batches=N`` the loss of an optimizer step is the sum of the N losses
-Lightning backpropagates (each already divided by N), i.e. the mean micro-batch loss; that, not
-the last micro-batch's share, is what the monitor's loss detector and history see.
+Under ``accumulate_grad_batches=N`` Lightning backpropagates each micro-batch's loss divided by
+N; the callback hands the monitor each micro-batch's own loss (times N again), so a spike in any
+micro-batch is judged, and the step's recorded loss is the mean micro-batch loss (what Lightning
+logs as the training loss), not the last micro-batch's share.
 
 Example:
     >>> from gradwatch.integrations.lightning import GradWatchCallback  # doctest: +SKIP
@@ -84,7 +85,6 @@ class GradWatchCallback(pl.Callback):
         self._trainer: Any = None
         self._state: Mapping[str, Any] | None = None
         self._post_hook: Any = None
-        self._loss_sum: torch.Tensor | None = None  # this optimizer step's backpropagated losses, summed
         self._unlogged = {"anomalies": 0, "skipped": 0}  # since the last logged point
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -94,7 +94,6 @@ class GradWatchCallback(pl.Callback):
             logger.warning("gradwatch: GradWatchCallback watches the first of %d optimizers", len(optimizers))
         optimizer = optimizers[0] if optimizers else None
         self._trainer = trainer
-        self._loss_sum = None
         self._unlogged = {"anomalies": 0, "skipped": 0}
         # attach=False: the callback runs the check itself, from on_before_optimizer_step
         self.watch = GradWatch(
@@ -109,17 +108,19 @@ class GradWatchCallback(pl.Callback):
             self._state = None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        """Add this micro-batch's share of the step's loss (device ops only)."""
+        """Feed this micro-batch's loss to the loss detector (device ops only)."""
         if self.watch is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            share = loss.detach().reshape(()).float()
-            self._loss_sum = share if self._loss_sum is None else self._loss_sum + share
+            # automatic optimization backpropagates loss / accumulate_grad_batches: undo the division
+            n = (
+                getattr(trainer, "accumulate_grad_batches", 1)
+                if getattr(pl_module, "automatic_optimization", True)
+                else 1
+            )
+            self.watch.observe_loss(loss.detach().reshape(()).double() * n)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        """Feed the step's loss to the loss detector, then check this step's (accumulated) gradients."""
+        """Check this step's (accumulated) gradients, with the step's micro-batch losses observed."""
         if self.watch is not None:
-            if self._loss_sum is not None:
-                loss, self._loss_sum = self._loss_sum, None
-                self.watch.observe_loss(loss)
             self.watch.check()
 
     def _log(self, record: StepRecord) -> None:

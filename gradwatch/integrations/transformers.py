@@ -22,8 +22,8 @@ feeds the step's loss and runs :meth:`gradwatch.GradWatch.check`: measure, detec
 Acting: clip/zero factors are applied right away (so ``zero`` clears a NaN gradient before the
 ``Trainer``'s clipping could spread it to every gradient); a ``skip`` is carried out by the
 optimizer step itself (fused optimizers, the ``Trainer``'s default ``adamw_torch_fused``: on the
-device through ``found_inf``; others: the gradients are set aside until the step has run, so the
-``Trainer`` then logs ``grad_norm`` 0 for that step). After the step the callback tells
+device through ``found_inf``; others: the gradients are set aside in ``on_pre_optimizer_step``,
+after the ``Trainer`` has clipped and logged them, and put back after the step). Then the callback tells
 ``accelerate`` the step was skipped, so ``Trainer`` does not advance the learning-rate scheduler,
 exactly as for a ``GradScaler`` overflow. Knowing that on the host costs one sync per optimizer
 step, and only when the policy can skip.
@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from ..events import AnomalyEvent, StepRecord
+from ..layers import LayerNorms
 from ..monitor import GradWatch
-from ..report import LayerNorms
 
 try:
     from transformers import TrainerCallback
@@ -163,9 +163,9 @@ class GradWatchCallback(TrainerCallback):
         self._queued = False
         self._checked_step: int | None = None  # Trainer global_step whose check has run
         self._global_step = 0
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
+        self._losses: list[torch.Tensor] = []  # this step's micro-batch output losses, on the device
         self._loss_is_share = False
+        self._host_skip = False  # this step's skip is carried out at on_pre_optimizer_step
         self._latest: StepRecord | None = None
         self._since_log = {"anomalies": 0, "skipped": 0}
         self._skipped_steps: set[int] = set()
@@ -230,11 +230,9 @@ class GradWatchCallback(TrainerCallback):
             return
         loss = _loss_of(output)
         if loss is not None:
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
-            # Given the step's item count, the model normalizes each micro-batch's loss by it: the
-            # step's loss is their sum. Otherwise each is a micro-batch mean (the Trainer divides
-            # it by the accumulation steps before backward): the step's loss is their mean.
+            self._losses.append(loss)
+            # Given the step's item count, the model normalizes each micro-batch's loss by it (a share
+            # of the step's loss); otherwise each is that micro-batch's mean loss.
             self._loss_is_share = kwargs.get("num_items_in_batch") is not None
 
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -257,12 +255,17 @@ class GradWatchCallback(TrainerCallback):
         if watch is None or not self._handles:
             return
         self._checked_step = self._global_step
-        if self._loss_sum is not None:
-            loss = self._loss_sum if self._loss_is_share else self._loss_sum / self._loss_count
-            self._loss_sum = None
-            self._loss_count = 0
-            watch.observe_loss(loss)
+        # One observation per micro-batch (the monitor records their mean): a share times the number
+        # of micro-batches is that micro-batch's loss on the step's scale, and the mean is the step loss.
+        losses, self._losses = self._losses, []
+        for loss in losses:
+            watch.observe_loss(loss * len(losses) if self._loss_is_share else loss)
         watch.check()
+        if watch.step_control.skip_path(watch.policy.can_skip) == "host":
+            # A host-path skip sets the gradients aside now; put them back until the optimizer step,
+            # so the Trainer's clip_grad_norm_ (and its logged grad_norm) sees them (NaN included).
+            watch.step_control.restore()
+            self._host_skip = True
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Note the step now starting (a check runs once per optimizer step)."""
@@ -279,6 +282,9 @@ class GradWatchCallback(TrainerCallback):
                 )
                 self._warned_late = True
             self._check()
+        if self.watch is not None and self._host_skip and state.global_step in self._skipped_steps:
+            self.watch.step_control.skip_on_host(torch.ones((), dtype=torch.bool))  # undone by its post-step hook
+        self._host_skip = False
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Tell accelerate about a skipped step, so the ``Trainer`` leaves the LR scheduler alone."""
