@@ -12,6 +12,7 @@ Layout of a record's payload::
     seen by    [NUM_KINDS]              per kind, 1 + the lowest rank that detected it (0: none)
     extras     [...]                    the fields of the policies' reports, policy after policy
     parameters [n, len(Column)]         per parameter: statistics, thresholds, z, flags [NUM_KINDS]
+    histograms [n, LOG2_HIST_BINS]      optional (histogram steps): log2 counts, exact in float64
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ._layout import Stat
+from ._reference import LOG2_HIST_BINS
 from .detect import (
     KIND_INDEX,
     KINDS,
@@ -117,6 +119,7 @@ class HostRecord:
     events: list[AnomalyEvent] = field(default_factory=list)
     loss: float | None = None
     seen_by: dict[AnomalyKind, int] = field(default_factory=dict)
+    log2_hist: torch.Tensor | None = None  # int64 [len(names), LOG2_HIST_BINS] on histogram steps
 
 
 def encode_record(
@@ -128,11 +131,12 @@ def encode_record(
     scaler_skipped: torch.Tensor,
     extras: Sequence[Any],
     seen_by: torch.Tensor | None = None,
+    log2_hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One check's device results as one float64 vector (layout: module docstring).
 
     ``seen_by`` is the agreed ``[NUM_KINDS]`` "1 + lowest rank that detected the kind" (None:
-    a single process, all zeros).
+    a single process, all zeros). ``log2_hist`` (int64 ``[n, LOG2_HIST_BINS]``) travels at the end.
     """
     d = detection
     f64 = torch.float64
@@ -166,6 +170,8 @@ def encode_record(
         seen_by = torch.zeros(NUM_KINDS, dtype=f64, device=total.device)
     extras_part = [torch.stack(flat_extras)] if flat_extras else []
     parts = [head, d.global_flags.to(f64), seen_by.to(f64), *extras_part, per.reshape(-1)]
+    if log2_hist is not None:  # counts < 2**53: exact as float64
+        parts.append(log2_hist.to(device=total.device, dtype=f64).reshape(-1))
     return torch.cat(parts)
 
 
@@ -191,7 +197,9 @@ def decode_record(
         cut += size
     n = len(names)
     # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
-    per = host[pos:].view(n, _COLUMNS + NUM_KINDS)
+    end = pos + n * (_COLUMNS + NUM_KINDS)
+    per = host[pos:end].view(n, _COLUMNS + NUM_KINDS)
+    log2_hist = host[end:].view(n, LOG2_HIST_BINS).long() if host.numel() > end else None
     cols = per[:, :_COLUMNS].t().tolist()
     flagged = per[:, _COLUMNS:].nonzero().tolist()  # [row, kind column] pairs, row-major
     total = head[Head.TOTAL_NORM]
@@ -221,6 +229,7 @@ def decode_record(
         extras=extras,
         events=events,
         seen_by=seen_by,
+        log2_hist=log2_hist,
     )
 
 

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_file", metavar="RUN_FILE", help="history .jsonl file, or a folder holding history.jsonl")
     report.add_argument("--png", metavar="PATH", help="write the report picture here")
     report.add_argument(
+        "--underflow-format",
+        choices=("fp16", "bf16", "fp8_e4m3", "fp8_e5m2"),
+        default="fp16",
+        help="format of the per-layer underflow heatmap (histories with log2 histograms; default fp16)",
+    )
+    report.add_argument(
         "--fail-on",
         type=parse_kinds,
         metavar="KINDS",
@@ -211,7 +217,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"gradwatch report: error: --top must be >= 0; got {args.top}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        summary, written = build_report(path, top=args.top, png=args.png, strict=args.strict)
+        summary, written = build_report(
+            path, top=args.top, png=args.png, strict=args.strict, underflow_format=args.underflow_format
+        )
     except (FileNotFoundError, HistoryError, ImportError) as error:
         print(f"gradwatch report: error: {error}", file=sys.stderr)
         return EXIT_USAGE

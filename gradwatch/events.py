@@ -118,6 +118,9 @@ class StepRecord:
         clip_factor: the factor gradients were scaled by (1.0 when not clipped).
         skipped: whether the optimizer step was skipped.
         events: anomalies detected at this step.
+        log2_hist: on the steps ``GradWatch(histogram_every=N)`` measures them, int64 CPU tensor
+            ``[len(names), LOG2_HIST_BINS]`` of each gradient's counts by binade (layout:
+            ``GradStats.log2_hist``; zeros for a parameter without a gradient); None otherwise.
     """
 
     step: int
@@ -130,6 +133,7 @@ class StepRecord:
     clip_factor: float = 1.0
     skipped: bool = False
     events: list[AnomalyEvent] = field(default_factory=list)
+    log2_hist: Any = None
 
 
 class GradientAnomalyError(RuntimeError):

@@ -28,6 +28,11 @@ Schema (version 2). One JSON object per line, told apart by ``"type"``:
          "events": [{"step": 12, "kind": "spike", "param": "fc.weight", "value": 9.1,
                      "threshold": 6.0, "action": "clip"}]}
 
+    On the steps ``GradWatch(histogram_every=N)`` measures log2 histograms, two optional keys
+    follow (per header name, like ``norms``; see :mod:`gradwatch.histograms`): ``log2_hist``
+    (``[first_bin, counts...]`` or null) and ``underflow`` (``{"fp16": [...], "bf16": [...],
+    "fp8_e4m3": [...], "fp8_e5m2": [...]}``). Readers that do not know them ignore them.
+
     ``loss`` is null when no loss was observed. ``norms``, ``max_abs`` and ``nonfinite`` have one
     entry per header name when ``per_param`` is ``"all"`` (``null`` for a parameter that had no
     gradient on that step); with ``"none"`` they are omitted. ``events`` uses
@@ -340,6 +345,8 @@ class HistoryWriter:
             if columns is not None:
                 norms, max_abs, nonfinite = (_spread(v, columns, len(self._index)) for v in (norms, max_abs, nonfinite))
             line.update(norms=norms, max_abs=max_abs, nonfinite=nonfinite)
+            if record.log2_hist is not None:
+                line.update(histogram_line(record.log2_hist, columns, len(self._index)))
         line["events"] = [_encode_event(e) for e in record.events]
         lines = [self._header(), line] if self._header_due else [line]
         if self._write(lines):
@@ -431,6 +438,18 @@ class HistoryWriter:
                 os.close(self._fd)  # type: ignore[arg-type]
             except OSError:
                 pass
+
+
+def histogram_line(hist: Any, columns: list[int] | None, width: int) -> dict[str, Any]:
+    """A record's log2 histograms as the optional ``log2_hist`` and ``underflow`` keys of its line."""
+    from .histograms import encode_history_hist, underflow_for_history  # torch: only when histograms exist
+
+    rows = encode_history_hist(hist)
+    underflow = {k: [encode_float(x) for x in v] for k, v in underflow_for_history(hist).items()}
+    if columns is not None:
+        rows = _spread(rows, columns, width)
+        underflow = {k: _spread(v, columns, width) for k, v in underflow.items()}
+    return {"log2_hist": rows, "underflow": underflow}
 
 
 def _spread(values: list[Any], columns: list[int], width: int) -> list[Any]:

@@ -311,6 +311,14 @@ class HistoryReader:
         events = obj.get("events", [])
         if not isinstance(events, list):
             raise _BadLine(f"events must be a list; got {_show(events)}")
+        log2_hist = None
+        if "log2_hist" in obj and lists:  # optional (histogram steps); older files have none
+            from .histograms import decode_history_hist  # needs torch: only for files that hold histograms
+
+            try:
+                log2_hist = decode_history_hist(obj["log2_hist"], len(names))
+            except ValueError as error:
+                raise _BadLine(str(error)) from None
         return StepRecord(
             step=step,
             names=names if lists else (names or []),
@@ -322,6 +330,7 @@ class HistoryReader:
             clip_factor=clip,
             skipped=skipped,
             events=[_event(e) for e in events],
+            log2_hist=log2_hist,
         )
 
     def _summary(self, obj: dict[str, Any]) -> None:

@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._buffers import BufferGuard
 from ._in_backward import InBackwardStats
-from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
+from ._ops import IndexCache, grad_stats_packed, grad_stats_with_hist, measure_unchecked, scale_, scale_unchecked
 from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record, extras_layout
 from ._selection import Selector, select_parameters
 from ._stepping import ScalerTap, StepControl
@@ -50,6 +50,7 @@ from ._validate import is_positive_int, positive_int
 from .detect import NUM_KINDS, Detector, DetectorConfig, nonfinite_detection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
+from .histograms import spread_rows
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
 __all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
@@ -128,6 +129,12 @@ class GradWatch:
             reaches the host (sinks, history) only when it found something. It costs the
             measuring pass of a check (see ``benchmarks/RESULTS.md``) and, with a non-fused
             optimizer and a skipping policy, the one sync per step of the host skip. Default False.
+        histogram_every: every N-th step (counted like ``every``; only checked steps), also count
+            each gradient's elements by binade in the same read pass (``grad_stats(...,
+            histogram=True)``); the counts travel with the step's record (no sync) as
+            :attr:`StepRecord.log2_hist`, into the history (counts and fp16/bf16/fp8 underflow
+            fractions, :mod:`gradwatch.histograms`), the report and TensorBoard. Not with sharded
+            (FSDP2/DTensor) parameters. Default None: off.
         history: a path; a :class:`gradwatch.history.HistoryWriter` on it is added as a sink.
         sinks: :class:`~gradwatch.events.Sink` s, callables ``fn(record: StepRecord)`` called once per
             drained step, in step order; one that raises is logged and counted (:attr:`sink_errors`), never propagated.
@@ -210,6 +217,7 @@ class GradWatch:
         baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         baseline_ignore_extra: bool = False,
         guard: bool = False,
+        histogram_every: int | None = None,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -250,6 +258,12 @@ class GradWatch:
         self._one_device = len({p.device for p in self._params}) == 1
         self._all_index = list(range(len(self._params)))
         self._in_backward = self._make_in_backward(measure_in_backward)
+        self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
+        if self.histogram_every is not None and self._has_dtensor:
+            raise ValueError(
+                "histogram_every: sharded (FSDP2/DTensor) parameters are not supported: each rank would count "
+                "its own shard only; leave histogram_every=None under FSDP2"
+            )
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         if baseline is not None:
             device = self._params[0].device
@@ -581,7 +595,13 @@ class GradWatch:
                     self._in_backward.discard()
                 return
             # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
-            packed = self._measure(grads) if sampled else grad_stats_packed(grads)
+            hist = None
+            if sampled and self.histogram_every is not None and step % self.histogram_every == 0:
+                if self._in_backward is not None:
+                    self._in_backward.discard()  # the histograms need the whole read: measured now
+                packed, hist = grad_stats_with_hist(grads)
+            else:
+                packed = self._measure(grads) if sampled else grad_stats_packed(grads)
             packed, scaler_flag = self.step_control.unscale(packed)
             if scaler_skipped:
                 scaler_flag = torch.ones_like(scaler_flag)
@@ -615,6 +635,7 @@ class GradWatch:
                 scaler_flag,
                 decision.extras,
                 seen_by,
+                hist,
             )
             self._records.put_record(step, names, payload, extras_layout(decision.extras), sampled=sampled)
             if loss is not None:
@@ -827,6 +848,7 @@ class GradWatch:
         anomalies, routine = self.policy.split_events(rec.events + remote, outcomes)
         events = anomalies + routine
         names, norms, max_abs, nonfinite = self._all_params(rec)
+        hist = None if rec.log2_hist is None else spread_rows(rec.log2_hist, rec.names, self._position, len(names))
         record = StepRecord(
             step=rec.step,
             names=names,
@@ -838,6 +860,7 @@ class GradWatch:
             clip_factor=rec.clip_factor,
             skipped=skipped or rec.scaler_skipped,
             events=events,
+            log2_hist=hist,
         )
         self._publish_events(anomalies)
         self._publish_events(routine, logging.DEBUG)

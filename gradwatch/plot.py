@@ -213,6 +213,35 @@ def _draw_heatmap(fig: Any, plt: Any, grid: Any, ax_norm: Any, data: PlotData, x
     fig.colorbar(image, cax=fig.add_subplot(grid[2, 1])).set_label("log10 norm", fontsize=8)
 
 
+def _draw_underflow(fig: Any, plt: Any, grid: Any, row: int, ax_norm: Any, data: PlotData) -> None:
+    """The underflow heatmap: layers x histogram steps.
+
+    Each cell is the fraction of the layer's nonzero gradient elements below the chosen format's
+    smallest subnormal (:mod:`gradwatch.precision`).
+    """
+    labels, centres, fractions = data.underflow.grid()
+    mids = (centres[1:] + centres[:-1]) / 2
+    half = (centres[1] - centres[0]) / 2 if centres.size > 1 else 0.5
+    edges = np.concatenate([[centres[0] - half], mids, [centres[-1] + (centres[-1] - mids[-1] if mids.size else half)]])
+    ax = fig.add_subplot(grid[row, 0], sharex=ax_norm)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    image = ax.pcolormesh(
+        edges, np.arange(len(labels) + 1) - 0.5, np.ma.masked_invalid(fractions), cmap=cmap, vmin=0.0, vmax=1.0
+    )
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=6 if len(labels) > 24 else 8)
+    ax.set_xlabel("step")
+    name = data.underflow.fmt.name
+    ax.set_title(
+        f"{name} underflow per layer: fraction of nonzero gradient elements below {name}'s smallest subnormal "
+        f"(2^{data.underflow.fmt.smallest_subnormal_exp}; histogram steps, grey: none)",
+        fontsize=9,
+        loc="left",
+    )
+    fig.colorbar(image, cax=fig.add_subplot(grid[row, 1])).set_label("fraction", fontsize=8)
+
+
 def draw_report(data: PlotData, summary: dict[str, Any], path: str | os.PathLike[str], *, title: str) -> Path:
     """Draw gathered :class:`PlotData` to a PNG (``summary`` is the history's summary lines, for the baseline)."""
     plt = _require_matplotlib()
@@ -220,8 +249,10 @@ def draw_report(data: PlotData, summary: dict[str, Any], path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     has_heat = data.heatmap() is not None
     heat_height = max(2.5, 0.13 * len(data.labels) + 0.8) if has_heat else 0.0
-    fig = plt.figure(figsize=(12, 5.2 + heat_height), constrained_layout=True)
-    ratios = [1.0, 1.0] + ([heat_height / 2.6] if has_heat else [])
+    under = data.underflow is not None and data.underflow.grid() is not None
+    under_height = max(2.5, 0.13 * len(data.underflow.grid()[0]) + 0.8) if under else 0.0
+    fig = plt.figure(figsize=(12, 5.2 + heat_height + under_height), constrained_layout=True)
+    ratios = [1.0, 1.0] + ([heat_height / 2.6] if has_heat else []) + ([under_height / 2.6] if under else [])
     grid = fig.add_gridspec(len(ratios), 2, height_ratios=ratios, width_ratios=[1, 0.018])
     ax_norm = fig.add_subplot(grid[0, 0])
     ax_loss = fig.add_subplot(grid[1, 0], sharex=ax_norm)
@@ -242,6 +273,8 @@ def draw_report(data: PlotData, summary: dict[str, Any], path: str | os.PathLike
         _draw_heatmap(fig, plt, grid, ax_norm, data, x, bins)
     else:
         ax_loss.set_xlabel("step")
+    if under:
+        _draw_underflow(fig, plt, grid, len(ratios) - 1, ax_norm, data)
     ax_norm.set_xlim(*data.extent())
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -255,6 +288,7 @@ def plot_report(
     title: str | None = None,
     max_layers: int = 48,
     max_columns: int = 800,
+    underflow_format: str = "fp16",
 ) -> Path:
     """Draw the run report PNG: norms, loss and anomalies over steps, and a layers x steps heatmap.
 
@@ -271,6 +305,9 @@ def plot_report(
         title: figure title; defaults to the history file name.
         max_layers: most heatmap rows; parameters are grouped into modules, then coarser prefixes.
         max_columns: most columns; longer runs are binned (the largest value per bin is shown).
+        underflow_format: for a history with log2 histograms (``GradWatch(histogram_every=N)``),
+            the format whose per-layer underflow heatmap is drawn: ``"fp16"``, ``"bf16"``,
+            ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
 
     Returns:
         The path written.
@@ -280,7 +317,7 @@ def plot_report(
         ValueError: ``max_layers`` or ``max_columns`` is below 1.
         HistoryError: the file is not a usable history.
     """
-    data = PlotData(max_layers, max_columns)
+    data = PlotData(max_layers, max_columns, underflow_format)
     _require_matplotlib()
     source = history if isinstance(history, RunHistory) else HistoryReader(history, max_abs=False)
     for record in source if isinstance(source, HistoryReader) else source.steps:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -73,9 +74,11 @@ class PlotData:
             largest norm (and its smallest, drawn as a band).
     """
 
-    def __init__(self, max_layers: int = 48, max_columns: int = 800) -> None:
+    def __init__(self, max_layers: int = 48, max_columns: int = 800, underflow_format: str = "fp16") -> None:
         if max_layers < 1 or max_columns < 1:
             raise ValueError(f"plot_report: max_layers and max_columns must be >= 1; got {max_layers}, {max_columns}")
+        self.underflow_format = underflow_format
+        self.underflow: Any = None  # a histograms.UnderflowGrid once a record with log2 histograms arrives
         self.max_layers = max_layers
         self.max_columns = max_columns
         self.bin_size = 1
@@ -175,6 +178,12 @@ class PlotData:
                 b.rings.add((layer_of(e.param), e.kind))
         if r.norms:
             self._queue_norms(r)
+        if r.log2_hist is not None:
+            if self.underflow is None:
+                from .histograms import UnderflowGrid  # torch: only for histories with histograms
+
+                self.underflow = UnderflowGrid(self.underflow_format, self.max_layers, self.max_columns)
+            self.underflow.add_step(r.step, r.names, r.log2_hist)
 
     def _queue_norms(self, r: StepRecord) -> None:
         """Queue a record's norms; they are folded into the bins a batch at a time (vectorized)."""

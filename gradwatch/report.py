@@ -48,6 +48,7 @@ def build_report(
     png: str | os.PathLike[str] | None = None,
     strict: bool = False,
     title: str | None = None,
+    underflow_format: str = "fp16",
 ) -> tuple[RunSummary, Path | None]:
     """Summarize a history and, with ``png``, draw its picture, reading the file once.
 
@@ -57,6 +58,8 @@ def build_report(
         png: where to write the picture, or None for none.
         strict: refuse unreadable lines instead of skipping them.
         title: picture title; defaults to the history file name.
+        underflow_format: the format of the underflow heatmap drawn for histories with log2
+            histograms (``"fp16"``, ``"bf16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``).
 
     Returns:
         The summary and the PNG path written (None without ``png``).
@@ -66,7 +69,7 @@ def build_report(
         ImportError: ``png`` was given and matplotlib is not installed.
     """
     builder = SummaryBuilder(top)
-    plot = PlotData() if png is not None else None
+    plot = PlotData(underflow_format=underflow_format) if png is not None else None
     if plot is not None:
         from .plot import _require_matplotlib
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from .._validate import is_positive_int
 from ..events import StepRecord
-from ..layers import LayerNorms
+from ..layers import LayerNorms, layer_of
 
 __all__ = ["TensorBoardSink"]
 
@@ -40,7 +40,11 @@ class TensorBoardSink:
       (events this step), and ``{prefix}/loss`` when a loss was observed;
     * ``{prefix}/norm/{layer}``: the gradient norm of each layer (``per_layer=True``);
     * ``{prefix}/layer_norms`` and ``{prefix}/log10_layer_norms``: histograms over the layers of
-      their finite norms (``histograms=True``).
+      their finite norms (``histograms=True``);
+    * ``{prefix}/log2_abs_grad/{layer}``: on the steps ``GradWatch(histogram_every=N)`` counts
+      them, the distribution of ``log2|g|`` over each layer's nonzero finite gradient elements, one
+      bucket per binade, written with ``add_histogram_raw`` from the counts (no gradient copied;
+      ``histograms=True``).
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter``, or a log folder to open one in (then
@@ -101,6 +105,8 @@ class TensorBoardSink:
         if self.per_layer:
             for layer, norm in norms.items():
                 w.add_scalar(f"{p}/norm/{layer}", norm, step)
+        if self.histograms and record.log2_hist is not None:
+            self._log2_histograms(record)
         if self.histograms:
             import numpy as np
 
@@ -110,6 +116,18 @@ class TensorBoardSink:
                 positive = finite[finite > 0]
                 if positive.size:
                     w.add_histogram(f"{p}/log10_layer_norms", np.log10(positive), step)
+
+    def _log2_histograms(self, record: StepRecord) -> None:
+        from ..histograms import tensorboard_histogram
+
+        rows: dict[str, Any] = {}
+        for name, row in zip(record.names, record.log2_hist, strict=True):
+            key = layer_of(name) if self.group == "layer" else name
+            rows[key] = row if key not in rows else rows[key] + row
+        for key, row in rows.items():
+            raw = tensorboard_histogram(row)
+            if raw is not None:
+                self.writer.add_histogram_raw(f"{self.prefix}/log2_abs_grad/{key}", global_step=record.step, **raw)
 
     def flush(self) -> None:
         """Flush the writer's pending events to disk."""
