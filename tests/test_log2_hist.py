@@ -252,3 +252,17 @@ def test_cuda_agrees_with_cpu_kernel_packs_and_blocks_without_sync():
     assert torch.equal(hist.cpu(), torch.ops.gradwatch.grad_stats_hist(cpu)[1])
     assert torch.equal(hist.cpu(), log2_hist_reference(cpu))
     torch.testing.assert_close(stats, torch.ops.gradwatch.grad_stats(gpu), rtol=0, atol=0, equal_nan=True)
+
+
+def test_histogram_cost_benchmark_smoke():
+    from benchmarks import histogram_cost
+
+    rows = histogram_cost.run(1, quick=True, device=torch.device("cpu"))
+    assert [(r["set"], r["dtype"]) for r in rows] == [
+        ("ResNet-50", "float32"),
+        ("ResNet-50", "bfloat16"),
+        ("GPT-2 small", "float32"),
+        ("GPT-2 small", "bfloat16"),
+    ]
+    assert all(r["plain_ms"] > 0 and r["hist_ratio"] > 0 and r["torch_ratio"] > 0 for r in rows)
+    assert "| ResNet-50" in histogram_cost.markdown(rows)
