@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._buffers import BufferGuard
+from ._diagnostics import Diagnostics, inherit_actions
 from ._grad_output import ActivationGradNorms
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
@@ -162,6 +163,23 @@ class GradWatch:
             dict of :func:`gradwatch.baseline.calibrate`): every adaptive rule is armed from the
             first check, parameters matched by name (see :meth:`~gradwatch.detect.Detector.load_baseline`).
         baseline_ignore_extra: accept baseline parameters this monitor does not watch.
+        origin: learn the order in which autograd finishes the watched gradients (hooks during one
+            backward pass now and then: the first, whenever the set of gradients changes, every
+            500 checks) and add to each step with a non-finite (spiking) gradient one
+            ``nonfinite_origin`` (``spike_origin``) event naming the first such parameter in backward
+            order: where the NaN (spike) started (see :mod:`gradwatch.origin`). Default True.
+        forward_check: also name the first module, in forward order, whose output went
+            non-finite (``forward_nonfinite`` event): a reduction per module call, no sync (see
+            :mod:`gradwatch.forward_check`). Default False.
+        update_ratio_every: every N-th step (a multiple of ``every``), record per parameter the
+            norms of the optimizer's update and of the weights (``StepRecord.update_norms``,
+            ``weight_norms``; the record of step t carries step t-1's update) and flag
+            ``update_ratio_low`` / ``update_ratio_high``; keeps a copy of the watched parameters (see
+            :mod:`gradwatch.update_ratio`). Needs an optimizer. Default None (off).
+        update_ratio_floor: a ratio ``||dw|| / ||w||`` at or below it while the gradient is nonzero is
+            ``update_ratio_low`` (frozen by accident). Default 1e-8.
+        update_ratio_ceiling: a ratio above it (after the detector's warm-up) is ``update_ratio_high``.
+            Default 0.25.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -210,6 +228,11 @@ class GradWatch:
         baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         baseline_ignore_extra: bool = False,
         guard: bool = False,
+        origin: bool = True,
+        forward_check: bool = False,
+        update_ratio_every: int | None = None,
+        update_ratio_floor: float = 1e-8,
+        update_ratio_ceiling: float = 0.25,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -260,6 +283,19 @@ class GradWatch:
             self.detector.load_baseline(baseline, self.param_names, ignore_extra=baseline_ignore_extra, device=device)
         self.events: list[AnomalyEvent] = []
         self.step = 0
+        self._diagnostics = Diagnostics(
+            model,
+            self._params,
+            optimizer,
+            every=every,
+            warmup=self.detector.config.warmup,
+            origin=origin,
+            forward_check=forward_check,
+            update_ratio_every=update_ratio_every,
+            update_ratio_floor=update_ratio_floor,
+            update_ratio_ceiling=update_ratio_ceiling,
+            has_dtensor=self._has_dtensor,
+        )
         self.step_control = StepControl(optimizer)
         self._records = RecordQueue(self.detector.config)
         self._index_cache = IndexCache(limit=64)
@@ -320,6 +356,7 @@ class GradWatch:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self._in_backward is not None:
             self._handles.extend(self._in_backward.register())
+        self._handles.extend(self._diagnostics.register())
         if self.optimizer is not None and self.policy.can_skip:
             self._handles.append(self._buffer_guard.register())
         return list(self._handles)
@@ -566,9 +603,12 @@ class GradWatch:
         self.step += 1
         sampled = step % self.every == 0
         if not sampled and not self.guard:
+            self._diagnostics.end_check(step, None)
             return
         self._in_check = step
+        skipped = None
         try:
+            self._diagnostics.start_check(step)  # before a rollback or a clip can touch the parameters
             # Under torch.distributed every rank takes the previous step's record (and so its
             # host-side remedies: rollback, LR backoff) at this same check: ranks never disagree
             # on when a learning rate changed or a snapshot was restored.
@@ -607,6 +647,7 @@ class GradWatch:
                 decision.skip = torch.ones_like(decision.skip)
                 self._force_skip = False
             decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
+            skipped = decision.skip | scaler_flag
             skip_path = self.step_control.skip_path(self.policy.can_skip)
             self._act(grads, decision, skip_path == "fused")
             self._buffer_guard.settle(decision.skip if skip_path is not None else None)
@@ -621,6 +662,7 @@ class GradWatch:
                 seen_by,
             )
             sizes = tuple(len(group) for group in decision.extras)
+            self._diagnostics.before_record(step, index)  # their copies land before the record's
             self._records.put_record(step, names, payload, sizes, sampled=sampled)
             if loss is not None:
                 self._records.put_loss(step, loss)
@@ -632,6 +674,7 @@ class GradWatch:
         finally:
             self._in_check = None
             self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
+        self._diagnostics.end_check(step, skipped)  # not reached when the check raised
 
     def _report_unwatched(self) -> None:
         """Warns once about optimizer parameters that are not the model's (``add_param_group`` later, ...).
@@ -839,7 +882,9 @@ class GradWatch:
             for kind, r in rec.seen_by.items()
             if kind not in local_kinds
         ]
-        anomalies, routine = self.policy.split_events(rec.events + remote, outcomes)
+        extras = self._diagnostics.record_extras(rec, self._position, len(self.param_names))
+        anomalies, routine = self.policy.split_events(rec.events + remote + extras.events, outcomes)
+        anomalies = inherit_actions(anomalies)
         events = anomalies + routine
         names, norms, max_abs, nonfinite = self._all_params(rec)
         record = StepRecord(
@@ -853,6 +898,8 @@ class GradWatch:
             clip_factor=rec.clip_factor,
             skipped=skipped or rec.scaler_skipped,
             events=events,
+            update_norms=extras.update_norms,
+            weight_norms=extras.weight_norms,
         )
         self._publish_events(anomalies)
         self._publish_events(routine, logging.DEBUG)

@@ -11,9 +11,10 @@ place to look; likewise for the first one flagged as spiking.
 parameter's index to a list (a host list, no device work). The hooks are on only while learning:
 during the first backward pass, again whenever the set of parameters that got a gradient changes
 (the graph changed), and every ``relearn_every`` checks; in between, no hook runs and training pays
-nothing. :func:`origin_events` turns a step's host record (the per-parameter non-finite counts and
-spike events that reach the host with every record anyway) into at most one
-``nonfinite_origin`` and one ``spike_origin`` event: computed on the host, no extra sync.
+nothing. :func:`origin_events` turns a step's host record (the per-parameter non-finite and spike
+events decoded from the flags that reach the host with every record anyway) into at most one
+``nonfinite_origin`` and one ``spike_origin`` event: computed on the host, no extra sync. They
+are added when two or more parameters are flagged; with one, its own event names the place.
 """
 
 from __future__ import annotations
@@ -146,39 +147,42 @@ def first_in_order(candidates: Sequence[int], order: BackwardOrder) -> int | Non
 def origin_events(
     step: int,
     names: Sequence[str],
-    nonfinite: Sequence[float | int | None],
     events: Sequence[AnomalyEvent],
     index: Sequence[int],
     order: BackwardOrder,
 ) -> list[AnomalyEvent]:
-    """The step's ``nonfinite_origin`` and ``spike_origin`` events, from its host record.
+    """The step's ``nonfinite_origin`` and ``spike_origin`` events, from its detector events.
+
+    One fact, one event: an origin event is added only when two or more parameters are flagged
+    (non-finite, or spiking); with one, its own event already names the place.
 
     Args:
         step: the step.
-        names: the measured parameters' names (row order of ``nonfinite``).
-        nonfinite: per measured parameter, its count of NaN/Inf gradient elements (None: no gradient).
-        events: the step's detector events (``spike`` events with a ``param`` are the spiking ones).
+        names: the measured parameters' names (row order of the record).
+        events: the step's detector events; the ``nonfinite`` and ``spike`` events with a
+            ``param`` (this rank's: ``rank`` None) are the candidates. Steps the GradScaler skipped
+            carry no such events, so their overflowed gradients get no origin.
         index: per measured parameter, its index among the watched parameters (what ``order`` holds).
         order: the learned backward order.
 
     Returns:
-        At most two events, action ``"none"``: ``nonfinite_origin`` (value: that parameter's
-        non-finite element count) and ``spike_origin`` (value and threshold: that parameter's
-        spike event's).
+        At most two events, action ``"none"``, with the value and threshold of the located
+        parameter's own event: ``nonfinite_origin`` (its non-finite element count) and
+        ``spike_origin`` (its norm and spike threshold).
     """
-    out: list[AnomalyEvent] = []
-    bad = [r for r, c in enumerate(nonfinite) if c]
-    if bad:
-        row = min(bad, key=lambda r: order.rank(index[r]))
-        out.append(AnomalyEvent(step, AnomalyKind.NONFINITE_ORIGIN, names[row], float(nonfinite[row]), None, "none"))
     row_of = {name: r for r, name in enumerate(names)}
-    spikes = {
-        row_of[e.param]: e
-        for e in events
-        if e.kind is AnomalyKind.SPIKE and e.param is not None and e.param in row_of and e.rank is None
-    }
-    if spikes:
-        row = min(spikes, key=lambda r: order.rank(index[r]))
-        e = spikes[row]
-        out.append(AnomalyEvent(step, AnomalyKind.SPIKE_ORIGIN, e.param, e.value, e.threshold, "none"))
+    out: list[AnomalyEvent] = []
+    for kind, origin in (
+        (AnomalyKind.NONFINITE, AnomalyKind.NONFINITE_ORIGIN),
+        (AnomalyKind.SPIKE, AnomalyKind.SPIKE_ORIGIN),
+    ):
+        flagged = {
+            row_of[e.param]: e
+            for e in events
+            if e.kind is kind and e.param is not None and e.param in row_of and e.rank is None
+        }
+        if len(flagged) < 2:
+            continue
+        e = flagged[min(flagged, key=lambda r: order.rank(index[r]))]
+        out.append(AnomalyEvent(step, origin, e.param, e.value, e.threshold, "none"))
     return out
