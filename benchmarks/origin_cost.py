@@ -20,6 +20,7 @@ pre-hook runs it) against one update-ratio measurement (the snapshot plus the fu
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="resnet50,gpt2s")
     parser.add_argument("--calls", type=int, default=30, help="calls timed for the monitoring work alone")
     args = parser.parse_args()
+    logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the events of a synthetic run are not the point
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, threads {torch.get_num_threads()}, quick={args.quick}, torch {torch.__version__}")
     for name in args.workloads.split(","):

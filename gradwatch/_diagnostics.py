@@ -174,39 +174,38 @@ class Diagnostics:
         if self.forward is not None:
             self.forward.collect(step)
         if self._measured is not None and self.updates is not None:
-            skip = self._snap_skip if self._snap_skip is not None else torch.zeros((), dtype=torch.bool)
-            self.updates.put(step, self._measured, skip)
+            self.updates.put(step, self._measured, self._snap_skip)
         self._measured = None
 
-    def end_check(self, step: int, skipped: torch.Tensor | None) -> None:
+    def end_check(self, step: int, skipped: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """End of a check that did not raise (or of a step ``every=N`` leaves out).
 
         Args:
             step: the step.
-            skipped: the device flag "this step's update is skipped" (None: not decided, not skipped).
+            skipped: the device flags (policies' skip, GradScaler's skip) of this step's update
+                (None: not decided, not skipped).
         """
         if self.forward is not None and skipped is None:
             self.forward.reset()  # a step without a record: its forwards are not reported later
         if self.updates is not None and (step + 1) % self.ratio_every == 0:
             self.updates.snapshot()
             self._snap_step = step
-            self._snap_skip = skipped
+            self._snap_skip = None if skipped is None else skipped[0] | skipped[1]
 
     # ----------------------------------------------------------------------------- the record
 
-    def record_extras(self, rec: HostRecord, position: Mapping[str, int], n: int) -> RecordExtras:
-        """Events and update norms for a drained record (host work only).
+    def record_extras(self, rec: HostRecord, position: Mapping[str, int], names: Sequence[str]) -> RecordExtras:
+        """Events and update norms for a drained record (host work only; nothing per parameter by default).
 
         Args:
             rec: the decoded record.
             position: each watched parameter's index.
-            n: how many parameters are watched.
+            names: the watched parameters' names, in that order.
         """
         out = RecordExtras()
-        index = [position[name] for name in rec.names]
-        if self.origin:
+        if self.origin and rec.events:
             order = self.order if self.order is not None else BackwardOrder([])
-            out.events += origin_events(rec.step, rec.names, rec.events, index, order)
+            out.events += origin_events(rec.step, rec.events, position, order)
         if self.forward is not None:
             self.forward.discard_before(rec.step)  # guarded steps whose records found nothing
             found = self.forward.take(rec.step)
@@ -220,12 +219,9 @@ class Diagnostics:
             update = self.updates.take(rec.step)
             if update is not None:
                 out.update_norms, out.weight_norms = list(update.update_norms), list(update.weight_norms)
-                grad_norms: list[float | None] = [None] * n
-                for i, norm in zip(index, rec.norms, strict=True):
-                    grad_norms[i] = norm
-                names = [""] * n
-                for name, i in position.items():
-                    names[i] = name
+                grad_norms: list[float | None] = [None] * len(names)
+                for name, norm in zip(rec.names, rec.norms, strict=True):
+                    grad_norms[position[name]] = norm
                 out.events += ratio_events(
                     rec.step,
                     names,

@@ -643,7 +643,7 @@ class GradWatch:
                 decision.skip = torch.ones_like(decision.skip)
                 self._force_skip = False
             decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
-            skipped = decision.skip | scaler_flag
+            skipped = (decision.skip, scaler_flag)  # or-ed only where an update snapshot needs it
             skip_path = self.step_control.skip_path(self.policy.can_skip)
             self._act(grads, decision, skip_path == "fused")
             self._buffer_guard.settle(decision.skip if skip_path is not None else None)
@@ -867,7 +867,7 @@ class GradWatch:
             for kind, r in rec.seen_by.items()
             if kind not in local_kinds
         ]
-        extras = self._diagnostics.record_extras(rec, self._position, len(self.param_names))
+        extras = self._diagnostics.record_extras(rec, self._position, self.param_names)
         anomalies, routine = self.policy.split_events(rec.events + remote + extras.events, outcomes)
         anomalies = inherit_actions(anomalies)
         events = anomalies + routine

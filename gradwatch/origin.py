@@ -19,14 +19,14 @@ are added when two or more parameters are flagged; with one, its own event names
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from .events import AnomalyEvent, AnomalyKind
 
-__all__ = ["BackwardOrder", "origin_events", "first_in_order"]
+__all__ = ["BackwardOrder", "origin_events"]
 
 
 class BackwardOrder:
@@ -66,6 +66,7 @@ class BackwardOrder:
         self._handles: list[RemovableHandle] = []
         self._since = 0  # update() calls since the order was last learned
         self._present: frozenset[int] | None = None
+        self._present_list: Sequence[int] | range | None = None
         self._enabled = False  # the owner's hooks are attached (arm() is a no-op otherwise)
 
     @property
@@ -123,9 +124,12 @@ class BackwardOrder:
             self._seen, self._seen_set = [], set()
         else:
             self._since += 1
-        present_set = frozenset(present)
-        changed = self._present is not None and present_set != self._present
-        self._present = present_set
+        if present is not self._present_list:  # the monitor passes the same list while all are present
+            present_set = frozenset(present)
+            changed = self._present is not None and present_set != self._present
+            self._present, self._present_list = present_set, present
+        else:
+            changed = False
         if self._enabled and not self._handles and (changed or not self.order or self._since >= self.relearn_every - 1):
             self.arm()
 
@@ -139,16 +143,10 @@ class BackwardOrder:
         return (0, k) if k is not None else (1, -index)
 
 
-def first_in_order(candidates: Sequence[int], order: BackwardOrder) -> int | None:
-    """The candidate parameter index that comes first in backward order (None if there are none)."""
-    return min(candidates, key=order.rank) if candidates else None
-
-
 def origin_events(
     step: int,
-    names: Sequence[str],
     events: Sequence[AnomalyEvent],
-    index: Sequence[int],
+    position: Mapping[str, int],
     order: BackwardOrder,
 ) -> list[AnomalyEvent]:
     """The step's ``nonfinite_origin`` and ``spike_origin`` events, from its detector events.
@@ -158,11 +156,10 @@ def origin_events(
 
     Args:
         step: the step.
-        names: the measured parameters' names (row order of the record).
         events: the step's detector events; the ``nonfinite`` and ``spike`` events with a
             ``param`` (this rank's: ``rank`` None) are the candidates. Steps the GradScaler skipped
             carry no such events, so their overflowed gradients get no origin.
-        index: per measured parameter, its index among the watched parameters (what ``order`` holds).
+        position: each watched parameter's index (what ``order`` holds), by name.
         order: the learned backward order.
 
     Returns:
@@ -170,19 +167,12 @@ def origin_events(
         parameter's own event: ``nonfinite_origin`` (its non-finite element count) and
         ``spike_origin`` (its norm and spike threshold).
     """
-    row_of = {name: r for r, name in enumerate(names)}
     out: list[AnomalyEvent] = []
-    for kind, origin in (
-        (AnomalyKind.NONFINITE, AnomalyKind.NONFINITE_ORIGIN),
-        (AnomalyKind.SPIKE, AnomalyKind.SPIKE_ORIGIN),
-    ):
-        flagged = {
-            row_of[e.param]: e
-            for e in events
-            if e.kind is kind and e.param is not None and e.param in row_of and e.rank is None
-        }
+    pairs = ((AnomalyKind.NONFINITE, AnomalyKind.NONFINITE_ORIGIN), (AnomalyKind.SPIKE, AnomalyKind.SPIKE_ORIGIN))
+    for kind, origin in pairs:
+        flagged = [e for e in events if e.kind is kind and e.param in position and e.rank is None]
         if len(flagged) < 2:
             continue
-        e = flagged[min(flagged, key=lambda r: order.rank(index[r]))]
+        e = min(flagged, key=lambda f: order.rank(position[f.param]))  # type: ignore[index]
         out.append(AnomalyEvent(step, origin, e.param, e.value, e.threshold, "none"))
     return out

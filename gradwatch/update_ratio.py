@@ -122,9 +122,19 @@ class UpdateRatios:
         """Forgets the snapshot (the step it was taken for never ran)."""
         self.snapshot_taken = False
 
-    def put(self, step: int, norms: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Starts the copy of ``measure()``'s norms and the step's skip flag to the host (no sync)."""
-        payload = torch.cat([norms, skipped.reshape(1).to(norms.device, torch.float64)])
+    def put(self, step: int, norms: torch.Tensor, skipped: torch.Tensor | None) -> None:
+        """Starts the copy of ``measure()``'s norms and the step's skip flag to the host (no sync).
+
+        Args:
+            step: the step whose record the norms travel with.
+            norms: what :meth:`measure` returned.
+            skipped: the device flag "the measured update was skipped" (None: it was not).
+        """
+        if skipped is None:  # made on the device: a host tensor would be a blocking copy on CUDA
+            flag = torch.zeros(1, dtype=torch.float64, device=norms.device)
+        else:
+            flag = skipped.reshape(1).to(norms.device, torch.float64)
+        payload = torch.cat([norms, flag])
         if payload.device.type == "cuda":
             host = (
                 self._pinned.pop()

@@ -102,7 +102,7 @@ def test_origin_events_name_the_first_nonfinite_in_backward_order(name):
             for n, c in zip(names, counts, strict=True)
             if c
         ]
-        events = origin_events(5, names, flagged, list(range(len(names))), order)
+        events = origin_events(5, flagged, {n: i for i, n in enumerate(names)}, order)
         assert len(events) == 1
         e = events[0]
         assert e.kind is AnomalyKind.NONFINITE_ORIGIN and e.step == 5
@@ -121,18 +121,19 @@ def test_spike_origin_from_spike_events():
         AnomalyEvent(3, AnomalyKind.SPIKE, "b.weight", 40.0, 9.0, "none"),
         AnomalyEvent(3, AnomalyKind.SPIKE, None, 90.0, 30.0, "none"),  # the total norm's: not a parameter
     ]
-    (e,) = origin_events(3, names, spikes, [0, 1, 2], order)
+    position = {n: i for i, n in enumerate(names)}
+    (e,) = origin_events(3, spikes, position, order)
     assert (e.kind, e.param, e.value, e.threshold) == (AnomalyKind.SPIKE_ORIGIN, "b.weight", 40.0, 9.0)
-    assert origin_events(3, names, [], [0, 1, 2], order) == []
+    assert origin_events(3, [], position, order) == []
     # one flagged parameter: its own event names the place (one fact, one event)
-    assert origin_events(3, names, spikes[:1], [0, 1, 2], order) == []
+    assert origin_events(3, spikes[:1], position, order) == []
     # another rank's event (no parameter, rank set) is no candidate
     remote = AnomalyEvent(3, AnomalyKind.NONFINITE, None, float("nan"), None, "none", rank=1)
-    assert origin_events(3, names, [remote], [0, 1, 2], order) == []
+    assert origin_events(3, [remote, remote], position, order) == []
 
 
 def test_unlearned_order_falls_back_to_reverse_parameter_order():
     order = BackwardOrder([torch.zeros(1, requires_grad=True) for _ in range(3)])
     flagged = [AnomalyEvent(0, AnomalyKind.NONFINITE, n, 1.0, None, "none") for n in ("a", "b")]
-    (e,) = origin_events(0, ["a", "b", "c"], flagged, [0, 1, 2], order)
+    (e,) = origin_events(0, flagged, {"a": 0, "b": 1, "c": 2}, order)
     assert e.param == "b"
