@@ -1,20 +1,19 @@
-"""``python -m benchmarks.origin_cost [--quick] [--rounds N]``: what issue 16's origin and ratio features cost.
+"""``python -m benchmarks.origin_cost [--quick] [--reps N]``: what issue 16's origin and ratio features cost.
 
-Whole training steps (forward, backward, optimizer step, the monitor's hooks), one process, the
-variants interleaved round-robin so that they share the machine's state; medians per variant:
+Whole training steps, each variant once per round, in a fixed order; per variant the median over
+the rounds of its step time minus the plain step's of the same round (paired differences: a
+shared machine's drift cancels). Variants:
 
-* ``plain``: no monitor.
-* ``check``: ``GradWatch(model, opt)``: today's check, with the backward-order learning of
-  ``nonfinite_origin`` (on by default: hooks during one backward pass in 500).
-* ``check, origin=False``: the same without it.
-* ``forward_check``: ``GradWatch(..., forward_check=True)``: a reduction per module call.
-* ``update_ratio_every=1``: parameter snapshot and fused update norms every step.
-* ``detect_anomaly``: plain training under ``torch.autograd.detect_anomaly()``, no monitor.
+* ``check (today's)``: the monitor's check, as its optimizer pre-hook runs it.
+* ``forward_check``: the forward hooks of :class:`~gradwatch.forward_check.ForwardCheck`, collected
+  and read once per step.
+* ``detect_anomaly``: the step under ``torch.autograd.detect_anomaly()``.
+* ``backward order learning``: a backward pass with the origin's learning hooks on (the monitor
+  does this on the first backward, on graph changes and once every 500 checks).
+* ``update ratio (every step)``: the parameter snapshot before ``optimizer.step()`` and the fused
+  norms after it (``update_ratio_every=1``; ``=N`` pays it every N-th step).
 
-Printed per variant: median step time, the ratio to ``plain``, and the added time as a ratio to
-the added time of ``check`` ("cost as a ratio to today's check"). Then the monitoring work alone,
-timed directly (less noisy than step differences): one check (``watch.check()``, as the optimizer
-pre-hook runs it) against one update-ratio measurement (the snapshot plus the fused norms).
+Then the monitoring work alone, timed directly: one check against one update-ratio measurement.
 """
 
 from __future__ import annotations
@@ -24,22 +23,14 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 
 import gradwatch
 from benchmarks.workloads import Workload, build_workload
+from gradwatch.forward_check import ForwardCheck
+from gradwatch.origin import BackwardOrder
 from gradwatch.update_ratio import UpdateRatios
-
-VARIANTS: dict[str, dict | None] = {
-    "plain": None,
-    "check": {},
-    "check, origin=False": {"origin": False},
-    "forward_check": {"forward_check": True},
-    "update_ratio_every=1": {"update_ratio_every": 1},
-    "detect_anomaly": None,
-}
 
 
 def _step(w: Workload, i: int) -> None:
@@ -55,43 +46,93 @@ def _sync(w: Workload) -> None:
         torch.cuda.synchronize(w.device)
 
 
-def _timed(w: Workload, steps: int, start: int, context: Callable[[], object]) -> list[float]:
-    times = []
-    with context():  # type: ignore[attr-defined]
-        for i in range(steps):
+def _workload(name: str, device: torch.device, quick: bool) -> Workload:
+    """``resnet18``: torchvision ResNet-18, batch 8 of 3x32x32, SGD with momentum (sized for a shared
+    2-core CPU); otherwise a workload of :mod:`benchmarks.workloads`."""
+    if name != "resnet18":
+        return build_workload(name, device, quick=quick)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).to(device)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device))
+        for _ in range(4)
+    ]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    return Workload("resnet18", "ResNet-18, batch 8 x 3x32x32, SGD momentum", model, opt, batches, loss)
+
+
+def run(name: str, device: torch.device, quick: bool, reps: int) -> dict[str, float]:
+    """Per variant, the median over ``reps`` of its step time minus the plain step's of the same round."""
+    w = _workload(name, device, quick)
+    watch = gradwatch.GradWatch(w.model, w.optimizer, policy="warn", attach=False)
+    forward = ForwardCheck(w.model)
+    order = BackwardOrder(watch._params)
+    ratios = UpdateRatios(watch._params)
+    present = list(range(len(watch.param_names)))
+
+    def checked(i: int) -> None:  # what the optimizer pre-hook runs: the check, then the step
+        w.loss_fn(w.model, w.batches[i % len(w.batches)]).backward()
+        watch.check()
+        w.optimizer.step()
+        watch.step_control.restore()
+        w.optimizer.zero_grad(set_to_none=True)
+
+    def forward_checked(i: int) -> None:
+        handles = forward.register()
+        _step(w, i)
+        forward.collect(i)
+        forward.take(i)
+        for h in handles:
+            h.remove()
+
+    def anomaly(i: int) -> None:
+        with torch.autograd.detect_anomaly():
+            _step(w, i)
+
+    def learning(i: int) -> None:  # a backward pass with the backward-order hooks on (1 in 500 by default)
+        order.arm()
+        _step(w, i)
+        order.update(present)
+
+    def ratio(i: int) -> None:  # update_ratio_every=1: snapshot before the step, fused norms after
+        w.loss_fn(w.model, w.batches[i % len(w.batches)]).backward()
+        ratios.snapshot()
+        w.optimizer.step()
+        ratios.put(i, ratios.measure(), None)
+        ratios.take(i)
+        w.optimizer.zero_grad(set_to_none=True)
+
+    variants: dict[str, Callable[[int], None]] = {
+        "plain": lambda i: _step(w, i),
+        "check (today's)": checked,
+        "forward_check": forward_checked,
+        "detect_anomaly": anomaly,
+        "backward order learning": learning,
+        "update ratio (every step)": ratio,
+    }
+    added: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(-2, reps):  # two rounds of warm-up
+        times = {}
+        for v, fn in variants.items():
             _sync(w)
             t = time.perf_counter()
-            _step(w, start + i)
+            fn(i)
             _sync(w)
-            times.append(time.perf_counter() - t)
-    return times
-
-
-def run(name: str, device: torch.device, quick: bool, rounds: int, steps: int) -> dict[str, float]:
-    w = build_workload(name, device, quick=quick)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    counter = 0
-    for _ in range(2):  # warm-up: allocator, kernels, first-step optimizer state
-        _step(w, counter)
-        counter += 1
-    for _ in range(rounds):
-        for variant, options in VARIANTS.items():
-            watch = None
-            if options is not None:
-                watch = gradwatch.GradWatch(w.model, w.optimizer, policy="warn", **options)
-                _step(w, counter)  # its first step (allocations, the first backward order)
-                counter += 1
-            context = torch.autograd.detect_anomaly if variant == "detect_anomaly" else nullcontext
-            times[variant] += _timed(w, steps, counter, context)
-            counter += steps
-            if watch is not None:
-                watch.remove()
-    return {v: statistics.median(t) for v, t in times.items()}
+            times[v] = time.perf_counter() - t
+        if i >= 0:
+            for v in variants:
+                added[v].append(times[v] - times["plain"] if v != "plain" else times[v])
+    watch.remove()
+    return {v: statistics.median(x) for v, x in added.items()}
 
 
 def work_alone(name: str, device: torch.device, quick: bool, calls: int) -> tuple[float, float]:
     """Median ms of one full check and of one update-ratio measurement (snapshot + fused norms), interleaved."""
-    w = build_workload(name, device, quick=quick)
+    w = _workload(name, device, quick)
     w.loss_fn(w.model, w.batches[0]).backward()
     watch = gradwatch.GradWatch(w.model, w.optimizer, policy="warn", attach=False)
     ratios = UpdateRatios(watch._params)  # what update_ratio_every=N runs on a measured step
@@ -119,25 +160,25 @@ def work_alone(name: str, device: torch.device, quick: bool, calls: int) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the CI smoke sizes")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    parser.add_argument("--workloads", default="resnet50,gpt2s")
+    parser.add_argument("--quick", action="store_true", help="the CI smoke sizes of benchmarks.workloads")
+    parser.add_argument("--reps", type=int, default=15, help="rounds of all variants")
+    parser.add_argument("--workloads", default="resnet18,gpt2s", help="resnet18 or names of benchmarks.workloads")
     parser.add_argument("--calls", type=int, default=30, help="calls timed for the monitoring work alone")
     args = parser.parse_args()
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the events of a synthetic run are not the point
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, threads {torch.get_num_threads()}, quick={args.quick}, torch {torch.__version__}")
     for name in args.workloads.split(","):
-        medians = run(name, device, args.quick, args.rounds, args.steps)
-        plain, check = medians["plain"], medians["check"]
-        print(f"\n{name}: median step, ratio to plain, added time as a ratio to the check's added time")
+        medians = run(name, device, args.quick, args.reps)
+        plain, check = medians["plain"], medians["check (today's)"]
+        print(f"\n{name}: plain step {plain * 1e3:.1f} ms; added per step (median of paired differences)")
         for variant, t in medians.items():
-            added = (t - plain) / (check - plain) if check > plain else float("nan")
-            print(f"  {variant:<24} {t * 1e3:9.2f} ms  x{t / plain:6.3f}  {added:7.2f}")
+            if variant != "plain":
+                print(
+                    f"  {variant:<28} {t * 1e3:+9.2f} ms  {t / plain:+7.1%} of the step  x{t / check:6.2f} of the check"
+                )
         print(
-            f"  forward_check vs detect_anomaly, added time: "
-            f"{(medians['forward_check'] - plain) / (medians['detect_anomaly'] - plain):.3f}"
+            f"  forward_check / detect_anomaly (added time): {medians['forward_check'] / medians['detect_anomaly']:.3f}"
         )
         check_ms, ratio_ms = work_alone(name, device, args.quick, args.calls)
         print(
