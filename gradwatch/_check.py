@@ -23,19 +23,20 @@ and decide, say) changes here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ._buffers import BufferGuard
-from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from ._policy import Decision, DecisionContext, PolicySet
-from ._records import RecordQueue, StepLoss, encode_record, extras_layout
+from ._policy import Decision, DecisionContext
+from ._records import StepLoss, encode_record, extras_layout
 from ._selection import present_gradients
-from ._stepping import SkipPath, StepControl
-from .detect import NUM_KINDS, Detection, Detector, nonfinite_detection
-from .distributed import ShardedStats, agree_decision, is_distributed, local_gradient
+from ._stepping import SkipPath
+from .detect import NUM_KINDS, Detection, nonfinite_detection
+from .distributed import ShardedStats, agree_decision, is_distributed, is_dtensor, local_gradient
+
+if TYPE_CHECKING:
+    from .monitor import GradWatch
 
 __all__ = ["CheckPipeline", "CheckResult"]
 
@@ -50,52 +51,33 @@ class CheckResult(NamedTuple):
 class CheckPipeline:
     """The device stages of one check (see the module docstring), over a monitor's parameters.
 
+    Built from the monitor's parts, shared with it (not copies): its watched parameters and their
+    names, policies, detector, step control (unscale, skips), record queue, buffer guard and
+    in-backward measurement, and its process group.
+
     Args:
-        params: the watched parameters (the live ones: after ``fully_shard``).
-        param_names: their names, in order.
-        policy: the policies that decide.
-        detector: the detector.
-        step_control: the optimizer and GradScaler side (unscale, skips).
-        records: the queue the step's record goes to.
-        buffer_guard: the buffers a skipped step puts back.
-        in_backward: the in-backward measurement, or None.
-        process_group: the ranks that must agree (None: the default group, if any).
-        one_device: every watched parameter is on one device.
-        has_dtensor: some watched parameter is a DTensor.
+        watch: the monitor whose checks these are.
 
     Attributes:
         force_skip: skip the next check's step whatever the policies decide (a host-side restore
             replaced the state its gradients came from); consumed by that check.
     """
 
-    def __init__(
-        self,
-        params: list[torch.nn.Parameter],
-        param_names: list[str],
-        *,
-        policy: PolicySet,
-        detector: Detector,
-        step_control: StepControl,
-        records: RecordQueue,
-        buffer_guard: BufferGuard,
-        in_backward: InBackwardStats | None,
-        process_group: object,
-        one_device: bool,
-        has_dtensor: bool,
-    ):
-        self.params = params
-        self.param_names = param_names
-        self.policy = policy
-        self.detector = detector
-        self.step_control = step_control
-        self.records = records
-        self.buffer_guard = buffer_guard
-        self.in_backward = in_backward
-        self.process_group = process_group
-        self.distributed = is_distributed(process_group)
-        self.one_device = one_device
-        self.has_dtensor = has_dtensor
-        self.all_index = list(range(len(params)))
+    def __init__(self, watch: GradWatch):
+        self.params = watch._params
+        self.param_names = watch.param_names
+        self.policy = watch.policy
+        self.detector = watch.detector
+        self.step_control = watch.step_control
+        self.records = watch._records
+        self.buffer_guard = watch._buffer_guard
+        self.in_backward = watch._in_backward
+        self.process_group = watch.process_group
+        self.distributed = is_distributed(watch.process_group)
+        # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
+        self.has_dtensor = any(is_dtensor(p) for p in self.params)
+        self.one_device = len({p.device for p in self.params}) == 1
+        self.all_index = list(range(len(self.params)))
         self.force_skip = False
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         self._index_cache = IndexCache(limit=64)

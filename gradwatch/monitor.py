@@ -214,9 +214,6 @@ class GradWatch:
         selected = select_parameters(model, include, exclude)
         self.param_names: list[str] = [n for n, _ in selected]
         self._params: list[nn.Parameter] = [p for _, p in selected]
-        # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
-        self._has_dtensor = any(is_dtensor(p) for p in self._params)
-        self._one_device = len({p.device for p in self._params}) == 1
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         if baseline is not None:
@@ -233,19 +230,7 @@ class GradWatch:
         self._unwatched = UnwatchedReport(model)  # the optimizer's parameters that are not the model's
         # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
         self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
-        self._stages = CheckPipeline(
-            self._params,
-            self.param_names,
-            policy=self.policy,
-            detector=self.detector,
-            step_control=self.step_control,
-            records=self._records,
-            buffer_guard=self._buffer_guard,
-            in_backward=self._in_backward,
-            process_group=process_group,
-            one_device=self._one_device,
-            has_dtensor=self._has_dtensor,
-        )
+        self._stages = CheckPipeline(self)  # the device stages of every check, sharing the parts above
         self._history = None
         self._publisher = Publisher(
             self.policy,
@@ -316,7 +301,8 @@ class GradWatch:
             raise TypeError(f"measure_in_backward must be a bool, got {wanted!r}")
         if not wanted:
             return None
-        if is_distributed() or self._has_dtensor or not self._one_device:
+        one_device = len({p.device for p in self._params}) == 1
+        if is_distributed() or any(is_dtensor(p) for p in self._params) or not one_device:
             raise ValueError(
                 "measure_in_backward=True needs a single process with all watched parameters on one device "
                 "and none a DTensor (collectives change gradients after backward, unseen); "
