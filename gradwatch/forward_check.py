@@ -16,6 +16,10 @@ leaf that produced the NaN reports before its containers, and a module called se
 in a container's own ``forward`` (not in a submodule) is reported at the next module whose output
 carries it, or at the container.
 
+Under the monitor, a step's result covers every forward pass since the previous check (all
+micro-batches; an evaluation forward in between counts towards the next checked step); forwards of
+steps that ``every=N`` leaves out are forgotten.
+
 Cost: one reduction per module call (a read of each activation); far cheaper than
 ``torch.autograd.detect_anomaly`` (see ``benchmarks/origin_cost.py``), but not free: opt-in.
 """
