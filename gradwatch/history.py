@@ -33,6 +33,11 @@ Schema (version 2). One JSON object per line, told apart by ``"type"``:
     (``[first_bin, counts...]`` or null) and ``underflow`` (``{"fp16": [...], "bf16": [...],
     "fp8_e4m3": [...], "fp8_e5m2": [...]}``). Readers that do not know them ignore them.
 
+    With ``GradWatch(update_ratio_every=N)``, the measured steps also carry ``update_norms`` and
+    ``weight_norms`` (per header name, ``||w_after - w_before||`` of the previous optimizer step and
+    ``||w_after||``; see :meth:`StepRecord.update_ratios`); optional, so files without them (and
+    readers that do not know them) are unaffected.
+
     ``loss`` is null when no loss was observed. ``norms``, ``max_abs`` and ``nonfinite`` have one
     entry per header name when ``per_param`` is ``"all"`` (``null`` for a parameter that had no
     gradient on that step); with ``"none"`` they are omitted. ``events`` uses
@@ -347,6 +352,12 @@ class HistoryWriter:
             line.update(norms=norms, max_abs=max_abs, nonfinite=nonfinite)
             if record.log2_hist is not None:
                 line.update(histogram_line(record.log2_hist, columns, len(self._index)))
+            if record.update_norms is not None and record.weight_norms is not None:
+                update = [encode_float(x) for x in record.update_norms]
+                weight = [encode_float(x) for x in record.weight_norms]
+                if columns is not None:
+                    update, weight = (_spread(v, columns, len(self._index)) for v in (update, weight))
+                line.update(update_norms=update, weight_norms=weight)
         line["events"] = [_encode_event(e) for e in record.events]
         lines = [self._header(), line] if self._header_due else [line]
         if self._write(lines):

@@ -319,6 +319,10 @@ class HistoryReader:
                 log2_hist = decode_history_hist(obj["log2_hist"], len(names))
             except ValueError as error:
                 raise _BadLine(str(error)) from None
+        update = weight = None
+        if lists and names is not None and "update_norms" in obj:  # optional (update_ratio_every=N)
+            update = _numbers(obj["update_norms"], "update_norms", len(names), True)
+            weight = _numbers(obj.get("weight_norms"), "weight_norms", len(names), True)
         return StepRecord(
             step=step,
             names=names if lists else (names or []),
@@ -331,6 +335,8 @@ class HistoryReader:
             skipped=skipped,
             events=[_event(e) for e in events],
             log2_hist=log2_hist,
+            update_norms=update,
+            weight_norms=weight,
         )
 
     def _summary(self, obj: dict[str, Any]) -> None:
