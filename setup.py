@@ -98,7 +98,11 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def make_extension():
     with_cuda = _choose_cuda()
-    sources = [str(CSRC / "gradwatch.cpp"), str(CSRC / "cpu" / "grad_stats_cpu.cpp")]
+    sources = [
+        str(CSRC / "gradwatch.cpp"),
+        str(CSRC / "cpu" / "grad_stats_cpu.cpp"),
+        str(CSRC / "cpu" / "grad_check_cpu.cpp"),
+    ]
     cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"] + [f"-DGRADWATCH_HAVE_{c}" for c in CPU_CAPABILITIES]
     # at::parallel_for is header code around `#pragma omp parallel`: without -fopenmp in this
     # extension it silently runs on one thread. torch's OpenMP builds share the same libgomp.
