@@ -112,7 +112,7 @@ def make_extension():
         link.append("-fopenmp")
     extra = {"cxx": cxx}
     if with_cuda:
-        sources.append(str(CSRC / "cuda" / "grad_stats_cuda.cu"))
+        sources += [str(CSRC / "cuda" / "grad_stats_cuda.cu"), str(CSRC / "cuda" / "grad_check_cuda.cu")]
         # --threads 0: the per-arch device compiles (5 cubins + PTX) run in parallel on the free cores.
         extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--threads", "0"]
         return cpp_extension.CUDAExtension("gradwatch._C", sources, extra_compile_args=extra, extra_link_args=link)

@@ -120,7 +120,7 @@ def _assert_states_close(a: Detector, b: Detector, step):
     sa, sb = a.state_dict(), b.state_dict()
     for part in ("params", "total", "shares", "resid"):
         for key in ("mean", "var", "count"):
-            x, y = sa[part][key], sb[part][key]
+            x, y = sa[part][key].cpu(), sb[part][key].cpu()
             torch.testing.assert_close(
                 x, y, rtol=TOL, atol=TOL, msg=lambda m, where=f"step {step} {part}.{key}": f"{where}: {m}"
             )
@@ -129,7 +129,9 @@ def _assert_states_close(a: Detector, b: Detector, step):
         if x is None or y is None:
             assert x is None and (y is None or not y.any()), (step, key)
             continue
-        torch.testing.assert_close(x, y, rtol=TOL, atol=TOL, msg=lambda m, where=f"step {step} {key}": f"{where}: {m}")
+        torch.testing.assert_close(
+            x.cpu(), y.cpu(), rtol=TOL, atol=TOL, msg=lambda m, where=f"step {step} {key}": f"{where}: {m}"
+        )
 
 
 POLICIES = {
@@ -159,7 +161,14 @@ CONFIGS = {
 }
 
 
-def _run_both(policy_name, config, seed=0, n=6, steps=140, with_loss=False, subsets=False, resume_at=None):
+def _on(t, device):
+    return None if t is None else t.to(device)
+
+
+def _run_both(
+    policy_name, config, seed=0, n=6, steps=140, with_loss=False, subsets=False, resume_at=None, device="cpu"
+):
+    """Runs the oracle on the CPU and the op on ``device`` over one stream; asserts they agree every step."""
     names = [f"p{i}" for i in range(n)]
     det_py, det_op = Detector(n, DetectorConfig(**config)), Detector(n, DetectorConfig(**config))
     pol_py, pol_op = make_policy(POLICIES[policy_name]()), make_policy(POLICIES[policy_name]())
@@ -195,7 +204,8 @@ def _run_both(policy_name, config, seed=0, n=6, steps=140, with_loss=False, subs
                 loss_flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE if t == 60 else AnomalyKind.LOSS_NONFINITE]] = True
         sub_names = names if index is None else [names[i] for i in index.tolist()]
         oracle, decision = _python_step(det_py, pol_py, rows, sub_names, t, index, ignore, loss, loss_flags)
-        record, factors, skip = fused(rows, index, ignore, loss, loss_flags)
+        on = [_on(v, device) for v in (rows, index, ignore, loss, loss_flags)]
+        record, factors, skip = (v.cpu() for v in fused(*on))
         _assert_records_equal(record, oracle, rows.shape[0] - 1, t)
         torch.testing.assert_close(factors, decision.factors, rtol=TOL, atol=0.0, msg=lambda m, t=t: f"step {t}: {m}")
         assert bool(skip) == bool(decision.skip), t
