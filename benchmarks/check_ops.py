@@ -150,7 +150,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"One check on the CPU ({results['threads']} threads; median of {results['repeats']} interleaved checks; "
         "ops: top-level dispatcher ops, torch.profiler; calls: Python function calls, sys.setprofile):",
         "",
-        "| gradients | policy | ops python → fused | Python calls python → fused | ms python | ms fused | python / fused |",
+        "| gradients | policy | ops python → fused | Python calls python → fused | ms python | ms fused | ratio |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:

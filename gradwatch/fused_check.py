@@ -47,7 +47,7 @@ import torch
 from ._ops import _C, measure_unchecked, scale_unchecked
 from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detector
 from .events import AnomalyKind
-from .policies import AdaptiveClip, Clip, LRBackoff, PolicySet, Raise, Rollback, Skip, Warn, Zero
+from .policies import AdaptiveClip, Clip, ClipExtras, LRBackoff, PolicySet, Raise, Rollback, Skip, Warn, Zero
 
 __all__ = ["FusedCheck", "FusedResult", "supports", "native", "check_step", "CONFIG_VERSION"]
 
@@ -218,6 +218,8 @@ class FusedCheck:
             raise ValueError(f"FusedCheck runs the built-in policies only; {others} need the Python path")
         self.detector, self.policy = detector, policy
         self.config, self.extras_sizes, self._raises = _config(detector, policy)
+        # what decode_record rebuilds each policy's report from (the Python path's extras_layout)
+        self.extras_layout: tuple[type | None, ...] = tuple(ClipExtras if size else None for size in self.extras_sizes)
         self.fstate: torch.Tensor | None = None
         self.istate: torch.Tensor | None = None
         self._views: tuple[torch.Tensor, ...] = ()

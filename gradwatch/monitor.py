@@ -50,6 +50,8 @@ from ._validate import is_positive_int, positive_int
 from .detect import NUM_KINDS, Detector, DetectorConfig, nonfinite_detection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
 from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
+from .fused_check import FusedCheck, supports
+from .fused_check import native as native_check
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
 __all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
@@ -251,6 +253,8 @@ class GradWatch:
         self._all_index = list(range(len(self._params)))
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
+        # the built-in policies run in the same op as the detector (one op per check, fused_check.py)
+        self._fused = FusedCheck(self.detector, self.policy) if supports(self.policy) else None
         if baseline is not None:
             device = self._params[0].device
             self.detector.load_baseline(baseline, self.param_names, ignore_extra=baseline_ignore_extra, device=device)
@@ -587,42 +591,23 @@ class GradWatch:
                 scaler_flag = torch.ones_like(scaler_flag)
             packed = self._reduce(packed, index)
             device = packed.device
-            if sampled:
-                observed = None if loss is None else loss.mean  # judges the total norm given the loss
-                detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_flag, observed)
-            else:  # non-finite gradients only; the running statistics stay those of the sampled steps
-                detection = nonfinite_detection(packed, scaler_flag)
-            loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
-            if loss is not None:
-                loss_flags = loss.flags.to(device)
             names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
-            decision = Decision.neutral(len(grads), device)
-            self.policy.decide(ctx, decision, gating_only=not sampled)
-            if self._force_skip:
-                decision.skip = torch.ones_like(decision.skip)
-                self._force_skip = False
-            decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
+            if sampled and self._fused_now(device):  # detect + decide + encode in one op (fused_check.py)
+                observed = (None, None) if loss is None else (loss.mean, loss.flags.to(device))
+                result = self._fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
+                payload, factors, skip, layout = result.record, result.factors, result.skip, self._fused.extras_layout
+            else:
+                payload, factors, skip, layout = self._decide(step, packed, index, names, scaler_flag, loss, sampled)
             skip_path = self.step_control.skip_path(self.policy.can_skip)
-            self._act(grads, decision, skip_path == "fused")
-            self._buffer_guard.settle(decision.skip if skip_path is not None else None)
-            payload = encode_record(
-                packed,
-                detection,
-                decision.clip_factor,
-                decision.skip,
-                decision.raise_now,
-                scaler_flag,
-                decision.extras,
-                seen_by,
-            )
-            self._records.put_record(step, names, payload, extras_layout(decision.extras), sampled=sampled)
+            self._act(grads, factors, skip, skip_path == "fused")
+            self._buffer_guard.settle(skip if skip_path is not None else None)
+            self._records.put_record(step, names, payload, layout, sampled=sampled)
             if loss is not None:
                 self._records.put_loss(step, loss)
             if self.optimizer is None and sampled:
                 self._last_checked = step
             if skip_path == "host":
-                self.step_control.skip_on_host(decision.skip)
+                self.step_control.skip_on_host(skip)
                 self.flush()  # the sync above means everything queued has landed
         finally:
             self._in_check = None
@@ -768,13 +753,61 @@ class GradWatch:
         seen = packed[3 + n :]
         return decision, torch.where(seen > 0, world + 1 - seen, torch.zeros_like(seen))
 
-    def _act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
+    def _fused_now(self, device: torch.device) -> bool:
+        """Whether this check runs as one ``grad_check`` op (built-in policies, a compiled kernel, one process).
+
+        The Python path stays for user-written policies, ``torch.distributed`` (the decision is
+        agreed across ranks from its parts), a skip forced by a rollback, and the guard steps of
+        ``every=N``; it is also the oracle the op is tested against.
+        """
+        return self._fused is not None and not self._distributed and not self._force_skip and native_check(device)
+
+    def _decide(
+        self,
+        step: int,
+        packed: torch.Tensor,
+        index: list[int],
+        names: list[str],
+        scaler_flag: torch.Tensor,
+        loss: StepLoss | None,
+        sampled: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[type | None, ...]]:
+        """Stages detect, decide, agree and the record's encoding in Python: (payload, factors, skip, extras layout)."""
+        device = packed.device
+        if sampled:
+            observed = None if loss is None else loss.mean  # judges the total norm given the loss
+            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_flag, observed)
+        else:  # non-finite gradients only; the running statistics stay those of the sampled steps
+            detection = nonfinite_detection(packed, scaler_flag)
+        loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
+        if loss is not None:
+            loss_flags = loss.flags.to(device)
+        ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
+        decision = Decision.neutral(len(names), device)
+        self.policy.decide(ctx, decision, gating_only=not sampled)
+        if self._force_skip:
+            decision.skip = torch.ones_like(decision.skip)
+            self._force_skip = False
+        decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
+        payload = encode_record(
+            packed,
+            detection,
+            decision.clip_factor,
+            decision.skip,
+            decision.raise_now,
+            scaler_flag,
+            decision.extras,
+            seen_by,
+        )
+        return payload, decision.factors, decision.skip, extras_layout(decision.extras)
+
+    def _act(self, grads: list[torch.Tensor], factors: torch.Tensor, skip: torch.Tensor, fused_skip: bool) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
         if self.policy.scales:
             # validated once at construction; the factors live on the gradients' device
-            (scale_unchecked if self._one_device else scale_)(grads, decision.factors)
+            (scale_unchecked if self._one_device else scale_)(grads, factors)
         if fused_skip:
-            self.step_control.skip_fused(decision.skip)
+            self.step_control.skip_fused(skip)
 
     # ----------------------------------------------------------------------------- records
 
