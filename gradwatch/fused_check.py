@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -217,13 +217,40 @@ class FusedCheck:
             others = [type(p).__name__ for p in policy.policies if type(p) not in _TYPES]
             raise ValueError(f"FusedCheck runs the built-in policies only; {others} need the Python path")
         self.detector, self.policy = detector, policy
-        self.config, self.extras_sizes, self._raises = _config(detector, policy)
-        # what decode_record rebuilds each policy's report from (the Python path's extras_layout)
-        self.extras_layout: tuple[type | None, ...] = tuple(ClipExtras if size else None for size in self.extras_sizes)
+        self._views: tuple[torch.Tensor, ...] = ()
+        self._configure()
         self.fstate: torch.Tensor | None = None
         self.istate: torch.Tensor | None = None
-        self._views: tuple[torch.Tensor, ...] = ()
         self._regression: torch.Tensor | None = None
+
+    def _signature(self) -> tuple[Any, ...]:
+        """What the config is built from that a user may change after construction (members, limits, kinds)."""
+        return tuple(
+            (p, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
+            for p in self.policy.policies
+        )
+
+    def _configure(self) -> None:
+        self.config, self.extras_sizes, raises = _config(self.detector, self.policy)
+        # what decode_record rebuilds each policy's report from (the Python path's extras_layout)
+        self.extras_layout: tuple[type | None, ...] = tuple(ClipExtras if size else None for size in self.extras_sizes)
+        if [id(r) for r in raises] != [id(r) for r in getattr(self, "_raises", [])]:
+            self._views = ()  # other Raise counters: the integer state is rebuilt
+        self._raises = raises
+        self._signature_now = self._signature()
+
+    def refresh(self) -> bool:
+        """Rebuilds the config if a policy changed since the last call; False if the op can no longer run them.
+
+        Host work only (a tuple of the policies' limits and kinds compared): a user may change
+        ``Clip.max_norm`` or a policy's kinds between steps, and the Python path would see it.
+        """
+        if self._signature() == self._signature_now:
+            return True
+        if not supports(self.policy):
+            return False
+        self._configure()
+        return True
 
     def _bound(self) -> bool:
         d, v = self.detector, self._views
@@ -292,6 +319,8 @@ class FusedCheck:
             loss: float64 scalar, the step's loss (the total norm is also judged given it).
             loss_flags: bool ``[NUM_KINDS]``, the flags of the step's observed losses.
         """
+        if not self.refresh():
+            raise ValueError("FusedCheck: the policy set now holds a policy the op does not run")
         if not self._bound() or self.fstate.device != packed.device:
             self.bind(packed.device)
         if loss is not None and self.detector.regression is None:

@@ -15,6 +15,11 @@ every stage on the device, nothing read back on the host::
     act      scale_(grads, factors); the skip flag to the optimizer (StepControl)
     record   everything packed into one vector -> non-blocking copy to pinned memory (_records.py)
 
+With built-in policies only, detect, decide and the record's encoding are one compiled op,
+``grad_check`` (fused_check.py, math in csrc/check.h): a check on the CPU is 6-7 dispatched ops
+whatever the number of parameters. User-written policies, ``torch.distributed`` and the guard steps
+of ``every=N`` run the stages above in Python, the readable oracle the op is tested against.
+
 Records reach the host asynchronously: each check first drains the records whose copies have
 landed (and waits for any older than the previous step), so events, sinks and host-side policy
 actions are at most one step late. :meth:`GradWatch.flush` drains everything now.
@@ -760,7 +765,9 @@ class GradWatch:
         agreed across ranks from its parts), a skip forced by a rollback, and the guard steps of
         ``every=N``; it is also the oracle the op is tested against.
         """
-        return self._fused is not None and not self._distributed and not self._force_skip and native_check(device)
+        if self._fused is None or self._distributed or self._force_skip or not native_check(device):
+            return False
+        return self._fused.refresh()  # a policy changed into one the op does not run: Python path
 
     def _decide(
         self,

@@ -18,7 +18,7 @@ from monitor_utils import batches, small_cnn
 from torch.nn import functional as F
 
 from benchmarks.check_ops import top_level_ops
-from gradwatch import GradWatch, fused_check
+from gradwatch import AnomalyKind, GradWatch, fused_check
 from gradwatch.policies import AdaptiveClip, Clip, LRBackoff, Policy, Raise, Rollback, Skip, Zero
 
 pytestmark = [
@@ -179,3 +179,44 @@ def test_a_check_is_at_most_12_top_level_ops_whatever_the_number_of_parameters(p
         assert "gradwatch::grad_check" in ops
     assert len(counts[8]) <= 12, counts[8]
     assert sorted(counts[8]) == sorted(counts[300])  # constant in the number of parameters
+
+
+def test_a_policy_changed_between_steps_is_followed():
+    """A limit or kinds changed after construction reach the op, as they reach the Python path."""
+    runs = {}
+    for fused in (True, False):
+        model = small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        clip, skip = Clip(10.0), Skip(kinds={"nonfinite"})
+        watch = GradWatch(model, opt, policy=[clip, skip], warmup=3)
+        if not fused:
+            watch._fused = None
+        records = []
+        watch.add_sink(records.append)
+        for step, (x, y) in enumerate(batches(12)):
+            F.cross_entropy(model(x), y).backward()
+            if step == 4:
+                clip.max_norm = 0.05
+            if step == 6:
+                skip.kinds = frozenset(skip.kinds | {AnomalyKind.SPIKE})
+            if step == 8:
+                watch.policy.policies.append(HalveAll())  # not a built-in: the Python path from here on
+            if step == 7:
+                next(model.parameters()).grad.mul_(1e5)
+            opt.step()
+            opt.zero_grad()
+        watch.flush()
+        runs[fused] = (records, model.state_dict())
+    _assert_same_records(runs[True][0], runs[False][0])
+    assert [r.clip_factor < 1 for r in runs[True][0]][3:6] == [False, True, True]
+    assert runs[True][0][7].skipped
+    for a, b in zip(runs[True][1].values(), runs[False][1].values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+class HalveAll(Policy):
+    name = "halve"
+    scales = True
+
+    def decide(self, ctx, decision):
+        decision.factors = decision.factors * 0.5
