@@ -75,6 +75,10 @@ def _faults(n: int) -> dict[int, list[tuple[str, int]]]:
         6: [("all", 0)],  # early blow-up (before arming, after the 5 reference steps)
         9: [("spike", 1)],  # around clamp_after
         10: [("nan", 2)],
+        12: [
+            ("x30", 3)
+        ],  # around count 10 = clamp_after (steps 5, 6, maybe 9 not learned): the first clamped deviation
+        13: [("x30", 3)],
         49: [("spike", 0)],  # warm-up boundary (warmup 50)
         50: [("x30", n - 1)],
         51: [("all", 0)],
