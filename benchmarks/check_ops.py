@@ -65,21 +65,23 @@ def top_level_ops(fn: Callable[[], Any]) -> list[str]:
     return names
 
 
-def python_calls(fn: Callable[[], Any]) -> int:
-    """Python-level function calls ``fn`` makes (``sys.setprofile`` "call" events, ``fn`` itself excluded)."""
-    calls = 0
+def python_calls(fn: Callable[[], Any]) -> tuple[int, int]:
+    """Calls ``fn`` makes from Python: (Python functions, builtins such as torch functions); ``fn`` excluded.
+
+    Counted with ``sys.setprofile`` ("call" and "c_call" events).
+    """
+    calls = {"call": 0, "c_call": 0}
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal calls
-        if event == "call":
-            calls += 1
+        if event in calls:
+            calls[event] += 1
 
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
-    return calls - 1
+    return calls["call"] - 1, calls["c_call"] - 1  # fn itself; sys.setprofile(None)
 
 
 class _Setup:
@@ -103,6 +105,14 @@ class _Setup:
     def check(self) -> None:
         self.watch.check()
         self.watch.step_control.restore()  # what the optimizer's post-hook does after the step
+
+    def decide(self, packed: torch.Tensor, flag: torch.Tensor) -> None:
+        """Detection, decision and the record's encoding alone, on given statistics (the part the op replaces)."""
+        w = self.watch
+        if w._fused is not None:
+            w._fused(packed, None, flag)
+        else:
+            w._decide(w.step, packed, w._all_index, w.param_names, flag, None, True)
 
 
 def make_watch(model: nn.Module, optimizer: torch.optim.Optimizer, policy: str, fused: bool) -> gradwatch.GradWatch:
@@ -130,16 +140,24 @@ def run(repeats: int, quick: bool) -> dict[str, Any]:
                 key = "fused" if fused else "python"
                 row[f"{key}_ops"] = len(top_level_ops(s.check))
                 s.restore()
-                row[f"{key}_calls"] = python_calls(s.check)
+                row[f"{key}_calls"], row[f"{key}_c_calls"] = python_calls(s.check)
             samples: dict[bool, list[float]] = {False: [], True: []}
+            alone: dict[bool, list[float]] = {False: [], True: []}
+            packed = gradwatch.grad_stats_packed([p.grad for p in setups[True].params])
+            flag = torch.zeros((), dtype=torch.bool)
             for _ in range(repeats):
                 for fused, s in setups.items():
                     s.restore()
                     start = time.perf_counter()
                     s.check()
                     samples[fused].append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    s.decide(packed, flag)
+                    alone[fused].append(time.perf_counter() - start)
             row["python_ms"] = 1e3 * statistics.median(samples[False])
             row["fused_ms"] = 1e3 * statistics.median(samples[True])
+            row["python_decide_us"] = 1e6 * statistics.median(alone[False])
+            row["fused_decide_us"] = 1e6 * statistics.median(alone[True])
             results["rows"].append(row)
     return results
 
@@ -150,15 +168,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"One check on the CPU ({results['threads']} threads; median of {results['repeats']} interleaved checks; "
         "ops: top-level dispatcher ops, torch.profiler; calls: Python function calls, sys.setprofile):",
         "",
-        "| gradients | policy | ops python → fused | Python calls python → fused | ms python | ms fused | ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| gradients | policy | ops | Python calls (py / builtin) | check ms | ratio | detect+decide µs | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         lines.append(
             f"| {r['workload']} ({r['tensors']} tensors) | {r['policy']} | {r['python_ops']} → {r['fused_ops']} | "
-            f"{r['python_calls']} → {r['fused_calls']} | {r['python_ms']:.2f} | {r['fused_ms']:.2f} | "
-            f"{r['python_ms'] / r['fused_ms']:.2f}x |"
+            f"{r['python_calls']} / {r['python_c_calls']} → {r['fused_calls']} / {r['fused_c_calls']} | "
+            f"{r['python_ms']:.2f} → {r['fused_ms']:.2f} | {r['python_ms'] / r['fused_ms']:.2f}x | "
+            f"{r['python_decide_us']:.0f} → {r['fused_decide_us']:.0f} | "
+            f"{r['python_decide_us'] / r['fused_decide_us']:.1f}x |"
         )
+    lines += [
+        "",
+        "Columns: Python pipeline → fused op. *check*: one whole GradWatch.check (statistics pass included, "
+        "the record of the previous check drained); *detect+decide*: what the op replaces alone "
+        "(Detector.detect + PolicySet.decide + encode_record against one grad_check call), on the same statistics.",
+    ]
     return "\n".join(lines) + "\n"
 
 

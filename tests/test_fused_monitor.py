@@ -220,3 +220,13 @@ class HalveAll(Policy):
 
     def decide(self, ctx, decision):
         decision.factors = decision.factors * 0.5
+
+
+def test_check_ops_benchmark_runs():
+    from benchmarks import check_ops
+
+    results = check_ops.run(repeats=2, quick=True)
+    assert len(results["rows"]) == 3
+    for row in results["rows"]:
+        assert row["fused_ops"] <= 12 < row["python_ops"]
+    assert "ops" in check_ops.markdown(results)
