@@ -76,18 +76,20 @@ def test_captured_training_step_skips_on_device_and_advances_the_detector():
     count0 = int(fused.istate[total_stream])
     step0 = int(opt.state[params[0]]["step"])
     clean_x = x.clone()
-    torch.cuda.set_sync_debug_mode("error")
+    snapshots = []
+    torch.cuda.set_sync_debug_mode("error")  # a replay reads nothing back to the host
     try:
         for replay in range(6):
             before = [p.detach().clone() for p in params]
             x.copy_(clean_x if replay != 4 else torch.full_like(x, float("nan")))
             graph.replay()
-            if replay == 4:
-                continue
-            assert not all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+            snapshots.append((before, [p.detach().clone() for p in params]))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    for replay, (before, after) in enumerate(snapshots):
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert unchanged == (replay == 4), replay  # only the NaN step was skipped
     # replay 4 had NaN gradients: skipped (no update, the step counter put back), nothing learned
     assert int(fused.istate[total_stream]) == count0 + 5
     assert int(opt.state[params[0]]["step"]) == step0 + 5
