@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 import gradwatch
+from gradwatch._policy import DecisionContext
+from gradwatch._records import encode_record
 
 from .op_bench import gpt2_small_shapes, make_grads, resnet50_shapes, tiny_shapes
 
@@ -108,18 +110,21 @@ class _Setup:
 
     def decide(self, packed: torch.Tensor, flag: torch.Tensor) -> None:
         """Detection, decision and the record's encoding alone, on given statistics (the part the op replaces)."""
-        w = self.watch
-        if w._fused is not None:
-            w._fused(packed, None, flag)
-        else:
-            w._decide(w.step, packed, w._all_index, w.param_names, flag, None, True)
+        stages = self.watch._stages
+        if stages.fused is not None:
+            stages.fused(packed, None, flag)
+            return
+        detection, loss_flags = stages.detect(packed, stages.all_index, flag, None, True)
+        ctx = DecisionContext(self.watch.step, packed, detection, stages.param_names, flag, loss_flags)
+        decision = stages.decide(ctx, len(stages.param_names), True)
+        encode_record(packed, detection, decision.clip_factor, decision.skip, decision.raise_now, flag, decision.extras)
 
 
 def make_watch(model: nn.Module, optimizer: torch.optim.Optimizer, policy: str, fused: bool) -> gradwatch.GradWatch:
     """A ``GradWatch(attach=False)``; ``fused=False`` forces the Python pipeline (the oracle)."""
     watch = gradwatch.GradWatch(model, optimizer, policy=policy, attach=False)
     if not fused:
-        watch._fused = None
+        watch._stages.fused = None
     return watch
 
 

@@ -1,7 +1,7 @@
 """The monitor on the fused check: the same training, records and weights as on the Python path, in a few ops.
 
 ``GradWatch`` runs its built-in policies through ``torch.ops.gradwatch.grad_check`` (one op for
-detection and decision); ``watch._fused = None`` forces the Python path, the oracle. Seeded
+detection and decision); ``watch._stages.fused = None`` forces the Python path, the oracle. Seeded
 training runs with injected faults (NaN, a spike on one layer, a whole-model spike, a loss spike),
 observed losses, missing gradients, every policy and fused and non-fused optimizers must give the
 same events (kind, parameter, action), the same per-step statistics and decisions, and the same
@@ -45,7 +45,7 @@ def _train(policy, fused: bool, opt_fused: bool, steps: int = 40, with_loss: boo
     make = lambda: GradWatch(model, opt, policy=POLICIES[policy](), warmup=8, max_norm=20.0)  # noqa: E731
     watch = make()
     if not fused:
-        watch._fused = None
+        watch._stages.fused = None
     records = []
     watch.add_sink(records.append)
     names = [n for n, _ in model.named_parameters()]
@@ -58,7 +58,7 @@ def _train(policy, fused: bool, opt_fused: bool, steps: int = 40, with_loss: boo
             watch.load_state_dict(state)
             watch.add_sink(records.append)
             if not fused:
-                watch._fused = None
+                watch._stages.fused = None
         loss = F.cross_entropy(model(x if step != 30 else x * 1e3), y)
         loss.backward()
         params = dict(model.named_parameters())
@@ -115,8 +115,8 @@ def _assert_same_records(a, b):
 def test_monitored_training_is_the_same_on_both_paths(policy, opt_fused):
     model_f, rec_f, raised_f, watch_f = _train(policy, fused=True, opt_fused=opt_fused)
     model_p, rec_p, raised_p, watch_p = _train(policy, fused=False, opt_fused=opt_fused)
-    assert watch_f._fused is not None and watch_f._fused.fstate is not None  # the op ran
-    assert watch_p._fused is None
+    assert watch_f._stages.fused is not None and watch_f._stages.fused.fstate is not None  # the op ran
+    assert watch_p._stages.fused is None
     assert raised_f == raised_p
     _assert_same_records(rec_f, rec_p)
     assert any(r.events for r in rec_f), "the faults must be seen"
@@ -151,7 +151,7 @@ def test_user_policies_keep_the_python_path():
         model = small_cnn()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         watch = GradWatch(model, opt, policy=policy, warmup=3)
-        assert watch._fused is None
+        assert watch._stages.fused is None
         for x, y in batches(6):
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -190,7 +190,7 @@ def test_a_policy_changed_between_steps_is_followed():
         clip, skip = Clip(10.0), Skip(kinds={"nonfinite"})
         watch = GradWatch(model, opt, policy=[clip, skip], warmup=3)
         if not fused:
-            watch._fused = None
+            watch._stages.fused = None
         records = []
         watch.add_sink(records.append)
         for step, (x, y) in enumerate(batches(12)):
