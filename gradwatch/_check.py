@@ -230,7 +230,7 @@ class CheckPipeline:
     ) -> CheckResult:
         """Stages detect, decide, agree (nothing to agree in one process) and record's encoding as one op."""
         device = packed.device
-        observed = (None, None) if loss is None else (loss.mean, loss.flags.to(device))
+        observed = (None, None) if loss is None else (loss.mean.to(device), loss.flags.to(device))
         out = self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
         skip_path = self.step_control.skip_path(self.policy.can_skip)
         self.act(grads, out.factors, out.skip, skip_path == "fused")
