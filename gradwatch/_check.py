@@ -50,10 +50,11 @@ __all__ = ["CheckPipeline", "CheckResult"]
 
 
 class CheckResult(NamedTuple):
-    """What a check leaves for the host to do: the skip path taken and the device skip flag."""
+    """What a check leaves for the host to do: the skip path taken and the device skip flags."""
 
     skip_path: SkipPath | None
     skip: torch.Tensor
+    scaler_flag: torch.Tensor | None = None  # the GradScaler skipped the step (update ratios: no update)
 
 
 class CheckPipeline:
@@ -80,6 +81,7 @@ class CheckPipeline:
         self.records = watch._records
         self.buffer_guard = watch._buffer_guard
         self.in_backward = watch._in_backward
+        self.diagnostics = watch._diagnostics
         self.process_group = watch.process_group
         self.distributed = is_distributed(watch.process_group)
         # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
@@ -123,8 +125,9 @@ class CheckPipeline:
         skip_path = self.step_control.skip_path(self.policy.can_skip)
         self.act(grads, decision.factors, decision.skip, skip_path == "fused")
         self.buffer_guard.settle(decision.skip if skip_path is not None else None)
+        self.diagnostics.before_record(step, index)  # their host copies land before the record's
         self.record(ctx, names, decision, seen_by, loss, sampled)
-        return CheckResult(skip_path, decision.skip)
+        return CheckResult(skip_path, decision.skip, scaler_flag)
 
     def collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 'collect': the watched gradients that exist this step (see ``present_gradients``)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch.utils.hooks import RemovableHandle
 
+from ._diagnostics import Diagnostics, inherit_actions
 from ._policy import Outcome, PolicyHost, PolicySet
 from ._records import HostRecord, LossPacket
 from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
@@ -57,6 +58,8 @@ class Publisher:
         runs_sinks: whether this rank calls the sinks (``log_rank``).
         max_events: how many events :attr:`events` keeps (None: all).
         on_record: called with every step record, after the sinks (the monitor's subclass hook).
+        diagnostics: adds origin, forward-check and update-ratio events and the update norms to
+            each record (see :mod:`gradwatch._diagnostics`); None: nothing added.
 
     Attributes:
         events: the events published so far, the newest ``max_events``.
@@ -75,6 +78,7 @@ class Publisher:
         runs_sinks: bool,
         max_events: int | None,
         on_record: Callable[[StepRecord], None],
+        diagnostics: Diagnostics | None = None,
     ):
         self.policy = policy
         self._names = list(param_names)  # every record's names: the same object each step
@@ -84,6 +88,7 @@ class Publisher:
         self._runs_sinks = runs_sinks
         self.max_events = max_events
         self._on_record = on_record
+        self.diagnostics = diagnostics
         self.events: list[AnomalyEvent] = []
         self.events_dropped = 0
         self._sinks: OrderedDict[int, Sink] = OrderedDict()
@@ -145,7 +150,10 @@ class Publisher:
             for kind, r in rec.seen_by.items()
             if kind not in local_kinds
         ]
-        anomalies, routine = self.policy.split_events(rec.events + remote, outcomes)
+        extras = self.diagnostics.record_extras(rec, self._position, self._names) if self.diagnostics else None
+        located = extras.events if extras is not None else []  # origins, forward check, update ratios
+        anomalies, routine = self.policy.split_events(rec.events + remote + located, outcomes)
+        anomalies = inherit_actions(anomalies)
         events = anomalies + routine
         names, norms, max_abs, nonfinite = self._all_params(rec)
         record = StepRecord(
@@ -159,6 +167,8 @@ class Publisher:
             clip_factor=rec.clip_factor,
             skipped=skipped or rec.scaler_skipped,
             events=events,
+            update_norms=extras.update_norms if extras is not None else None,
+            weight_norms=extras.weight_norms if extras is not None else None,
         )
         self.publish_events(anomalies)
         self.publish_events(routine, logging.DEBUG)
