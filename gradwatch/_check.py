@@ -238,10 +238,11 @@ class CheckPipeline:
         skip_path = self.step_control.skip_path(self.policy.can_skip)
         self.act(grads, out.factors, out.skip, skip_path == "fused")
         self.buffer_guard.settle(out.skip if skip_path is not None else None)
+        self.diagnostics.before_record(step, index)  # their host copies land before the record's
         self.records.put_record(step, names, out.record, self.fused.extras_layout)
         if loss is not None:
             self.records.put_loss(step, loss)
-        return CheckResult(skip_path, out.skip)
+        return CheckResult(skip_path, out.skip, scaler_flag)
 
     def record(
         self,
