@@ -278,6 +278,7 @@ class GradWatch:
         # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
         self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
         self._history = None
+        self._rank_attribution: Any = None  # gradwatch.rank_attribution.RankAttribution, see attribute_ranks
         self.sink_errors: list[SinkError] = []
         self.sink_error_count = 0
         self._failed_sinks: set[int] = set()
@@ -360,6 +361,9 @@ class GradWatch:
         self._handles.clear()
         try:
             self.flush()
+            if self._rank_attribution is not None:  # for good: DDP cannot unregister its hook
+                self._rank_attribution.remove()
+                self._rank_attribution = None
         finally:
             if self._history is not None:
                 self._history.close()
@@ -459,6 +463,13 @@ class GradWatch:
     def flush(self) -> None:
         """Drains every pending record to the host now (waits for the copies); returns None."""
         self._drain(force_before=math.inf)
+
+    def attach_rank_attribution(self, attribution: Any) -> None:
+        """Checks ``attribution`` at every check and publishes its events with the step's record.
+
+        Called by :func:`gradwatch.rank_attribution.attribute_ranks`, which is the way to use it.
+        """
+        self._rank_attribution = attribution
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume detection and policies exactly (pending records drained).
@@ -574,6 +585,8 @@ class GradWatch:
             # on when a learning rate changed or a snapshot was restored.
             self._drain(force_before=step if self._distributed else step - 1)
             self._report_unwatched()
+            if self._rank_attribution is not None:  # a collective: every rank, every check, before any return
+                self._rank_attribution.check(step)
             if sampled:
                 self.policy.before_check(self, step)
             index, grads = self._collect()
@@ -786,6 +799,14 @@ class GradWatch:
     def _drain(self, force_before: float) -> None:
         """Publishes the records that reached the host; waits for those older than ``force_before``."""
         self._records.drain(force_before, self._publish_record, self._publish_loss)
+        if self._rank_attribution is not None:  # steps whose record never came (a quiet guarded step)
+            self._publish_rank_events(self._rank_attribution.events_until(force_before - 1))
+
+    def _publish_rank_events(self, events: list[AnomalyEvent]) -> None:
+        """Rank attribution's events without a record of their step: labelled and logged like a lone loss's."""
+        for e in events:
+            outcome = Outcome(step=e.step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
+            self._publish_events([self.policy.label(e, self.policy.outcomes(outcome))])
 
     def _publish_loss(self, packet: LossPacket) -> None:
         """A loss packet whose step record was already drained: its events stand alone."""
@@ -839,7 +860,12 @@ class GradWatch:
             for kind, r in rec.seen_by.items()
             if kind not in local_kinds
         ]
-        anomalies, routine = self.policy.split_events(rec.events + remote, outcomes)
+        ranked: list[AnomalyEvent] = []
+        if self._rank_attribution is not None:  # this step's verdict was copied before its record
+            ranked = self._rank_attribution.events_until(rec.step)
+            self._publish_rank_events([e for e in ranked if e.step != rec.step])
+            ranked = [e for e in ranked if e.step == rec.step]
+        anomalies, routine = self.policy.split_events(rec.events + remote + ranked, outcomes)
         events = anomalies + routine
         names, norms, max_abs, nonfinite = self._all_params(rec)
         record = StepRecord(
