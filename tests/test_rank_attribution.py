@@ -231,22 +231,42 @@ def rank_events(watch, step=None):
 
 
 def _averaged_gradients_are_ddps(rank: int, world: int) -> None:
-    """Oracle: DDP without a hook. Small buckets, two steps (DDP rebuilds its buckets after step 0)."""
+    """Oracle: DDP without a hook, and DDP with the user's hook registered directly.
+
+    Small buckets, two steps (DDP rebuilds its buckets after step 0). A NaN in the last rank's data
+    at step 1 is attributed, through the user's hook too.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
     from torch.nn.parallel import DistributedDataParallel
 
     import gradwatch
 
-    plain = DistributedDataParallel(small_model(), bucket_cap_mb=0.001)
-    hooked = DistributedDataParallel(small_model(), bucket_cap_mb=0.001)
-    watch = gradwatch.GradWatch(hooked.module, None, attach=False)
-    gradwatch.attribute_ranks(hooked, watch)
+    def ddp():
+        return DistributedDataParallel(small_model(), bucket_cap_mb=0.001)
+
+    plain, hooked, user, user_hooked = ddp(), ddp(), ddp(), ddp()
+    user.register_comm_hook(None, fp16_compress_hook)
+    watches = []
+    for model, hook in ((hooked, None), (user_hooked, fp16_compress_hook)):
+        watches.append(gradwatch.GradWatch(model.module, None, attach=False, log_rank=None))
+        gradwatch.attribute_ranks(model, watches[-1], comm_hook=hook)
+    with pytest.raises(ValueError, match="fp16_compress_hook.*comm_hook="):
+        gradwatch.attribute_ranks(user, watches[0])  # DDP takes one hook: refused, with the way out
     for step in range(2):
-        for model in (plain, hooked):
+        for model in (plain, hooked, user, user_hooked):
             model.zero_grad()
-            model(rank_batch(rank, step)).square().mean().backward()
-        for p, q in zip(plain.parameters(), hooked.parameters(), strict=True):
-            assert torch.equal(p.grad, q.grad), f"rank {rank} step {step}: averaged gradients differ"
-        watch.check()
+            x = rank_batch(rank, step)
+            if step == 1 and rank == world - 1:
+                x[2, 3] = math.nan
+            model(x).square().mean().backward()
+        for reference, model in ((plain, hooked), (user, user_hooked)):
+            for p, q in zip(reference.parameters(), model.parameters(), strict=True):  # bit for bit, NaN too
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, equal_nan=True)
+        for watch in watches:
+            watch.check()
+    for watch in watches:
+        watch.flush()
+        assert rank_events(watch) == [(1, AnomalyKind.RANK_NONFINITE, world - 1, "0.weight")], rank_events(watch)
 
 
 def _scenarios(rank: int, world: int) -> None:
