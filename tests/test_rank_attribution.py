@@ -135,7 +135,8 @@ def test_replicas_without_a_majority_are_all_named():
 def test_bit_checksum_is_exact_and_layout_independent():
     t = torch.randn(64, 33, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
     assert bit_checksum(t) == bit_checksum(t.t().contiguous().t())  # same elements, other layout
-    assert bit_checksum(t) == t.view(torch.int32).to(torch.int64).sum()  # oracle: plain int64 sum
+    exact = t.view(torch.int32).to(torch.int64).sum().item()  # oracle: the exact sum, wrapped to int32
+    assert bit_checksum(t).item() == (exact + 2**31) % 2**32 - 2**31
     u = t.clone()
     u[7, 3] = torch.nextafter(u[7, 3], torch.tensor(math.inf))  # one ulp
     assert bit_checksum(u) != bit_checksum(t)
@@ -269,7 +270,7 @@ def _averaged_gradients_are_ddps(rank: int, world: int) -> None:
         assert rank_events(watch) == [(1, AnomalyKind.RANK_NONFINITE, world - 1, "0.weight")], rank_events(watch)
 
 
-def _scenarios(rank: int, world: int) -> None:
+def _scenarios(rank: int, world: int, path: str) -> None:
     """NaN on one rank, a spike on one rank, healthy steps, replica divergence, collectives per step."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -280,7 +281,8 @@ def _scenarios(rank: int, world: int) -> None:
     ddp = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=0.001)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     records = []
-    watch = gradwatch.GradWatch(ddp.module, opt, policy="skip", sinks=[records.append], log_rank=None)
+    history = f"{path}/run.jsonl"  # log_rank=None: every rank writes run.rank<N>.jsonl
+    watch = gradwatch.GradWatch(ddp.module, opt, policy="skip", sinks=[records.append], log_rank=None, history=history)
     attribution = gradwatch.attribute_ranks(ddp, watch, replica_check_every=3)
     assert attribution.hosts == gather(__import__("socket").gethostname())
     nan_rank, spike_rank, drift_rank = 1, world - 1, 0
@@ -326,6 +328,19 @@ def _scenarios(rank: int, world: int) -> None:
     in_records = [(r.step, e.kind, e.rank) for r in records for e in r.events if e.kind in RANK_KINDS]
     assert sorted(in_records, key=str) == sorted([(s, k, r) for s, k, r, _ in want], key=str)
     assert all(g == got for g in gather(got))
+    # ... and the history file, with rank and host; the CI gate fails on them
+    watch.remove()
+    from gradwatch.cli import main
+    from gradwatch.history import rank_path
+
+    mine = rank_path(history, rank)
+    written = [e for e in gradwatch.read_history(mine).events if e.kind in RANK_KINDS]
+    kept = [e for e in watch.events if e.kind in RANK_KINDS]
+    assert [(e.step, e.kind, e.param, e.rank, e.host) for e in written] == [
+        (e.step, e.kind, e.param, e.rank, e.host) for e in kept
+    ]
+    assert [e.value for e in written] == pytest.approx([e.value for e in kept], rel=1e-6)  # 7 digits in the file
+    assert main(["report", str(mine), "--fail-on", "rank_nonfinite", "--quiet"]) == 1
     # Per step: the bucket all-reduces DDP does anyway (every gradient element once), the monitor's
     # agree, and ONE gather of 5 numbers; one more gather on replica-check steps (0, 3, 6).
     params = list(ddp.parameters())
@@ -340,5 +355,5 @@ def _scenarios(rank: int, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_rank_attribution_end_to_end(world):
-    run_ranks(_scenarios, world_size=world, timeout=240.0)
+def test_rank_attribution_end_to_end(world, tmp_path):
+    run_ranks(_scenarios, str(tmp_path), world_size=world, timeout=240.0)
