@@ -4,12 +4,14 @@ The decision functions are tested in-process on hand-made summaries; the end-to-
 one spawn per world size (2 and 3 gloo ranks on the CPU), each running its scenarios in sequence.
 """
 
+import contextlib
 import copy
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradwatch.events import AnomalyEvent, AnomalyKind
 from gradwatch.rank_attribution import (
@@ -209,6 +211,20 @@ class CollectiveCounter:
             setattr(dist, name, original)
 
 
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value on the host (``.item()``, ``float(t)``, ``bool(t)``: each a sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
 def local_norm(base: torch.nn.Module, ddp: torch.nn.Module, x: torch.Tensor) -> float:
     """Oracle: this rank's local gradient norm, from a plain copy of the current parameters."""
     ref = copy.deepcopy(base)
@@ -253,18 +269,22 @@ def _averaged_gradients_are_ddps(rank: int, world: int) -> None:
         gradwatch.attribute_ranks(model, watches[-1], comm_hook=hook)
     with pytest.raises(ValueError, match="fp16_compress_hook.*comm_hook="):
         gradwatch.attribute_ranks(user, watches[0])  # DDP takes one hook: refused, with the way out
+    reads = HostReads()
     for step in range(2):
         for model in (plain, hooked, user, user_hooked):
             model.zero_grad()
             x = rank_batch(rank, step)
             if step == 1 and rank == world - 1:
                 x[2, 3] = math.nan
-            model(x).square().mean().backward()
+            with reads if model in (hooked, user_hooked) else contextlib.nullcontext():
+                model(x).square().mean().backward()
         for reference, model in ((plain, hooked), (user, user_hooked)):
             for p, q in zip(reference.parameters(), model.parameters(), strict=True):  # bit for bit, NaN too
                 torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, equal_nan=True)
         for watch in watches:
-            watch.check()
+            with reads:  # the hook, the gather and the decision never read a device value on the host
+                watch.check()
+    assert reads.count == 0 and reads.ops > 100, (reads.count, reads.ops)
     for watch in watches:
         watch.flush()
         assert rank_events(watch) == [(1, AnomalyKind.RANK_NONFINITE, world - 1, "0.weight")], rank_events(watch)
