@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     )
     from .detect import Detector, DetectorConfig
     from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
+    from .gradient_monitor import GradientMonitor
     from .history import HistoryWriter, RunHistory, read_history
-    from .monitor import GradientMonitor, GradWatch, SinkError
+    from .monitor import GradWatch, SinkError
     from .policies import AdaptiveClip, Clip, LRBackoff, Policy, PolicySet, Raise, Rollback, Skip, Warn, Zero
     from .rank_attribution import RankAttribution, attribute_ranks
 
@@ -69,7 +70,8 @@ _MODULE_OF = {
                      "native_backends", "scale_"], "._ops"),
     **dict.fromkeys(["Detector", "DetectorConfig"], ".detect"),
     **dict.fromkeys(["AnomalyEvent", "AnomalyKind", "GradientAnomalyError", "StepRecord"], ".events"),
-    **dict.fromkeys(["GradWatch", "GradientMonitor", "SinkError"], ".monitor"),
+    **dict.fromkeys(["GradWatch", "SinkError"], ".monitor"),
+    "GradientMonitor": ".gradient_monitor",
     **dict.fromkeys(["Policy", "PolicySet", "Warn", "Clip", "AdaptiveClip", "Zero", "Skip", "Raise", "LRBackoff",
                      "Rollback"], ".policies"),
     **dict.fromkeys(["HistoryWriter", "RunHistory", "read_history"], ".history"),

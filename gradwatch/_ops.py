@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._layout import NUM_STATS, Stat
 from ._reference import grad_stats_reference, l2_norm, scale_reference_
 
 __all__ = ["GradStats", "grad_stats", "grad_stats_packed", "scale_", "native_backends", "combine_rows"]
@@ -86,7 +87,7 @@ if _C is not None:
                 t.dtype in SUPPORTED_DTYPES,
                 lambda i=i, t=t: f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype",
             )
-        return tensors[0].new_empty((len(tensors) + 1, 3), dtype=torch.float64)
+        return tensors[0].new_empty((len(tensors) + 1, NUM_STATS), dtype=torch.float64)
 
     @torch.library.register_fake("gradwatch::scale_")
     def _scale_fake(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
@@ -123,10 +124,10 @@ class GradStats(NamedTuple):
         """Builds the typed view of a packed ``[N + 1, 3]`` statistics tensor."""
         rows = packed[:-1]
         return cls(
-            norms=rows[:, 0],
-            max_abs=rows[:, 1],
-            nonfinite=rows[:, 2].long(),
-            total_norm=packed[-1, 0],
+            norms=rows[:, Stat.NORM],
+            max_abs=rows[:, Stat.MAX_ABS],
+            nonfinite=rows[:, Stat.NONFINITE].long(),
+            total_norm=packed[-1, Stat.NORM],
             packed=packed,
         )
 
@@ -152,7 +153,7 @@ def combine_rows(rows: torch.Tensor) -> torch.Tensor:
     tensors (devices, shards) without touching the tensors again. Overflow-safe like the op: the
     norms are scaled by a power of two near their maximum where their squares would leave float64.
     """
-    return torch.stack([l2_norm(rows[:, 0]), rows[:, 1].amax(), rows[:, 2].sum()])
+    return torch.stack([l2_norm(rows[:, Stat.NORM]), rows[:, Stat.MAX_ABS].amax(), rows[:, Stat.NONFINITE].sum()])
 
 
 def _indices_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
@@ -212,7 +213,7 @@ def grad_stats_packed(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     if all(t.device == device for t in tensors):
         return measure_unchecked(tensors)
-    rows = torch.empty((len(tensors), 3), dtype=torch.float64, device=device)
+    rows = torch.empty((len(tensors), NUM_STATS), dtype=torch.float64, device=device)
     for index in _indices_by_device(tensors).values():
         packed = _async_to(measure_unchecked([tensors[i] for i in index]), device)
         rows[_INDEX_CACHE.get(index, device)] = packed[:-1]

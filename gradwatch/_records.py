@@ -10,7 +10,7 @@ Layout of a record's payload::
     head       [len(Head)]              the step's totals and decisions (:class:`Head`)
     flags      [NUM_KINDS]              step-level flags (columns of ``detect.KINDS``)
     seen by    [NUM_KINDS]              per kind, 1 + the lowest rank that detected it (0: none)
-    extras     [sum(extras_sizes)]      the policies' scalars, policy after policy
+    extras     [...]                    the fields of the policies' reports, policy after policy
     parameters [n, len(Column)]         per parameter: statistics, thresholds, z, flags [NUM_KINDS]
 """
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from .detect import (
 )
 from .events import AnomalyEvent, AnomalyKind
 
-__all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue", "StepLoss"]
+__all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue", "StepLoss", "encode_record", "extras_layout"]
 
 
 class Head(IntEnum):
@@ -96,7 +97,7 @@ class HostRecord:
         skip: whether the policies decided to skip the step.
         raised: whether a policy decided to raise.
         scaler_skipped: whether the GradScaler skipped the step by itself.
-        extras: per policy, the scalars it asked to see again on the host.
+        extras: per policy, its report with floats for tensors (None: it returned none).
         events: what the detector flagged: loss events, then step-level, then per-parameter ones.
         loss: the step's loss, if one was observed.
         seen_by: under ``torch.distributed``, per kind detected on any rank, the lowest such rank.
@@ -112,7 +113,7 @@ class HostRecord:
     skip: bool
     raised: bool
     scaler_skipped: bool
-    extras: list[list[float]]
+    extras: list[Any]
     events: list[AnomalyEvent] = field(default_factory=list)
     loss: float | None = None
     seen_by: dict[AnomalyKind, int] = field(default_factory=dict)
@@ -125,7 +126,7 @@ def encode_record(
     skip: torch.Tensor,
     raise_now: torch.Tensor,
     scaler_skipped: torch.Tensor,
-    extras: Sequence[Sequence[torch.Tensor]],
+    extras: Sequence[Any],
     seen_by: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One check's device results as one float64 vector (layout: module docstring).
@@ -150,7 +151,7 @@ def encode_record(
             d.total_z,
         ]
     )
-    flat_extras = [t.reshape(()).to(f64) for group in extras for t in group]
+    flat_extras = [getattr(r, f.name).reshape(()).to(f64) for r in extras if r is not None for f in fields(r)]
     per = torch.cat(
         [
             packed[:-1],
@@ -168,19 +169,25 @@ def encode_record(
     return torch.cat(parts)
 
 
+def extras_layout(extras: Sequence[Any]) -> tuple[type | None, ...]:
+    """What :func:`decode_record` needs to rebuild the policies' reports: their classes."""
+    return tuple(None if r is None else type(r) for r in extras)
+
+
 def decode_record(
-    host: torch.Tensor, step: int, names: list[str], extras_sizes: Sequence[int], config: DetectorConfig
+    host: torch.Tensor, step: int, names: list[str], extras_layout: Sequence[type | None], config: DetectorConfig
 ) -> HostRecord:
     """The inverse of :func:`encode_record`, with the flags turned into events."""
-    pos = _HEAD + 2 * NUM_KINDS + sum(extras_sizes)
+    sizes = [0 if cls is None else len(fields(cls)) for cls in extras_layout]
+    pos = _HEAD + 2 * NUM_KINDS + sum(sizes)
     v = host[:pos].tolist()
     head, gflags = v[:_HEAD], v[_HEAD : _HEAD + NUM_KINDS]
     seen = v[_HEAD + NUM_KINDS : _HEAD + 2 * NUM_KINDS]
     seen_by = {kind: int(seen[KIND_INDEX[kind]]) - 1 for kind in KINDS if seen[KIND_INDEX[kind]] > 0}
-    extras = []
+    extras: list[Any] = []
     cut = _HEAD + 2 * NUM_KINDS
-    for size in extras_sizes:
-        extras.append(v[cut : cut + size])
+    for cls, size in zip(extras_layout, sizes, strict=True):
+        extras.append(None if cls is None else cls(*v[cut : cut + size]))
         cut += size
     n = len(names)
     # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
@@ -287,7 +294,7 @@ class _Pending:
     host: torch.Tensor
     event: torch.cuda.Event | None
     names: list[str] = field(default_factory=list)  # records: the measured parameters, in row order
-    extras_sizes: tuple[int, ...] = ()
+    extras_layout: tuple[type | None, ...] = ()
     sampled: bool = True  # False: a guarded step of every=N, handed over only when it found something
 
     def notable(self) -> bool:
@@ -334,11 +341,16 @@ class RecordQueue:
             self._pinned.setdefault(item.host.numel(), []).append(item.host)
 
     def put_record(
-        self, step: int, names: list[str], payload: torch.Tensor, extras_sizes: tuple[int, ...], sampled: bool = True
+        self,
+        step: int,
+        names: list[str],
+        payload: torch.Tensor,
+        extras_layout: tuple[type | None, ...],
+        sampled: bool = True,
     ) -> None:
         """Starts the copy of an :func:`encode_record` payload to the host (``sampled``: see ``_Pending``)."""
         host, event = self._to_host(payload)
-        self._pending.append(_Pending("record", step, host, event, names, extras_sizes, sampled))
+        self._pending.append(_Pending("record", step, host, event, names, extras_layout, sampled))
 
     def put_loss(self, step: int, loss: StepLoss) -> None:
         """Starts the copy of a step's losses to the host."""
@@ -381,7 +393,7 @@ class RecordQueue:
                 if item.kind == "record" and not item.sampled and not item.notable():
                     continue  # a guarded step that found nothing: no record (the release still runs)
                 if item.kind == "record":
-                    record = decode_record(item.host, item.step, item.names, item.extras_sizes, self.config)
+                    record = decode_record(item.host, item.step, item.names, item.extras_layout, self.config)
                     if loss_item is not None:
                         loss = decode_loss(loss_item.host, item.step)
                         record.loss = loss.value

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._layout import NUM_STATS, Stat
+
 __all__ = ["grad_stats_reference", "l2_norm", "scale_reference_"]
 
 
@@ -31,11 +33,11 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
 def grad_stats_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Packed statistics of ``tensors``, laid out like ``torch.ops.gradwatch.grad_stats``.
 
-    Returns a float64 tensor of shape ``[N + 1, 3]`` on the tensors' device: row ``i`` holds the L2
-    norm, the max absolute value (NaN if any element is NaN) and the number of non-finite elements
-    of ``tensors[i]``; row ``N`` holds the same statistics over all tensors. Norms of finite inputs
-    are finite (scaled where float64 squares would overflow or underflow) unless they exceed the
-    float64 range themselves.
+    Returns a float64 tensor of shape ``[N + 1, len(Stat)]`` on the tensors' device: row ``i`` holds
+    the L2 norm, the max absolute value (NaN if any element is NaN) and the number of non-finite
+    elements of ``tensors[i]`` (columns named by :class:`~gradwatch._layout.Stat`); row ``N`` holds
+    the same statistics over all tensors. Norms of finite inputs are finite (scaled where float64
+    squares would overflow or underflow) unless they exceed the float64 range themselves.
     """
     if len(tensors) == 0:
         raise ValueError("grad_stats: tensors is empty; pass at least one tensor")
@@ -45,14 +47,19 @@ def grad_stats_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             raise TypeError(f"grad_stats: tensors[{i}] has dtype {t.dtype}; expected a floating dtype")
         x = t.detach().to(torch.float64).reshape(-1)
         if x.numel() == 0:
-            rows.append(x.new_zeros(3))
+            rows.append(x.new_zeros(NUM_STATS))
             continue
         max_abs = x.abs().max()  # torch.max propagates NaN
         nonfinite = (~torch.isfinite(x)).sum().to(torch.float64)
-        rows.append(torch.stack([l2_norm(x), max_abs, nonfinite]))
+        row = {Stat.NORM: l2_norm(x), Stat.MAX_ABS: max_abs, Stat.NONFINITE: nonfinite}
+        rows.append(torch.stack([row[s] for s in Stat]))
     per_tensor = torch.stack(rows)
-    total = torch.stack([l2_norm(per_tensor[:, 0]), per_tensor[:, 1].max(), per_tensor[:, 2].sum()])
-    return torch.cat([per_tensor, total[None]])
+    total = {
+        Stat.NORM: l2_norm(per_tensor[:, Stat.NORM]),
+        Stat.MAX_ABS: per_tensor[:, Stat.MAX_ABS].max(),
+        Stat.NONFINITE: per_tensor[:, Stat.NONFINITE].sum(),
+    }
+    return torch.cat([per_tensor, torch.stack([total[s] for s in Stat])[None]])
 
 
 def _distinct(t: torch.Tensor) -> torch.Tensor:

@@ -372,7 +372,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
 
 
 def _fmt(x: float | None) -> str:
-    return fmt(x, ".3e" if x is not None and abs(x) >= 1e5 else ".4g")
+    return fmt(x, ".3e" if x is not None and abs(x) >= 1e5 else ".4g")  # exponent from 1e5: columns stay narrow
 
 
 def format_table(result: DemoResult) -> str:

@@ -80,6 +80,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._layout import NUM_STATS, Stat
+from ._validate import is_positive_int, positive_int, positive_number
 from .events import AnomalyKind
 
 __all__ = [
@@ -246,12 +248,8 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            if value is not None or not allow_none:
+                positive_number(name, value)
 
         positive("sigma", self.sigma)
         positive("min_spike_ratio", self.min_spike_ratio)
@@ -268,9 +266,7 @@ class DetectorConfig:
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema must be a float in (0, 1), got {self.ema!r}")
         for name in ("warmup", "rolling_window", "early_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         if not isinstance(self.per_param, bool):
             raise TypeError(f"per_param must be a bool, got {self.per_param!r}")
         for name in ("min_spike_ratio", "total_spike_ratio"):
@@ -335,7 +331,7 @@ def nonfinite_detection(packed: torch.Tensor, ignore: torch.Tensor | None = None
         ignore: optional bool scalar; where True nothing is flagged (a GradScaler's own skip).
     """
     device, n = packed.device, packed.shape[0] - 1
-    bad = packed[:, 2] > 0
+    bad = packed[:, Stat.NONFINITE] > 0
     if ignore is not None:
         bad = bad & ~ignore.to(device, torch.bool)
     flags = torch.zeros(n + 1, NUM_KINDS, dtype=torch.bool, device=device)
@@ -529,7 +525,7 @@ class Detector:
     """
 
     def __init__(self, num_params: int, config: DetectorConfig | None = None, **options: Any):
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
+        if not is_positive_int(num_params):
             raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
         if config is not None and options:
             raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
@@ -622,7 +618,7 @@ class Detector:
         Returns:
             A :class:`Detection` on ``packed.device``.
         """
-        if packed.dim() != 2 or packed.shape[1] != 3 or packed.shape[0] < 2:
+        if packed.dim() != 2 or packed.shape[1] != NUM_STATS or packed.shape[0] < 2:
             raise ValueError(f"packed must have shape [n + 1, 3] with n >= 1, got {tuple(packed.shape)}")
         n = packed.shape[0] - 1
         if index is None and n != self.num_params:
@@ -639,9 +635,9 @@ class Detector:
             streams = torch.cat([index, total_stream, index + offset, resid_stream])
         else:
             streams = None
-        norm = packed[:, 0]  # rows 0..n-1 the parameters, row n the total
+        norm = packed[:, Stat.NORM]  # rows 0..n-1 the parameters, row n the total
         log_norm = norm.clamp_min(_TINY).log()
-        finite = (packed[:, 2] == 0) & torch.isfinite(log_norm)  # NaN/Inf never enter the statistics
+        finite = (packed[:, Stat.NONFINITE] == 0) & torch.isfinite(log_norm)  # NaN/Inf never enter the statistics
         keep = None if ignore is None else ~ignore.to(device, torch.bool)
         # 2n + 2 streams: each parameter's log-norm, the total's, each parameter's share of the total
         # (log-norm minus the total's: cancels the noise common to all layers), and the total's
@@ -696,7 +692,7 @@ class Detector:
         # Flags of every row, columns in KINDS order; the last row becomes the step-level flags.
         none = torch.zeros(n + 1, dtype=torch.bool, device=device)
         columns = dict.fromkeys(KINDS, none)
-        columns[AnomalyKind.NONFINITE] = packed[:, 2] > 0
+        columns[AnomalyKind.NONFINITE] = packed[:, Stat.NONFINITE] > 0
         columns[AnomalyKind.SPIKE] = spike
         columns[AnomalyKind.VANISHING] = vanish[: n + 1]
         if c.max_norm is not None:

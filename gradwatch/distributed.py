@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ._layout import Stat
 from ._ops import combine_rows
 
 __all__ = ["ShardedStats", "agree", "local_gradient", "is_distributed", "is_dtensor"]
@@ -109,7 +110,7 @@ class ShardedStats:
         return sum(2 * len(layout.groups) for layout in self._layouts)
 
     def reduce(self, packed: torch.Tensor) -> torch.Tensor:
-        """Statistics of the full gradients from the local ``[N + 1, 3]`` packed statistics.
+        """Statistics of the full gradients from the local ``[N + 1, len(Stat)]`` packed statistics.
 
         Returns:
             A new packed tensor whose rows for sharded parameters, and whose total row, describe
@@ -123,14 +124,17 @@ class ShardedStats:
                 layout.index = torch.tensor(layout.rows, device=rows.device)
             part = rows.index_select(0, layout.index)
             # NaN in MAX is implementation-defined in collectives: carry "has NaN" as a count instead.
-            has_nan = torch.isnan(part[:, 1])
-            sums = torch.stack([part[:, 0].square(), part[:, 2], has_nan.to(part.dtype)], dim=1)
-            maxima = torch.where(has_nan, torch.zeros_like(part[:, 1]), part[:, 1])
+            norm, max_abs, nonfinite = part[:, Stat.NORM], part[:, Stat.MAX_ABS], part[:, Stat.NONFINITE]
+            has_nan = torch.isnan(max_abs)
+            # summed columns: squared norm, non-finite count, has-NaN count
+            sums = torch.stack([norm.square(), nonfinite, has_nan.to(part.dtype)], dim=1)
+            maxima = torch.where(has_nan, torch.zeros_like(max_abs), max_abs)
             for group in layout.groups:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
                 dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
             maxima = torch.where(sums[:, 2] > 0, torch.full_like(maxima, float("nan")), maxima)
-            rows.index_copy_(0, layout.index, torch.stack([sums[:, 0].sqrt(), maxima, sums[:, 1]], dim=1))
+            full = {Stat.NORM: sums[:, 0].sqrt(), Stat.MAX_ABS: maxima, Stat.NONFINITE: sums[:, 1]}
+            rows.index_copy_(0, layout.index, torch.stack([full[s] for s in Stat], dim=1))
         return torch.cat([rows, combine_rows(rows)[None]])
 
 

@@ -1,13 +1,13 @@
-"""Host-side records shared by the monitor, the policies and the reporting layer."""
+"""Host-side records shared by the monitor, the policies and the reporting layer, and how people see them."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["AnomalyKind", "AnomalyEvent", "StepRecord", "GradientAnomalyError"]
+__all__ = ["AnomalyKind", "AnomalyEvent", "StepRecord", "GradientAnomalyError", "Sink"]
 
 
 class AnomalyKind(str, enum.Enum):
@@ -26,6 +26,23 @@ class AnomalyKind(str, enum.Enum):
     RANK_NONFINITE = "rank_nonfinite"  # NaN/Inf in some ranks' local gradients before DDP's all-reduce
     RANK_OUTLIER = "rank_outlier"  # one rank's local gradient norm far outside the other ranks'
     REPLICA_DIVERGENCE = "replica_divergence"  # a rank's parameters differ from the other replicas'
+
+    @property
+    def meaning(self) -> str:
+        """What was seen, in words (``"gradient norm spike"``)."""
+        return _MEANING[self]
+
+
+_MEANING = {
+    AnomalyKind.NONFINITE: "NaN/Inf gradient elements",
+    AnomalyKind.NORM_LIMIT: "gradient norm over its limit",
+    AnomalyKind.TOTAL_NORM_LIMIT: "total gradient norm over its limit",
+    AnomalyKind.ROLLING_MEAN: "rolling mean of the total norm over its limit",
+    AnomalyKind.SPIKE: "gradient norm spike",
+    AnomalyKind.VANISHING: "vanishing gradient norm",
+    AnomalyKind.LOSS_SPIKE: "loss spike",
+    AnomalyKind.LOSS_NONFINITE: "non-finite loss",
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,18 @@ class AnomalyEvent:
         """Inverse of :meth:`to_dict`."""
         return cls(**{**d, "kind": AnomalyKind(d["kind"])})
 
+    def describe(self, *, meaning: bool = False) -> str:
+        """One line for people, as logged and raised.
+
+        Example: ``step 60: spike in fc.weight: value 812.3 (threshold 4.1); action skip``.
+
+        Args:
+            meaning: also say what the kind means, after it: ``spike (gradient norm spike)``.
+        """
+        kind = f"{self.kind.value} ({self.kind.meaning})" if meaning else self.kind.value
+        threshold = "" if self.threshold is None else f" (threshold {self.threshold:.6g})"
+        return f"step {self.step}: {kind} in {self.where}: value {self.value:.6g}{threshold}; action {self.action}"
+
 
 @dataclass
 class StepRecord:
@@ -133,9 +162,28 @@ class GradientAnomalyError(RuntimeError):
                 "(decisions are agreed across ranks; see that rank's events)"
             )
             return
-        lines = [
-            f"step {e.step}: {e.kind.value} in {e.where} (value {e.value:.6g}"
-            + (f", threshold {e.threshold:.6g})" if e.threshold is not None else ")")
-            for e in self.events
-        ]
+        lines = [e.describe() for e in self.events]
         super().__init__("gradient anomaly detected:\n  " + "\n  ".join(lines))
+
+
+class Sink(Protocol):
+    """Where step records go: any callable taking a :class:`StepRecord`.
+
+    ``GradWatch(sinks=[...])`` and ``GradWatch.add_sink`` take one; the monitor calls it once per
+    drained step, in step order, on the host (on the ``log_rank`` only). A sink may also have a
+    ``close()``: the monitor calls it on the sinks it made itself (``history=``) when it is
+    removed; sinks you pass in stay yours to close. Built-in sinks:
+    :class:`~gradwatch.history.HistoryWriter`,
+    :class:`~gradwatch.integrations.tensorboard.TensorBoardSink`.
+    """
+
+    def __call__(self, record: StepRecord) -> object:
+        """Takes one step's record."""
+        ...
+
+
+def close_sink(sink: Sink) -> None:
+    """Calls ``sink.close()`` if the sink has one (the optional half of :class:`Sink`)."""
+    close = getattr(sink, "close", None)
+    if callable(close):
+        close()

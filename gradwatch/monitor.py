@@ -1,4 +1,4 @@
-"""The monitor users touch: :class:`GradWatch` and the hook-monitor drop-in :class:`GradientMonitor`.
+"""The monitor users touch: :class:`GradWatch` (the hook-monitor drop-in is in ``gradient_monitor.py``).
 
 One check per optimizer step (or per backward pass without an optimizer) runs as a fixed pipeline,
 every stage on the device, nothing read back on the host::
@@ -32,7 +32,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,18 +41,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._buffers import BufferGuard
-from ._grad_output import ActivationGradNorms
 from ._in_backward import InBackwardStats
 from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record
+from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record, extras_layout
 from ._selection import Selector, select_parameters
 from ._stepping import ScalerTap, StepControl
+from ._validate import is_positive_int, positive_int
 from .detect import NUM_KINDS, Detector, DetectorConfig, nonfinite_detection
 from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
-from .events import AnomalyEvent, GradientAnomalyError, StepRecord
+from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
 from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
 
-__all__ = ["GradWatch", "GradientMonitor", "SinkError"]
+__all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
 
 logger = logging.getLogger("gradwatch")
 
@@ -70,7 +70,7 @@ class SinkError:
     """
 
     step: int
-    sink: Callable[[StepRecord], Any]
+    sink: Sink
     error: Exception
 
 
@@ -129,8 +129,8 @@ class GradWatch:
             measuring pass of a check (see ``benchmarks/RESULTS.md``) and, with a non-fused
             optimizer and a skipping policy, the one sync per step of the host skip. Default False.
         history: a path; a :class:`gradwatch.history.HistoryWriter` on it is added as a sink.
-        sinks: callables ``fn(record: StepRecord)`` called once per drained step, in step order;
-            one that raises is logged and counted (:attr:`sink_errors`), never propagated.
+        sinks: :class:`~gradwatch.events.Sink` s, callables ``fn(record: StepRecord)`` called once per
+            drained step, in step order; one that raises is logged and counted (:attr:`sink_errors`), never propagated.
         process_group: the ranks that must agree on every decision (see :mod:`gradwatch.distributed`);
             None means the default group once ``torch.distributed`` is initialized. Statistics of
             FSDP2/DTensor-sharded gradients are reduced over their own mesh groups. Create the
@@ -200,7 +200,7 @@ class GradWatch:
         exclude: Selector | Iterable[Selector] | None = None,
         every: int = 1,
         history: Any = None,
-        sinks: Iterable[Callable[[StepRecord], Any]] = (),
+        sinks: Iterable[Sink] = (),
         process_group: Any = None,
         log_rank: int | None = 0,
         measure_in_backward: bool = False,
@@ -216,13 +216,9 @@ class GradWatch:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if not isinstance(attach, bool):
             raise TypeError(f"attach must be a bool, got {attach!r}")
-        if max_events is not None and (
-            isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1
-        ):
+        if max_events is not None and not is_positive_int(max_events):
             raise ValueError(f"max_events must be an integer >= 1 or None, got {max_events!r}")
         self.max_events = max_events
         self.events_dropped = 0
@@ -236,7 +232,7 @@ class GradWatch:
         self.guard = guard
         self.model = model
         self.optimizer = optimizer
-        self.every = every
+        self.every = positive_int("every", every)
         self.process_group = process_group
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         rank = torch.distributed.get_rank() if is_distributed() else 0
@@ -263,7 +259,7 @@ class GradWatch:
         self.step_control = StepControl(optimizer)
         self._records = RecordQueue(self.detector.config)
         self._index_cache = IndexCache(limit=64)
-        self._sinks: OrderedDict[int, Callable[[StepRecord], Any]] = OrderedDict()
+        self._sinks: OrderedDict[int, Sink] = OrderedDict()
         self._handles: list[RemovableHandle] = []
         self._queued = False
         self._loss: StepLoss | None = None  # observed for the upcoming check
@@ -410,8 +406,8 @@ class GradWatch:
 
     # ----------------------------------------------------------------------------- public
 
-    def add_sink(self, fn: Callable[[StepRecord], Any]) -> RemovableHandle:
-        """Calls ``fn(record)`` on the host once per drained step, in step order.
+    def add_sink(self, fn: Sink) -> RemovableHandle:
+        """Calls ``fn(record)`` on the host once per drained step, in step order (see :class:`~gradwatch.events.Sink`).
 
         Returns:
             A handle whose ``remove()`` unregisters ``fn``.
@@ -633,8 +629,7 @@ class GradWatch:
                 decision.extras,
                 seen_by,
             )
-            sizes = tuple(len(group) for group in decision.extras)
-            self._records.put_record(step, names, payload, sizes, sampled=sampled)
+            self._records.put_record(step, names, payload, extras_layout(decision.extras), sampled=sampled)
             if loss is not None:
                 self._records.put_loss(step, loss)
             if self.optimizer is None and sampled:
@@ -818,18 +813,8 @@ class GradWatch:
         """Logs and keeps ``events``: anomalies acted on at WARNING, others at INFO, or at ``level``."""
         for e in events:
             level_e = level if level is not None else logging.WARNING if e.action != "none" else logging.INFO
-            where = e.where
-            thr = "" if e.threshold is None else f" (threshold {e.threshold:.6g})"
-            logger.log(
-                level_e,
-                "gradwatch: step %d: %s in %s: value %.6g%s; action %s",
-                e.step,
-                e.kind.value,
-                where,
-                e.value,
-                thr,
-                e.action,
-            )
+            if logger.isEnabledFor(level_e):
+                logger.log(level_e, "gradwatch: %s", e.describe())
         self.events.extend(events)
         excess = 0 if self.max_events is None else len(self.events) - self.max_events
         if excess > 0:
@@ -909,7 +894,7 @@ class GradWatch:
                 out[row] = value
         return self._names, lists[0], lists[1], lists[2]
 
-    def _sink_failed(self, fn: Callable[[StepRecord], Any], step: int, error: Exception) -> None:
+    def _sink_failed(self, fn: Sink, step: int, error: Exception) -> None:
         """Logs a sink's first failure (with the traceback), keeps every failure in :attr:`sink_errors`."""
         if len(self.sink_errors) < _MAX_SINK_ERRORS:
             self.sink_errors.append(SinkError(step, fn, error))
@@ -931,132 +916,10 @@ class GradWatch:
         """Subclass hook, called for every drained record after the sinks."""
 
 
-class GradientMonitor(GradWatch):
-    """Drop-in for the hand-written hook monitor: per-layer gradient norms, without a sync per layer.
+def __getattr__(name: str) -> Any:
+    # GradientMonitor lives in gradient_monitor.py (it subclasses GradWatch); this import path stays.
+    if name == "GradientMonitor":
+        from .gradient_monitor import GradientMonitor
 
-    Two measures, chosen with ``measure=``; state plainly which numbers you want:
-
-    * ``"param_grad"`` (default): norms of the **parameter gradients** (``p.grad``), one per
-      parameter that got a gradient, in parameter order (``model.named_parameters()``), names in
-      :attr:`grad_norm_names`. The hand-written version of this registers a tensor hook per
-      parameter appending ``grad.norm().item()`` (a sync per parameter); here all gradients are
-      measured in one fused pass per check, with the full detector and policies of
-      :class:`GradWatch`.
-    * ``"grad_output"``: norms of the **activation gradients** ``grad_output[0]`` of every module of
-      the ``modules`` types, one per module per backward pass, in backward order (last layer
-      first), names the module names: the numbers of a hand-written monitor that registers
-      ``register_full_backward_hook`` on Conv2d/Linear modules and records
-      ``grad_output[0].norm()``. Each hook only launches the norm on the device; the norms are
-      copied to the host once per backward pass, without a sync. ``threshold=1000`` makes a norm
-      above 1000 an event (``norm_limit``, logged at WARNING), like the hand-written fixed limit.
-      The detector and policies do not run in this mode, and sinks get nothing.
-
-    Reading :attr:`grad_norms` drains pending results first (one wait, only when read).
-
-    Args:
-        model: the module to watch.
-        optimizer: optional; with one (``"param_grad"``), norms are taken once per optimizer step
-            (accumulated).
-        policy: default ``"warn"`` (events are logged and kept in :attr:`events`).
-        attach: register the hooks now; default False, as hand-written monitors call
-            :meth:`register_hooks` themselves.
-        measure: ``"param_grad"`` or ``"grad_output"`` (above).
-        modules: with ``"grad_output"``, the module types hooked. Default ``(nn.Conv2d, nn.Linear)``.
-        threshold: with ``"grad_output"``, the fixed norm limit, or None (no events).
-        **kwargs: as for :class:`GradWatch` (``include``, ``exclude``, ``every``, detector options).
-
-    Example:
-        >>> import torch, gradwatch
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
-        >>> monitor = gradwatch.GradientMonitor(model)
-        >>> handles = monitor.register_hooks()
-        >>> model(torch.randn(2, 4)).sum().backward()
-        >>> len(monitor.grad_norms)
-        4
-        >>> acts = gradwatch.GradientMonitor(model, measure="grad_output", threshold=1000)
-        >>> handles = acts.register_hooks()
-        >>> model(torch.randn(2, 4)).sum().backward()
-        >>> acts.grad_norm_names
-        ['1', '0']
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        *,
-        policy: str | Policy | PolicySet | Iterable[str | Policy] = "warn",
-        attach: bool = False,
-        measure: str = "param_grad",
-        modules: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear),
-        threshold: float | None = None,
-        **kwargs: Any,
-    ):
-        if measure not in ("param_grad", "grad_output"):
-            raise ValueError(f"measure must be 'param_grad' or 'grad_output', got {measure!r}")
-        if threshold is not None and measure != "grad_output":
-            raise ValueError(
-                "threshold= is the fixed limit of measure='grad_output'; for parameter gradients pass "
-                "max_norm= (per parameter) or max_total_norm= (total)"
-            )
-        self.measure = measure
-        self._grad_norms: list[float] = []
-        self._grad_norm_names: list[str] = []
-        self._total_norms: list[float] = []
-        self._activations: ActivationGradNorms | None = None
-        if measure == "grad_output":
-            self._activations = ActivationGradNorms(model, modules, threshold)
-        super().__init__(model, optimizer, policy=policy, attach=attach, **kwargs)
-        if self._activations is not None:
-            self._activations.events = self.events  # its threshold events are the monitor's events
-
-    def register_hooks(self) -> list[RemovableHandle]:
-        """Attaches the hooks of the chosen measure (idempotent); returns their removable handles."""
-        if self._activations is None:
-            return super().register_hooks()
-        if not self._handles:
-            self._handles.extend(self._activations.register())
-        return list(self._handles)
-
-    def flush(self) -> None:
-        """Drains every pending record (and activation-gradient norms) to the host now."""
-        super().flush()
-        if self._activations is not None:
-            self._activations.drain()
-
-    def _on_record(self, record: StepRecord) -> None:
-        # like the hand-written hooks, which fire only for parameters that got a gradient
-        present = [i for i, norm in enumerate(record.norms) if norm is not None]
-        self._grad_norms.extend(record.norms[i] for i in present)
-        self._grad_norm_names.extend(record.names[i] for i in present)
-        self._total_norms.append(record.total_norm)
-
-    @property
-    def grad_norms(self) -> list[float]:
-        """Per-layer gradient norms, appended each check (reading it drains pending records)."""
-        self.flush()
-        return self._activations.grad_norms if self._activations is not None else self._grad_norms
-
-    @grad_norms.setter
-    def grad_norms(self, value: list[float]) -> None:
-        self.flush()
-        if self._activations is not None:
-            self._activations.grad_norms = value
-        else:
-            self._grad_norms = value
-
-    @property
-    def grad_norm_names(self) -> list[str]:
-        """The parameter (or, for ``"grad_output"``, module) name of each entry of :attr:`grad_norms`."""
-        self.flush()
-        return self._activations.grad_norm_names if self._activations is not None else self._grad_norm_names
-
-    @property
-    def total_norms(self) -> list[float]:
-        """The total parameter-gradient norm of each check (empty for ``"grad_output"``)."""
-        self.flush()
-        return self._total_norms
-
-    def remove_hooks(self) -> None:
-        """Removes the hooks (alias of :meth:`remove`, the name hand-written monitors use)."""
-        self.remove()
+        return GradientMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

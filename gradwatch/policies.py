@@ -6,39 +6,76 @@ scale factors, a skip flag, a raise flag) in :meth:`Policy.decide`, and does its
 step's record has reached the host. A policy never calls a kernel: the monitor applies the factors
 with ``scale_`` and writes the skip flag into the optimizer.
 
-Named policies (``GradWatch(policy=...)`` takes a name, an object, or a list of them)::
-
-    "warn"           log every anomaly (always-on logging of events is at INFO; this makes it WARNING)
-    "clip"           global max-norm clipping, from the norms already measured (Clip, max_norm=1.0)
-    "adaptive_clip"  z-score clipping of the total norm in the manner of ZClip (AdaptiveClip)
-    "zero"           zero the gradients of the offending parameters only (Zero)
-    "skip"           the optimizer step does not happen (Skip)
-    "raise"          GradientAnomalyError with names, step, values (Raise)
-    "lr_backoff"     scale learning rates down after an anomaly, restore gradually (LRBackoff)
-    "rollback"       restore model and optimizer from the last healthy snapshot (Rollback)
+``GradWatch(policy=...)`` takes a name, an object, or a list of them. Every policy class is
+registered under its ``name`` where it is defined (``@register_policy``), so :data:`POLICIES` lists
+them all: ``warn``, ``clip``, ``adaptive_clip``, ``zero``, ``skip``, ``raise``, ``lr_backoff`` and
+``rollback``, each described by its class below.
 
 Policies compose: ``[Clip(1.0), Skip(kinds={"nonfinite"}), Raise(after=3, kinds={"nonfinite"})]``
 clips every step, skips steps with NaN/Inf gradients, and raises after three such steps in a row.
 Gating policies (zero, skip, raise, rollback) decide before scaling ones (clip, adaptive_clip), so a
-zeroed parameter does not count towards the clipped norm.
+zeroed parameter does not count towards the clipped norm. :class:`PolicySet` holds the composition
+and is the only object the monitor talks to.
+
+Adding a policy:
+
+1. Subclass :class:`Policy` with a class attribute ``name`` and decorate it with
+   ``@register_policy`` (it is then accepted by name and listed in ``__all__``). Validate arguments
+   with ``gradwatch._validate.positive_number`` / ``positive_int``.
+2. Set ``can_skip``, ``scales``, ``needs_optimizer`` and ``priority`` (0 gates, 10 scales) to what
+   :meth:`Policy.decide` may do.
+3. In ``decide``, change ``decision`` with device ops only (``ctx.flagged(self.kinds)`` gives the
+   flags; never read a value on the host). To see a value again on the host, return a frozen
+   dataclass of scalar tensors (like :class:`ClipExtras`); it comes back with floats as
+   ``outcome.extras``.
+4. Host side: ``action_for`` names what it did about an event, ``events_for`` adds its own events,
+   ``on_record`` acts once the record is on the host; ``state_dict``/``load_state_dict`` for any state.
+5. Prove it with a test in ``tests/test_policies.py``: build a context with ``context(grads)``
+   and ``decide(policy, ctx)``, compare the decision with plain PyTorch, and run it in a real
+   loop with ``monitor_utils.train(..., fault_step=..., fault="nan")`` asserting the exact
+   outcome (see ``test_zero_clears_only_the_offending_parameter`` in ``tests/test_monitor.py``).
+
+Adding a sink (where step records go; see :class:`~gradwatch.events.Sink`):
+
+1. Write a callable ``sink(record: StepRecord)``; it runs on the host once per drained step,
+   in step order, only on ``log_rank``. Read ``record`` only: it is shared with other sinks.
+2. Give it ``close()`` if it holds a file or a writer; the monitor closes the sinks it makes
+   itself, a sink passed in is closed by whoever made it.
+3. Pass it as ``GradWatch(sinks=[sink])`` or ``watch.add_sink(sink)`` (a removable handle).
+4. Prove it with a test that trains ``monitor_utils.small_cnn`` with a sink and a fault injected
+   at a known step, and asserts that the sink saw every step once, in order, with the fault's
+   event (see ``test_sinks_history_and_context_manager`` in ``tests/test_monitor.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from typing_extensions import override
 
-from .detect import Detection, kind_mask
+from ._layout import Stat
+from ._policy import (
+    HARMFUL_KINDS,
+    PARAM_KINDS,
+    POLICIES,
+    Decision,
+    DecisionContext,
+    Outcome,
+    Policy,
+    PolicyHost,
+    PolicySet,
+    make_policy,
+    register_policy,
+)
+from ._validate import positive_int, positive_number
 from .events import AnomalyEvent, AnomalyKind, StepRecord
 
-__all__ = [
+__all__ = [  # the policy contract (defined in _policy.py), then each policy: register_policy adds it
     "HARMFUL_KINDS",
     "PARAM_KINDS",
     "DecisionContext",
@@ -46,219 +83,17 @@ __all__ = [
     "Outcome",
     "PolicyHost",
     "Policy",
-    "Warn",
-    "Clip",
-    "AdaptiveClip",
-    "Zero",
-    "Skip",
-    "Raise",
-    "LRBackoff",
-    "Rollback",
+    "ClipExtras",
     "PolicySet",
     "make_policy",
+    "register_policy",
     "POLICIES",
 ]
 
 logger = logging.getLogger("gradwatch")
 
-HARMFUL_KINDS: frozenset[AnomalyKind] = frozenset(
-    {
-        AnomalyKind.NONFINITE,
-        AnomalyKind.NORM_LIMIT,
-        AnomalyKind.TOTAL_NORM_LIMIT,
-        AnomalyKind.SPIKE,
-        AnomalyKind.LOSS_SPIKE,
-        AnomalyKind.LOSS_NONFINITE,
-    }
-)
-"""Kinds where applying the step can damage the model: the default triggers of gating policies.
-VANISHING and ROLLING_MEAN are trends, not bad steps; skipping or undoing one step does not help."""
 
-PARAM_KINDS: frozenset[AnomalyKind] = frozenset(
-    {AnomalyKind.NONFINITE, AnomalyKind.NORM_LIMIT, AnomalyKind.SPIKE, AnomalyKind.VANISHING}
-)
-"""Kinds detected per parameter."""
-
-
-def _kinds(
-    kinds: Iterable[AnomalyKind | str] | AnomalyKind | str | None, default: frozenset[AnomalyKind], owner: str
-) -> frozenset[AnomalyKind]:
-    if kinds is None:
-        return default
-    if isinstance(kinds, (str, AnomalyKind)):
-        kinds = [kinds]
-    out = set()
-    for k in kinds:
-        try:
-            out.add(AnomalyKind(k))
-        except ValueError:
-            raise ValueError(
-                f"{owner}: kinds contains {k!r}, which is not an AnomalyKind; expected some of "
-                f"{[x.value for x in AnomalyKind]}"
-            ) from None
-    return frozenset(out)
-
-
-def _positive(owner: str, name: str, value: Any, *, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
-        bound = f" and <= {upper}" if upper is not None else ""
-        raise ValueError(f"{owner}: {name} must be a positive finite number{bound}, got {value!r}")
-    return float(value)
-
-
-@dataclass
-class DecisionContext:
-    """What a policy sees at decision time (device tensors, plus host facts known without a sync).
-
-    Attributes:
-        step: optimizer step index of this check.
-        packed: float64 ``[n + 1, 3]`` statistics of the unscaled gradients (norm, max|x|, count).
-        detection: the detector's flags for this step.
-        names: names of the ``n`` parameters in the rows, in order.
-        ignore: bool scalar, True on steps the AMP GradScaler skips by itself (do nothing then).
-        loss_flags: bool ``[NUM_KINDS]`` of the loss observed for this step (all False if none).
-    """
-
-    step: int
-    packed: torch.Tensor
-    detection: Detection
-    names: Sequence[str]
-    ignore: torch.Tensor
-    loss_flags: torch.Tensor
-
-    def flagged(self, kinds: frozenset[AnomalyKind]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-parameter bool ``[n]``, step-level bool scalar) for anomalies of ``kinds``."""
-        mask = kind_mask(kinds, self.packed.device)
-        per_param = (self.detection.param_flags & mask).any(dim=1)
-        glob = ((self.detection.global_flags | self.loss_flags) & mask).any() | per_param.any()
-        return per_param, glob & ~self.ignore
-
-
-@dataclass
-class Decision:
-    """The device-side outcome of all policies for one step.
-
-    Attributes:
-        factors: float64 ``[n]``; gradients are multiplied by these (0 zeroes, 1 leaves untouched).
-            float64, so that a clip factor is neither rounded nor underflows to 0 (which would zero).
-        skip: bool scalar; the optimizer step must not happen.
-        raise_now: bool scalar; the host raises :class:`GradientAnomalyError` for this step.
-        clip_factor: float64 scalar; the product of the clipping factors applied to all gradients.
-        extras: per policy (in order), the scalar tensors it asked to see again on the host.
-    """
-
-    factors: torch.Tensor
-    skip: torch.Tensor
-    raise_now: torch.Tensor
-    clip_factor: torch.Tensor
-    extras: list[list[torch.Tensor]] = field(default_factory=list)
-
-    @classmethod
-    def neutral(cls, n: int, device: torch.device) -> Decision:
-        """Do nothing: factors 1, no skip, no raise."""
-        false = torch.zeros((), dtype=torch.bool, device=device)
-        return cls(
-            factors=torch.ones(n, dtype=torch.float64, device=device),
-            skip=false,
-            raise_now=false.clone(),
-            clip_factor=torch.ones((), dtype=torch.float64, device=device),
-        )
-
-
-@dataclass
-class Outcome:
-    """A step's decision as host values, handed to :meth:`Policy.on_record` and ``action_for``.
-
-    Attributes:
-        step: optimizer step index.
-        skipped: whether the optimizer step was skipped.
-        raised: whether a Raise policy fired at this step.
-        clip_factor: product of the clip factors applied.
-        total_norm: the (unscaled) total norm measured.
-        scaler_skipped: the AMP GradScaler skipped this step on its own.
-        extras: this policy's scalars from :attr:`Decision.extras`.
-    """
-
-    step: int
-    skipped: bool
-    raised: bool
-    clip_factor: float
-    total_norm: float
-    scaler_skipped: bool = False
-    extras: list[float] = field(default_factory=list)
-
-
-class PolicyHost(Protocol):
-    """What the monitor offers host-side policy actions."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None
-
-    def request_skip(self, drained_step: int) -> None:
-        """Skip the step whose gradients were computed from state that a policy just replaced."""
-
-
-class Policy:
-    """Base class of all policies; subclasses override what they need.
-
-    Attributes:
-        name: the policy's name, used as the ``action`` of the events it handles.
-        kinds: the anomaly kinds this policy reacts to.
-        priority: gating policies (0) decide before scaling ones (10).
-        can_skip: whether :meth:`decide` may set ``skip`` (the monitor then prepares a skip path).
-        scales: whether :meth:`decide` may change ``factors`` (the monitor then calls ``scale_``).
-    """
-
-    name: ClassVar[str] = "policy"
-    priority: ClassVar[int] = 0
-    can_skip: ClassVar[bool] = False
-    scales: ClassVar[bool] = False
-    needs_optimizer: ClassVar[bool] = False
-    restores_state: ClassVar[bool] = False  # host actions run first (see PolicySet.on_record)
-
-    def __init__(
-        self,
-        kinds: Iterable[AnomalyKind | str] | AnomalyKind | str | None = None,
-        default: frozenset[AnomalyKind] = HARMFUL_KINDS,
-    ):
-        self.kinds = _kinds(kinds, default, type(self).__name__)
-
-    def attach(self, host: PolicyHost) -> None:
-        """Called once by the monitor before the first step."""
-
-    def before_check(self, host: PolicyHost, step: int) -> None:
-        """Host-side hook at the start of each check, before any statistic is read."""
-
-    def decide(self, ctx: DecisionContext, decision: Decision) -> None:
-        """Updates ``decision`` in place from ``ctx`` using device ops only (no host reads)."""
-
-    def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
-        """The action this policy took about ``event`` (None if none)."""
-        return self.name if event.kind in self.kinds else None
-
-    def events_for(self, outcome: Outcome) -> list[AnomalyEvent]:
-        """Events this policy creates itself (e.g. a clip), from its :attr:`Outcome.extras`."""
-        return []
-
-    def on_record(self, record: StepRecord, outcome: Outcome, host: PolicyHost) -> None:
-        """Host-side action once the step's record is on the host (at most one step late)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Policy state for checkpoints."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict` output."""
-
-    def __add__(self, other: Policy | PolicySet) -> PolicySet:
-        return PolicySet([self, other])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(kinds={sorted(k.value for k in self.kinds)})"
-
-
+@register_policy
 class Warn(Policy):
     """Logs each anomaly of ``kinds`` (default: all) as a WARNING on the ``gradwatch`` logger.
 
@@ -272,9 +107,28 @@ class Warn(Policy):
         super().__init__(kinds, frozenset(AnomalyKind))
 
 
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class ClipExtras(Generic[_T]):
+    """What a clip measured and did: tensors when :meth:`Clip.decide` returns it, floats in ``Outcome.extras``.
+
+    Attributes:
+        total: the total norm the factor was computed from (zeroed parameters left out).
+        limit: the norm clipped to.
+        factor: the clip factor applied (1: not clipped).
+    """
+
+    total: _T
+    limit: _T
+    factor: _T
+
+
 _SMALLEST_FACTOR = 2.0**-1074  # the smallest positive float64
 
 
+@register_policy
 class Clip(Policy):
     """Global max-norm clipping every step, like ``torch.nn.utils.clip_grad_norm_``.
 
@@ -303,32 +157,34 @@ class Clip(Policy):
 
     def __init__(self, max_norm: float = 1.0):
         super().__init__(None)
-        self.max_norm = _positive("Clip", "max_norm", max_norm)
+        self.max_norm = positive_number("max_norm", max_norm, "Clip")
         self.clipped_steps = 0
 
     def _limit(self, ctx: DecisionContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.full((), self.max_norm, dtype=torch.float64, device=ctx.packed.device), ctx.ignore.new_ones(())
+        return torch.full(
+            (), self.max_norm, dtype=torch.float64, device=ctx.packed.device
+        ), ctx.scaler_skipped.new_ones(())
 
     @override
-    def decide(self, ctx: DecisionContext, decision: Decision) -> None:
+    def decide(self, ctx: DecisionContext, decision: Decision) -> ClipExtras[torch.Tensor]:
         limit, active = self._limit(ctx)
         factors = decision.factors.to(torch.float64)
         # a zeroed gradient contributes 0, even if its norm was NaN (NaN * 0 would be NaN)
-        norms = torch.where(factors == 0, torch.zeros_like(factors), ctx.packed[:-1, 0] * factors)
+        norms = torch.where(factors == 0, torch.zeros_like(factors), ctx.packed[:-1, Stat.NORM] * factors)
         total = norms.square().sum().sqrt()
         # at least the smallest float64: a clip never rounds to 0, which scale_ reads as "write zeros"
         coef = (limit / (total + 1e-6)).clamp(min=_SMALLEST_FACTOR, max=1.0)
-        use = active & torch.isfinite(total) & ~ctx.ignore
+        use = active & torch.isfinite(total) & ~ctx.scaler_skipped
         coef = torch.where(use, coef, torch.ones_like(coef))
         decision.factors = decision.factors * coef
         decision.clip_factor = decision.clip_factor * coef
-        decision.extras.append([total, limit, coef])
+        return ClipExtras(total, limit, coef)
 
     def _clipped(self, outcome: Outcome) -> bool:
-        if not outcome.extras:  # a lone loss packet: no clip decision in it
+        report: ClipExtras[float] | None = outcome.extras
+        if report is None:  # a lone loss packet, or a guarded step: no clip decision in it
             return False
-        total, limit, coef = outcome.extras
-        return coef < 1.0 and total > limit and not outcome.skipped
+        return report.factor < 1.0 and report.total > report.limit and not outcome.skipped
 
     @override
     def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
@@ -341,13 +197,14 @@ class Clip(Policy):
         if not self._clipped(outcome):
             return []
         self.clipped_steps += 1
-        total, limit, _ = outcome.extras
-        return [AnomalyEvent(outcome.step, self.event_kind, None, total, limit, self.name)]
+        report: ClipExtras[float] = outcome.extras
+        return [AnomalyEvent(outcome.step, self.event_kind, None, report.total, report.limit, self.name)]
 
     def __repr__(self) -> str:
         return f"Clip(max_norm={self.max_norm})"
 
 
+@register_policy
 class AdaptiveClip(Clip):
     """Z-score clipping of the total norm against its running statistics (after ZClip, Kumar et al., 2025).
 
@@ -387,8 +244,8 @@ class AdaptiveClip(Clip):
     def __init__(self, z: float = 2.5, max_norm: float | None = None):
         Policy.__init__(self, None)
         self.clipped_steps = 0
-        self.z = _positive("AdaptiveClip", "z", z)
-        self.max_norm = None if max_norm is None else _positive("AdaptiveClip", "max_norm", max_norm)
+        self.z = positive_number("z", z, "AdaptiveClip")
+        self.max_norm = None if max_norm is None else positive_number("max_norm", max_norm, "AdaptiveClip")
 
     def _limit(self, ctx: DecisionContext) -> tuple[torch.Tensor, torch.Tensor]:
         d = ctx.detection
@@ -402,6 +259,7 @@ class AdaptiveClip(Clip):
         return f"AdaptiveClip(z={self.z}, max_norm={self.max_norm})"
 
 
+@register_policy
 class Zero(Policy):
     """Zeroes the gradients of the offending parameters only (``scale_`` with factor 0 clears NaN).
 
@@ -420,13 +278,16 @@ class Zero(Policy):
     @override
     def decide(self, ctx: DecisionContext, decision: Decision) -> None:
         per_param, _ = ctx.flagged(self.kinds)
-        decision.factors = torch.where(per_param & ~ctx.ignore, torch.zeros_like(decision.factors), decision.factors)
+        decision.factors = torch.where(
+            per_param & ~ctx.scaler_skipped, torch.zeros_like(decision.factors), decision.factors
+        )
 
     @override
     def action_for(self, event: AnomalyEvent, outcome: Outcome) -> str | None:
         return self.name if event.kind in self.kinds and event.param is not None else None
 
 
+@register_policy
 class Skip(Policy):
     """The optimizer step does not happen: parameters, optimizer state and step counters untouched.
 
@@ -454,6 +315,7 @@ class Skip(Policy):
         return self.name if event.kind in self.kinds and outcome.skipped else None
 
 
+@register_policy
 class Raise(Policy):
     """Raises :class:`GradientAnomalyError` after ``after`` consecutive checked steps with anomalies.
 
@@ -472,9 +334,7 @@ class Raise(Policy):
 
     def __init__(self, kinds: Iterable[AnomalyKind | str] | None = None, after: int = 1):
         super().__init__(kinds)
-        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
-            raise ValueError(f"Raise: after must be an integer >= 1, got {after!r}")
-        self.after = after
+        self.after = positive_int("after", after, "Raise")
         self.count: torch.Tensor | None = None
 
     @override
@@ -483,7 +343,7 @@ class Raise(Policy):
         if self.count is None:
             self.count = torch.zeros((), dtype=torch.int64, device=hit.device)
         count = self.count.to(hit.device)
-        self.count = torch.where(ctx.ignore, count, torch.where(hit, count + 1, torch.zeros_like(count)))
+        self.count = torch.where(ctx.scaler_skipped, count, torch.where(hit, count + 1, torch.zeros_like(count)))
         fire = self.count >= self.after
         decision.raise_now = decision.raise_now | fire
         decision.skip = decision.skip | fire
@@ -504,6 +364,7 @@ class Raise(Policy):
         return f"Raise(kinds={sorted(k.value for k in self.kinds)}, after={self.after})"
 
 
+@register_policy
 class LRBackoff(Policy):
     """Scales every learning rate by ``factor`` after an anomalous step; restores it gradually.
 
@@ -531,12 +392,11 @@ class LRBackoff(Policy):
         kinds: Iterable[AnomalyKind | str] | None = None,
     ):
         super().__init__(kinds, HARMFUL_KINDS | {AnomalyKind.ROLLING_MEAN})
-        if _positive("LRBackoff", "factor", factor) >= 1:
+        if positive_number("factor", factor, "LRBackoff") >= 1:
             raise ValueError(f"LRBackoff: factor must be < 1, got {factor!r}")
-        if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 1:
-            raise ValueError(f"LRBackoff: recovery_steps must be an integer >= 1, got {recovery_steps!r}")
-        self.factor, self.recovery_steps = float(factor), recovery_steps
-        self.min_scale = _positive("LRBackoff", "min_scale", min_scale, upper=1.0)
+        self.factor = float(factor)
+        self.recovery_steps = positive_int("recovery_steps", recovery_steps, "LRBackoff")
+        self.min_scale = positive_number("min_scale", min_scale, "LRBackoff", upper=1.0)
         self.scale = 1.0
 
     @override
@@ -581,6 +441,7 @@ def _clone_tree(obj: Any, device: torch.device | None) -> Any:
     return copy.deepcopy(obj)
 
 
+@register_policy
 class Rollback(Policy):
     """Restores the model and optimizer from an in-memory snapshot of the last healthy step.
 
@@ -626,9 +487,7 @@ class Rollback(Policy):
         schedulers: Iterable[Any] | None = None,
     ):
         super().__init__(kinds)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Rollback: every must be an integer >= 1, got {every!r}")
-        self.every = every
+        self.every = positive_int("every", every, "Rollback")
         self.device = None if device is None else torch.device(device)
         self.schedulers = list(schedulers or ())
         for i, sched in enumerate(self.schedulers):
@@ -702,189 +561,3 @@ class Rollback(Policy):
 
     def __repr__(self) -> str:
         return f"Rollback(every={self.every}, schedulers={len(self.schedulers)})"
-
-
-POLICIES: dict[str, type[Policy]] = {
-    "warn": Warn,
-    "clip": Clip,
-    "adaptive_clip": AdaptiveClip,
-    "zero": Zero,
-    "skip": Skip,
-    "raise": Raise,
-    "lr_backoff": LRBackoff,
-    "rollback": Rollback,
-}
-"""Policy classes by name; ``make_policy("clip")`` is ``Clip()`` with its defaults."""
-
-
-class PolicySet:
-    """Several policies acting together, and the one object the monitor talks to about them.
-
-    On the device, factors multiply and skip and raise flags OR: gating policies (priority 0)
-    decide before scaling ones (priority 10); within a priority the given order is kept. On the
-    host, the set turns the decoded decision into one :class:`Outcome` per policy, labels each
-    event with what the policies did about it and runs their host-side actions, in the given order.
-
-    Args:
-        policies: the policies (objects or names).
-    """
-
-    def __init__(self, policies: Iterable[Policy | str | PolicySet]):
-        flat: list[Policy] = []
-        for p in policies:
-            p = make_policy(p) if isinstance(p, str) else p
-            if isinstance(p, PolicySet):
-                flat.extend(p.policies)
-            elif isinstance(p, Policy):
-                flat.append(p)
-            else:
-                raise TypeError(f"policy must be a name or a Policy, got {type(p).__name__} {p!r}")
-        self.policies = flat
-        self.kinds: frozenset[AnomalyKind] = frozenset().union(*(p.kinds for p in flat)) if flat else frozenset()
-
-    @property
-    def can_skip(self) -> bool:
-        """Whether any member may skip a step."""
-        return any(p.can_skip for p in self.policies)
-
-    @property
-    def scales(self) -> bool:
-        """Whether any member may scale gradients."""
-        return any(p.scales for p in self.policies)
-
-    @property
-    def needs_optimizer(self) -> bool:
-        """Whether any member only makes sense with an optimizer."""
-        return any(p.needs_optimizer for p in self.policies)
-
-    def check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Raises ValueError, naming the members, when some need an optimizer and there is none."""
-        if optimizer is None and self.needs_optimizer:
-            names = [p.name for p in self.policies if p.needs_optimizer]
-            raise ValueError(f"policy {names} needs an optimizer; pass optimizer= or use another policy")
-
-    def attach(self, host: PolicyHost) -> None:
-        """Calls every member's :meth:`Policy.attach`."""
-        for p in self.policies:
-            p.attach(host)
-
-    def before_check(self, host: PolicyHost, step: int) -> None:
-        """Calls every member's :meth:`Policy.before_check`."""
-        for p in self.policies:
-            p.before_check(host, step)
-
-    def decide(self, ctx: DecisionContext, decision: Decision, gating_only: bool = False) -> None:
-        """Every member decides, by priority; ``decision.extras`` ends with one group per member, in order.
-
-        Args:
-            ctx: the step's statistics and flags.
-            decision: updated in place.
-            gating_only: only the gating members (priority 0: zero, skip, raise, rollback) decide,
-                the others' extras stay empty (the non-finite guard of ``every=N``).
-        """
-        order = sorted(range(len(self.policies)), key=lambda i: self.policies[i].priority)
-        if gating_only:
-            order = [i for i in order if self.policies[i].priority == 0]
-        extras: list[list[torch.Tensor]] = [[] for _ in self.policies]
-        for i in order:
-            before = len(decision.extras)
-            self.policies[i].decide(ctx, decision)
-            extras[i] = [t for group in decision.extras[before:] for t in group]
-            del decision.extras[before:]
-        decision.extras.extend(extras)
-
-    def outcomes(self, base: Outcome, extras: Sequence[list[float]] | None = None) -> list[Outcome]:
-        """One outcome per member: ``base`` with that member's extras (None: none, e.g. a lone loss)."""
-        if extras is None:
-            return [base] * len(self.policies)
-        return [replace(base, extras=ex) for ex in extras]
-
-    def label(self, event: AnomalyEvent, outcomes: Sequence[Outcome]) -> AnomalyEvent:
-        """``event`` with ``action`` set to what the members did about it (``"none"`` if nothing)."""
-        actions: list[str] = []
-        for p, o in zip(self.policies, outcomes, strict=True):
-            a = p.action_for(event, o)
-            if a and a not in actions:
-                actions.append(a)
-        return replace(event, action="+".join(actions) if actions else "none")
-
-    def events(self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]) -> list[AnomalyEvent]:
-        """The step's events: the detected ones labelled, then those the members create (a clip)."""
-        anomalies, routine = self.split_events(detected, outcomes)
-        return anomalies + routine
-
-    def split_events(
-        self, detected: Iterable[AnomalyEvent], outcomes: Sequence[Outcome]
-    ) -> tuple[list[AnomalyEvent], list[AnomalyEvent]]:
-        """The step's events as (anomalies, routine): routine ones are a routine policy's (a clip).
-
-        A member's event is left out when a detected event of the same kind and parameter already
-        reports it (the detector's ``max_total_norm`` event of a clipped step): one event per fact.
-        """
-        anomalies = [self.label(e, outcomes) for e in detected]
-        seen = {(e.kind, e.param) for e in anomalies}
-        routine: list[AnomalyEvent] = []
-        for p, o in zip(self.policies, outcomes, strict=True):
-            for e in p.events_for(o):
-                if (e.kind, e.param) in seen:
-                    continue
-                (routine if getattr(p, "routine", False) else anomalies).append(e)
-        return anomalies, routine
-
-    def on_record(self, record: StepRecord, outcomes: Sequence[Outcome], host: PolicyHost) -> None:
-        """Runs every member's host-side action for ``record``: restoring ones (rollback) first.
-
-        A restore replaces the state the others adjust (an :class:`LRBackoff` scales the restored
-        learning rates), so the policies' order in the list does not change the result.
-        """
-        pairs = list(zip(self.policies, outcomes, strict=True))
-        for p, o in sorted(pairs, key=lambda pair: not pair[0].restores_state):
-            p.on_record(record, o, host)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Every member's state, with its type (checked on load)."""
-        return {"policies": [{"type": type(p).__name__, "state": p.state_dict()} for p in self.policies]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict` output.
-
-        Raises:
-            ValueError: the state is for other policies.
-        """
-        saved = state["policies"]
-        if [s["type"] for s in saved] != [type(p).__name__ for p in self.policies]:
-            raise ValueError(
-                f"policy state is for {[s['type'] for s in saved]}; this monitor has "
-                f"{[type(p).__name__ for p in self.policies]}"
-            )
-        for p, s in zip(self.policies, saved, strict=True):
-            p.load_state_dict(s["state"])
-
-    def __add__(self, other: Policy | PolicySet) -> PolicySet:
-        return PolicySet([self, other])
-
-    def __repr__(self) -> str:
-        return f"PolicySet({self.policies!r})"
-
-
-def make_policy(spec: str | Policy | PolicySet | Iterable[str | Policy]) -> PolicySet:
-    """Builds a :class:`PolicySet` from a name, a policy object, or a list of them.
-
-    Args:
-        spec: e.g. ``"skip"``, ``Clip(0.5)``, ``["clip", "skip"]``.
-
-    Raises:
-        ValueError: unknown policy name.
-        TypeError: ``spec`` is of another type.
-    """
-    if isinstance(spec, PolicySet):
-        return spec
-    if isinstance(spec, Policy):
-        return PolicySet([spec])
-    if isinstance(spec, str):
-        if spec not in POLICIES:
-            raise ValueError(f"policy {spec!r} is not a known policy name; expected one of {sorted(POLICIES)}")
-        return PolicySet([POLICIES[spec]()])
-    if isinstance(spec, Iterable):
-        return PolicySet(list(spec))
-    raise TypeError(f"policy must be a name, a Policy or a list of them, got {type(spec).__name__} {spec!r}")

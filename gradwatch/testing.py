@@ -17,21 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validate import is_positive_int
 from .events import AnomalyEvent, AnomalyKind, GradientAnomalyError, StepRecord
 from .summary import fmt
 
 __all__ = ["assert_stable", "StabilityError"]
-
-_STATISTIC = {
-    AnomalyKind.NONFINITE: "NaN/Inf gradient elements",
-    AnomalyKind.NORM_LIMIT: "gradient norm over its limit",
-    AnomalyKind.TOTAL_NORM_LIMIT: "total gradient norm over its limit",
-    AnomalyKind.ROLLING_MEAN: "rolling mean of the total norm over its limit",
-    AnomalyKind.SPIKE: "gradient norm spike",
-    AnomalyKind.VANISHING: "vanishing gradient norm",
-    AnomalyKind.LOSS_SPIKE: "loss spike",
-    AnomalyKind.LOSS_NONFINITE: "non-finite loss",
-}
 
 
 class StabilityError(AssertionError):
@@ -64,12 +54,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _describe(event: AnomalyEvent, record: StepRecord | None) -> str:
-    where = event.param or "<global>"
-    text = f"step {event.step}: {event.kind.value} ({_STATISTIC.get(event.kind, event.kind.value)}) in {where}: "
-    text += f"value {_fmt(event.value)}"
-    if event.threshold is not None:
-        text += f" > threshold {_fmt(event.threshold)}"
-    text += f", action {event.action}"
+    text = event.describe(meaning=True)
     if record is not None:
         if event.param is not None and event.param in record.names:
             i = list(record.names).index(event.param)
@@ -123,7 +108,7 @@ def assert_stable(
         ValueError: ``steps`` is below 1, ``fail_on`` names an unknown kind, or ``batches`` is empty.
         TypeError: a batch is not an ``(inputs, targets)`` pair.
     """
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if steps is not None and not is_positive_int(steps):
         raise ValueError(f"assert_stable: steps must be a positive int or None; got {steps!r}")
     try:
         kinds = set(AnomalyKind) if fail_on is None else {AnomalyKind(k) for k in fail_on}

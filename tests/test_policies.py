@@ -13,6 +13,7 @@ from gradwatch.policies import (
     POLICIES,
     AdaptiveClip,
     Clip,
+    ClipExtras,
     Decision,
     DecisionContext,
     LRBackoff,
@@ -25,7 +26,7 @@ from gradwatch.policies import (
 )
 
 
-def context(grads, detector=None, step=0, ignore=False, loss_flags=None):
+def context(grads, detector=None, step=0, scaler_skipped=False, loss_flags=None):
     packed = grad_stats_packed(grads)
     detector = detector or Detector(len(grads))
     detection = detector.detect(packed)
@@ -34,7 +35,7 @@ def context(grads, detector=None, step=0, ignore=False, loss_flags=None):
         packed,
         detection,
         [f"p{i}" for i in range(len(grads))],
-        torch.tensor(ignore),
+        torch.tensor(scaler_skipped),
         torch.zeros(NUM_KINDS, dtype=torch.bool) if loss_flags is None else loss_flags,
     )
 
@@ -88,12 +89,12 @@ def test_zero_only_flagged_parameters():
     assert torch.equal(grads[2], torch.zeros_like(grads[2]))
 
 
-def test_skip_kinds_and_scaler_ignore():
+def test_skip_kinds_and_scaler_skipped():
     grads = random_grads()
     grads[0][0, 0] = float("nan")
     assert decide("skip", context(grads)).skip
     assert not decide(Skip(kinds={"spike"}), context(grads)).skip
-    assert not decide("skip", context(grads, ignore=True)).skip
+    assert not decide("skip", context(grads, scaler_skipped=True)).skip
     loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool)
     loss_flags[KIND_INDEX[AnomalyKind.LOSS_SPIKE]] = True
     assert decide("skip", context(random_grads(), loss_flags=loss_flags)).skip
@@ -137,10 +138,12 @@ def test_adaptive_clip_uses_detector_statistics():
 
 def test_clip_events_name_their_kind():
     # A clipped step reports a norm limit for a fixed clip, a spike for an adaptive one; no event unclipped.
-    clipped = Outcome(step=3, skipped=False, raised=False, clip_factor=0.5, total_norm=8.0, extras=[8.0, 4.0, 0.5])
+    clipped = Outcome(
+        step=3, skipped=False, raised=False, clip_factor=0.5, total_norm=8.0, extras=ClipExtras(8.0, 4.0, 0.5)
+    )
     for policy, kind in [(Clip(4.0), AnomalyKind.TOTAL_NORM_LIMIT), (AdaptiveClip(), AnomalyKind.SPIKE)]:
         assert policy.events_for(clipped) == [AnomalyEvent(3, kind, None, 8.0, 4.0, policy.name)]
-        assert policy.events_for(Outcome(3, False, False, 1.0, 2.0, extras=[2.0, 4.0, 1.0])) == []
+        assert policy.events_for(Outcome(3, False, False, 1.0, 2.0, extras=ClipExtras(2.0, 4.0, 1.0))) == []
 
 
 def test_composition_order_and_names():

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any, Literal
 
+from .._validate import is_positive_int
 from ..events import StepRecord
 from ..layers import LayerNorms
 
@@ -68,7 +69,7 @@ class TensorBoardSink:
     ) -> None:
         if group not in ("layer", "param"):
             raise ValueError(f"TensorBoardSink: group must be 'layer' or 'param'; got {group!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not is_positive_int(every):
             raise ValueError(f"TensorBoardSink: every must be a positive int; got {every!r}")
         self._owns_writer = isinstance(writer, (str, os.PathLike))
         self.writer = _summary_writer_class()(log_dir=os.fspath(writer)) if self._owns_writer else writer
