@@ -42,6 +42,9 @@ _MEANING = {
     AnomalyKind.VANISHING: "vanishing gradient norm",
     AnomalyKind.LOSS_SPIKE: "loss spike",
     AnomalyKind.LOSS_NONFINITE: "non-finite loss",
+    AnomalyKind.RANK_NONFINITE: "NaN/Inf in this rank's local gradients, before DDP's all-reduce",
+    AnomalyKind.RANK_OUTLIER: "this rank's local gradient norm far off the other ranks'",
+    AnomalyKind.REPLICA_DIVERGENCE: "this rank's parameters differ from the other replicas'",
 }
 
 
