@@ -308,6 +308,8 @@ class RankAttribution:
         self._comm_hook = comm_hook
         self._comm_state = comm_state
         self._scale = 1.0 / self.world  # as DDP without a hook: a product with 1/world, not a division
+        # this rank's summary when it measured nothing; made once (a host-to-device copy)
+        self._nothing = torch.tensor([0.0, 0.0, math.nan, math.nan, -1.0], dtype=torch.float64).to(self.device)
         self._measured: dict[int, _Measured] = {}
         self._bucket_index: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
         self._generation = 0
@@ -352,7 +354,7 @@ class RankAttribution:
     def _local_summary(self) -> torch.Tensor:
         fresh = [m for m in self._measured.values() if m.generation == self._generation]
         if not fresh:  # no backward through DDP since the last check: take part, blame nothing
-            return torch.tensor([0.0, 0.0, math.nan, math.nan, -1.0], dtype=torch.float64, device=self.device)
+            return self._nothing
         rows = torch.cat([m.rows for m in fresh])
         index = torch.cat([m.index for m in fresh])
         total = combine_rows(rows)
@@ -477,6 +479,10 @@ def attribute_ranks(
     Returns:
         The :class:`RankAttribution`; its ``remove()`` detaches it (the monitor's ``remove()`` does too).
     """
+    from .monitor import GradWatch  # here: the monitor does not need this module to import
+
+    if not isinstance(watch, GradWatch):
+        raise TypeError(f"watch must be a gradwatch.GradWatch, got {type(watch).__name__}")
     names = dict(zip(map(id, watch._params), watch.param_names, strict=True))
     attribution = RankAttribution(
         ddp_model,

@@ -377,3 +377,25 @@ def _scenarios(rank: int, world: int, path: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_rank_attribution_end_to_end(world, tmp_path):
     run_ranks(_scenarios, str(tmp_path), world_size=world, timeout=240.0)
+
+
+def test_history_keeps_rank_and_host_and_refuses_bad_ones(tmp_path):
+    import gradwatch
+    from gradwatch.events import StepRecord
+    from gradwatch.history import HistoryWriter
+    from gradwatch.history_reader import HistoryError
+
+    path = tmp_path / "run.jsonl"
+    writer = HistoryWriter(path, names=["w"])
+    events = [
+        AnomalyEvent(0, AnomalyKind.RANK_OUTLIER, None, 12.5, 10.0, "none", rank=2, host="node-1"),
+        AnomalyEvent(0, AnomalyKind.NONFINITE, None, math.nan, None, "none", rank=1),  # issue 12's remote event
+    ]
+    writer(StepRecord(0, ["w"], [1.0], [1.0], [0], 1.0, events=events))
+    writer.close()
+    got = gradwatch.read_history(path).events
+    assert [(e.kind, e.rank, e.host) for e in got] == [(e.kind, e.rank, e.host) for e in events]
+    bad = path.read_text().replace('"rank":2', '"rank":"2"')
+    path.write_text(bad)
+    with pytest.raises(HistoryError, match="event rank must be an integer"):
+        gradwatch.read_history(path, strict=True)
