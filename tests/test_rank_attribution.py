@@ -384,6 +384,7 @@ def test_history_keeps_rank_and_host_and_refuses_bad_ones(tmp_path):
     from gradwatch.events import StepRecord
     from gradwatch.history import HistoryWriter
     from gradwatch.history_reader import HistoryError
+    from gradwatch.summary import format_summary, summarize
 
     path = tmp_path / "run.jsonl"
     writer = HistoryWriter(path, names=["w"])
@@ -392,9 +393,17 @@ def test_history_keeps_rank_and_host_and_refuses_bad_ones(tmp_path):
         AnomalyEvent(0, AnomalyKind.NONFINITE, None, math.nan, None, "none", rank=1),  # issue 12's remote event
     ]
     writer(StepRecord(0, ["w"], [1.0], [1.0], [0], 1.0, events=events))
+    later = AnomalyEvent(5, AnomalyKind.RANK_OUTLIER, None, 30.0, 10.0, "none", rank=2, host="node-1")
+    writer(StepRecord(5, ["w"], [1.0], [1.0], [0], 1.0, events=[later]))
     writer.close()
     got = gradwatch.read_history(path).events
-    assert [(e.kind, e.rank, e.host) for e in got] == [(e.kind, e.rank, e.host) for e in events]
+    assert [(e.kind, e.rank, e.host) for e in got] == [(e.kind, e.rank, e.host) for e in events + [later]]
+    # the report says which rank to blame (the remote event of issue 12 names no rank to blame)
+    text = format_summary(summarize(path))
+    blame = text.split("ranks to blame (DDP rank attribution):\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split() for line in blame] == [
+        ["rank_outlier", "rank", "2", "on", "node-1:", "2", "events,", "first", "at", "step", "0"]
+    ]
     bad = path.read_text().replace('"rank":2', '"rank":"2"')
     path.write_text(bad)
     with pytest.raises(HistoryError, match="event rank must be an integer"):
