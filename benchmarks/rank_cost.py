@@ -14,7 +14,9 @@ copies of the same 8-layer MLP (512 wide, ~2.1M parameters, 25 MB buckets as DDP
 
 A training step (forward, backward with DDP's all-reduce, ``optimizer.step()`` with the check) is
 timed round-robin over the five, so load from other processes falls on all of them alike; the
-median per configuration and the ratios are printed by rank 0. Options: ``--steps N`` (timed steps
+median per configuration and the ratios are printed by rank 0, with the mean time per step spent
+in the attribution's parts (the hook's measuring, its check, the all-gather inside the check) and,
+for scale, in the monitor's own agree all-reduce of the same step. Options: ``--steps N`` (timed steps
 per configuration, default 60), ``--width W``, ``--depth D``, ``--batch B``.
 """
 
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CONFIGS = ("ddp", "watch", "pyhook", "rank", "rank+replica")
+PARTS = ("hook: measure", "check", "check: all-gather", "monitor's agree")
 
 
 def _body(rank: int, world: int, steps: int, width: int, depth: int, batch: int) -> None:
@@ -54,12 +57,38 @@ def _body(rank: int, world: int, steps: int, width: int, depth: int, batch: int)
         if name.startswith("rank"):
             gradwatch.attribute_ranks(model, watch, replica_check_every=1 if "replica" in name else None)
         runs[name] = (model, opt, watch)
+    # Parts, timed inside the "rank" copy: the hook's measuring, the attribution's check and, within
+    # it, its all-gather; and the monitor's own agree (a tiny all-reduce) for scale.
+    import gradwatch.monitor
+    import gradwatch.rank_attribution
+
+    spent = dict.fromkeys(PARTS, 0.0)
+    current = [""]
+
+    def timed(owner: object, method: str, part: str) -> None:
+        original = getattr(owner, method)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = original(*a, **k)
+            if current[0] == "rank":
+                spent[part] += time.perf_counter() - t
+            return out
+
+        setattr(owner, method, wrapper)
+
+    attribution = runs["rank"][2]._rank_attribution
+    timed(attribution, "_measure", "hook: measure")
+    timed(attribution, "check", "check")
+    timed(gradwatch.rank_attribution, "_all_gather", "check: all-gather")
+    timed(gradwatch.monitor, "agree", "monitor's agree")
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(batch, width, generator=g), torch.randn(batch, width, generator=g)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for i in range(steps + 5):  # the first 5 rounds warm up (DDP rebuilds its buckets after step 0)
         for name in CONFIGS:
             model, opt, _ = runs[name]
+            current[0] = name
             dist.barrier()
             t = time.perf_counter()
             torch.nn.functional.mse_loss(model(x), y).backward()
@@ -68,11 +97,14 @@ def _body(rank: int, world: int, steps: int, width: int, depth: int, batch: int)
             elapsed = time.perf_counter() - t
             if i >= 5:
                 times[name].append(elapsed)
+            if i == 4 and name == "rank":  # warm-up over: count from here
+                spent.update(dict.fromkeys(PARTS, 0.0))
     for _, _, watch in runs.values():
         if watch is not None:
             watch.flush()
             assert not watch.events, watch.events  # healthy run: nothing to report
     medians = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    medians.update({part: t / steps * 1e3 for part, t in spent.items()})  # means
     gathered = [None] * world
     dist.all_gather_object(gathered, medians)
     if rank == 0:
@@ -81,6 +113,9 @@ def _body(rank: int, world: int, steps: int, width: int, depth: int, batch: int)
         print(f"median ms per training step over {steps} round-robin steps (rank 0 / rank 1):")
         for name in CONFIGS:
             print(f"  {name:<13} " + " / ".join(f"{m[name]:8.2f}" for m in gathered))
+        print("mean ms per step spent in parts of the 'rank' copy:")
+        for part in PARTS:
+            print(f"  {part:<18} " + " / ".join(f"{r[part]:8.2f}" for r in gathered))
         m = {name: max(r[name] for r in gathered) for name in CONFIGS}  # a step lasts as long as its slowest rank
         print(f"rank / watch        = {m['rank'] / m['watch']:.3f}")
         print(f"rank / pyhook       = {m['rank'] / m['pyhook']:.3f}  (pyhook / watch = {m['pyhook'] / m['watch']:.3f})")
