@@ -290,6 +290,38 @@ def _averaged_gradients_are_ddps(rank: int, world: int) -> None:
         assert rank_events(watch) == [(1, AnomalyKind.RANK_NONFINITE, world - 1, "0.weight")], rank_events(watch)
 
 
+def _healthy_then_guarded_spike(rank: int, world: int) -> None:
+    """A healthy run raises nothing (replica check every step); spikes on guarded steps are still named.
+
+    ``every=2, guard=True``: odd steps only run the non-finite guard, whose record is dropped when
+    it found nothing; the rank event of such a step is published on its own.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradwatch
+
+    ddp = DistributedDataParallel(small_model())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.0)  # the spike must not change the later steps
+    records = []
+    watch = gradwatch.GradWatch(ddp.module, opt, every=2, guard=True, sinks=[records.append], log_rank=None)
+    gradwatch.attribute_ranks(ddp, watch, replica_check_every=1)
+    for step in range(8):
+        x = rank_batch(rank, step) * (1000.0 if step in (5, 7) and rank == world - 1 else 1.0)
+        ddp(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 4:
+            watch.flush()
+            assert watch.events == [], f"rank {rank}: a healthy run raised {watch.events}"
+    watch.flush()
+    # step 5's event comes out with step 6's record, step 7's (the last) when flushed
+    assert [(e.step, e.kind, e.rank, e.action) for e in watch.events] == [
+        (5, AnomalyKind.RANK_OUTLIER, world - 1, "warn"),
+        (7, AnomalyKind.RANK_OUTLIER, world - 1, "warn"),
+    ]
+    assert [r.step for r in records] == [0, 2, 4, 6]  # the guarded steps 5 and 7 found nothing themselves
+
+
 def _scenarios(rank: int, world: int, path: str) -> None:
     """NaN on one rank, a spike on one rank, healthy steps, replica divergence, collectives per step."""
     from torch.nn.parallel import DistributedDataParallel
@@ -297,6 +329,7 @@ def _scenarios(rank: int, world: int, path: str) -> None:
     import gradwatch
 
     _averaged_gradients_are_ddps(rank, world)
+    _healthy_then_guarded_spike(rank, world)
     base = small_model()
     ddp = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=0.001)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
