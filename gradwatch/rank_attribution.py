@@ -158,6 +158,8 @@ class RankAttribution:
             raise ValueError(f"replica_check_every must be an integer >= 1 or None, got {replica_check_every!r}")
         if comm_hook is not None and not callable(comm_hook):
             raise TypeError(f"comm_hook must be a DDP communication hook (state, bucket), got {comm_hook!r}")
+        if any(hook is _comm_hook for hook, _ in getattr(ddp_model, "_comm_hooks", ())):
+            raise ValueError("rank attribution is already attached to this DDP model (one per model)")
         if getattr(ddp_model, "_comm_hooks", None):
             hooks = [getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks]
             raise ValueError(

@@ -269,6 +269,8 @@ def _averaged_gradients_are_ddps(rank: int, world: int) -> None:
         gradwatch.attribute_ranks(model, watches[-1], comm_hook=hook)
     with pytest.raises(ValueError, match="fp16_compress_hook.*comm_hook="):
         gradwatch.attribute_ranks(user, watches[0])  # DDP takes one hook: refused, with the way out
+    with pytest.raises(ValueError, match="already attached"):
+        gradwatch.attribute_ranks(hooked, watches[0])
     reads = HostReads()
     for step in range(2):
         for model in (plain, hooked, user, user_hooked):
