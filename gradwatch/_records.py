@@ -25,20 +25,9 @@ from typing import Any
 
 import torch
 
+from ._flags import PARAM_EVENT_KINDS, STEP_EVENT_KINDS, loss_event_value, param_event_value, step_event_value
 from ._layout import Stat
-from .detect import (
-    KIND_INDEX,
-    KINDS,
-    NUM_KINDS,
-    PARAM_EVENT_KINDS,
-    STEP_EVENT_KINDS,
-    Detection,
-    DetectorConfig,
-    LossDetection,
-    loss_event_value,
-    param_event_value,
-    step_event_value,
-)
+from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detection, DetectorConfig, LossDetection
 from .events import AnomalyEvent, AnomalyKind
 
 __all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue", "StepLoss", "encode_record", "extras_layout"]

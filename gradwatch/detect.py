@@ -75,15 +75,34 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
 
+from ._detector_config import DetectorConfig
+from ._detector_state import STATE_VERSION, arm_from_baseline, detector_state, load_detector_state
+from ._flags import (
+    KIND_INDEX,
+    KINDS,
+    NUM_KINDS,
+    PARAM_EVENT_KINDS,
+    STEP_EVENT_KINDS,
+    Detection,
+    LossDetection,
+    kind_mask,
+    loss_event_value,
+    nonfinite_detection,
+    param_event_value,
+    step_event_value,
+)
 from ._layout import NUM_STATS, Stat
-from ._validate import is_positive_int, positive_int, positive_number
+from ._running_stats import RunningStats
+from ._validate import is_positive_int
 from .events import AnomalyKind
 
+# The detector in parts: the flag layout and event values (_flags.py), the settings
+# (_detector_config.py), the running statistics (_running_stats.py), saving and restoring them
+# (_detector_state.py); the rules themselves are here. Every name stays importable from here.
 __all__ = [
     "KINDS",
     "KIND_INDEX",
@@ -95,23 +114,15 @@ __all__ = [
     "RunningStats",
     "Detector",
     "kind_mask",
+    "loss_scale",
+    "STATE_VERSION",
+    "PARAM_EVENT_KINDS",
+    "STEP_EVENT_KINDS",
+    "param_event_value",
+    "step_event_value",
+    "loss_event_value",
 ]
 
-KINDS: tuple[AnomalyKind, ...] = (
-    AnomalyKind.NONFINITE,
-    AnomalyKind.NORM_LIMIT,
-    AnomalyKind.TOTAL_NORM_LIMIT,
-    AnomalyKind.ROLLING_MEAN,
-    AnomalyKind.SPIKE,
-    AnomalyKind.VANISHING,
-    AnomalyKind.LOSS_SPIKE,
-    AnomalyKind.LOSS_NONFINITE,
-)
-"""Column order of every flag tensor: the kinds the detector flags. Written out, not ``tuple(AnomalyKind)``,
-so that kinds raised on the host (by origin tracking, rank attribution, ...) never change the flag layout."""
-KIND_INDEX: dict[AnomalyKind, int] = {k: i for i, k in enumerate(KINDS)}
-"""Column of each kind in the flag tensors."""
-NUM_KINDS = len(KINDS)
 
 _LOSS_UNIT = 0.01  # loss_scale is logarithmic well above this, linear well below
 
@@ -127,377 +138,12 @@ def loss_scale(loss: torch.Tensor) -> torch.Tensor:
 _TINY = 1e-30  # log(0) stand-in: a norm of exactly 0 becomes log(1e-30) ~ -69, far below any baseline
 
 
-_MASKS: dict[tuple[frozenset[AnomalyKind], torch.device], torch.Tensor] = {}
-
-
-def kind_mask(kinds: frozenset[AnomalyKind] | set[AnomalyKind], device: torch.device | str = "cpu") -> torch.Tensor:
-    """A boolean ``[NUM_KINDS]`` mask selecting ``kinds`` (column order of :data:`KINDS`).
-
-    Cached per (kinds, device): building it is a host-to-device copy, which must not happen on
-    every step of a monitored CUDA run. Treat the result as read-only.
-    """
-    key = (frozenset(kinds), torch.device(device))
-    mask = _MASKS.get(key)
-    if mask is None:
-        values = torch.tensor([k in kinds for k in KINDS], dtype=torch.bool)
-        mask = _MASKS[key] = values.to(key[1], non_blocking=True) if key[1].type != "cpu" else values
-    return mask
-
-
-# What each rule compares, for the events a flag becomes: (value, threshold) per kind.
-PARAM_EVENT_KINDS = (AnomalyKind.NONFINITE, AnomalyKind.NORM_LIMIT, AnomalyKind.SPIKE, AnomalyKind.VANISHING)
-"""Kinds flagged per parameter, in the order their events are listed."""
-STEP_EVENT_KINDS = (AnomalyKind.TOTAL_NORM_LIMIT, AnomalyKind.ROLLING_MEAN, AnomalyKind.SPIKE)
-"""Kinds flagged on the total norm, in the order their events are listed."""
-
-
-def param_event_value(
-    kind: AnomalyKind, config: DetectorConfig, norm: float, nonfinite: float, spike_thr: float, vanish_thr: float
-) -> tuple[float, float | None]:
-    """(value, threshold) of a per-parameter event of ``kind``."""
-    return {
-        AnomalyKind.NONFINITE: (nonfinite, None),
-        AnomalyKind.NORM_LIMIT: (norm, config.max_norm),
-        AnomalyKind.SPIKE: (norm, spike_thr),
-        AnomalyKind.VANISHING: (norm, vanish_thr),
-    }[kind]
-
-
-def step_event_value(
-    kind: AnomalyKind, config: DetectorConfig, total: float, rolling_mean: float, total_thr: float
-) -> tuple[float, float | None]:
-    """(value, threshold) of a total-norm event of ``kind``."""
-    return {
-        AnomalyKind.TOTAL_NORM_LIMIT: (total, config.max_total_norm),
-        AnomalyKind.ROLLING_MEAN: (rolling_mean, config.rolling_limit),
-        AnomalyKind.SPIKE: (total, total_thr),
-    }[kind]
-
-
-def loss_event_value(kind: AnomalyKind, loss: float, threshold: float) -> tuple[float, float | None]:
-    """(value, threshold) of a loss event of ``kind``: a non-finite loss crosses no threshold."""
-    return loss, threshold if kind is AnomalyKind.LOSS_SPIKE else None
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Detector settings. Every field is also a keyword argument of ``GradWatch``.
-
-    Attributes:
-        sigma: z-score (in log space) above which a parameter's norm, or its share of the total
-            norm, is a spike (and below which, with ``vanishing_ratio``, it vanishes). Default 6: per-parameter
-            detection tests hundreds of statistics every step, so the "3 sigma" rule of thumb
-            (one-sided p ~ 1.3e-3) would fire every few steps on a healthy model; 6 sigma is what
-            OLMo-core uses for its loss/grad-norm spike detector. ZClip's 2.5 sigma is a *clipping*
-            threshold (a gentle action) and is the default of the ``adaptive_clip`` policy instead.
-        ema: decay of the moving mean/variance. 0.98 remembers ~50 steps (1 / (1 - ema)); ZClip
-            uses 0.97. Until ``1 / (count + 1)`` drops below ``1 - ema`` the update is the plain
-            cumulative mean/variance, so the baseline is unbiased from the first step.
-        warmup: observations of a statistic before its adaptive rules arm (fixed rules and
-            non-finite checks are active from step 0). Default 50 = the EMA's memory: the variance
-            estimate has ~50 samples behind it when it first judges a value. ZClip warms up 25 steps.
-        min_spike_ratio: a parameter's spike (of its norm or its share) must also be at least this
-            many times the running (geometric) mean. Guards against parameters whose norm is almost
-            constant (tiny variance) flagging a harmless move as "6 sigma", and against the heavy
-            tails of some layers (a transformer's attention output projection doubled its gradient
-            norm in 3 of 5,000 healthy steps, each about 6 sigma). Default 4.
-        vanishing_ratio: a norm is vanishing when it is below ``vanishing_ratio`` times its running
-            (geometric) mean *and* more than ``sigma`` below it. Default 1e-3 (three decades).
-        max_norm: fixed per-parameter norm limit, or None.
-        max_total_norm: fixed total-norm limit, or None.
-        rolling_window: how many recent total norms the rolling-mean rule averages (default 10, the
-            ``grad_norms[-10:]`` rule of hand-written monitors). It judges only full windows.
-        rolling_limit: limit for the rolling mean of the total norm, or None (rule off).
-        loss_sigma: z-score for loss spikes, on :func:`loss_scale` of the loss (see
-            :meth:`Detector.detect_loss`). None means ``sigma``. Default 8: batch losses of a
-            converging model are heavy-tailed (one healthy batch of a small CNN at loss 0.15 scored
-            2.5, z ~ 7).
-        per_param: whether the adaptive spike/vanishing rules run per parameter (True) or only on
-            the total norm.
-        total_sigma: z-score for spikes of the total norm. Default 4 (see the module docstring:
-            one stream tested per step, not hundreds, so it can be tighter than ``sigma``).
-        total_spike_ratio: a total-norm spike must also be at least this many times its running
-            (geometric) mean. Default 2.
-        resid_sigma: z-score for spikes of the total norm's residual given the loss (used when
-            the loss is passed to :meth:`Detector.detect`; the monitor does). Default 5.
-        huber: from a stream's 10th observation on, a value enters the running spread with its
-            deviation clamped to this many standard deviations. Default 3.
-        early_factor: before the total norm's statistics are armed, a total norm above this many
-            times the largest of its first ``early_steps`` values is a spike (Megatron's 10x rule,
-            for runs that diverge in their first steps). None turns the rule off.
-        early_steps: how many first total norms form the early reference. Default 5.
-    """
-
-    sigma: float = 6.0
-    ema: float = 0.98
-    warmup: int = 50
-    min_spike_ratio: float = 4.0
-    vanishing_ratio: float = 1e-3
-    max_norm: float | None = None
-    max_total_norm: float | None = None
-    rolling_window: int = 10
-    rolling_limit: float | None = None
-    loss_sigma: float | None = 8.0
-    per_param: bool = True
-    total_sigma: float = 4.0
-    total_spike_ratio: float = 2.0
-    resid_sigma: float = 5.0
-    huber: float = 3.0
-    early_factor: float | None = 10.0
-    early_steps: int = 5
-
-    def __post_init__(self) -> None:
-        def positive(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is not None or not allow_none:
-                positive_number(name, value)
-
-        positive("sigma", self.sigma)
-        positive("min_spike_ratio", self.min_spike_ratio)
-        positive("total_spike_ratio", self.total_spike_ratio)
-        positive("resid_sigma", self.resid_sigma)
-        positive("vanishing_ratio", self.vanishing_ratio)
-        positive("max_norm", self.max_norm, allow_none=True)
-        positive("max_total_norm", self.max_total_norm, allow_none=True)
-        positive("rolling_limit", self.rolling_limit, allow_none=True)
-        positive("loss_sigma", self.loss_sigma, allow_none=True)
-        positive("total_sigma", self.total_sigma)
-        positive("huber", self.huber)
-        positive("early_factor", self.early_factor, allow_none=True)
-        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0:
-            raise ValueError(f"ema must be a float in (0, 1), got {self.ema!r}")
-        for name in ("warmup", "rolling_window", "early_steps"):
-            positive_int(name, getattr(self, name))
-        if not isinstance(self.per_param, bool):
-            raise TypeError(f"per_param must be a bool, got {self.per_param!r}")
-        for name in ("min_spike_ratio", "total_spike_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.early_factor is not None and self.early_factor <= 1:
-            raise ValueError(f"early_factor must be > 1 or None, got {self.early_factor!r}")
-        if self.vanishing_ratio >= 1:
-            raise ValueError(f"vanishing_ratio must be < 1, got {self.vanishing_ratio!r}")
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> DetectorConfig:
-        """Builds a config from keyword options, naming any unknown option in a TypeError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"unknown detector option(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**options)
-
-
-class Detection(NamedTuple):
-    """Flags and statistics of one check, all on the device (nothing read on the host).
-
-    Attributes:
-        param_flags: bool ``[n, NUM_KINDS]``, per-parameter anomalies (columns as :data:`KINDS`).
-        global_flags: bool ``[NUM_KINDS]``, step-level anomalies; the NONFINITE column is set when
-            any parameter is non-finite, SPIKE when the total norm spikes.
-        z: float64 ``[n]``, z-score of each log-norm (0 while not armed).
-        total_z: float64 scalar, z-score of the log total norm.
-        spike_threshold: float64 ``[n]``, the norm above which a parameter counts as a spike (inf
-            while not armed).
-        vanish_threshold: float64 ``[n]``, the norm below which it counts as vanishing (0 while not
-            armed).
-        total_threshold: float64 scalar, the spike threshold of the total norm.
-        rolling_mean: float64 scalar, mean of the recent total norms (NaN until the window is full).
-        total_log_mean: float64 scalar, running mean of the log total norm (before this step).
-        total_log_std: float64 scalar, running std of the log total norm (before this step).
-        total_armed: bool scalar, whether the total-norm statistics are past warm-up.
-    """
-
-    param_flags: torch.Tensor
-    global_flags: torch.Tensor
-    z: torch.Tensor
-    total_z: torch.Tensor
-    spike_threshold: torch.Tensor
-    vanish_threshold: torch.Tensor
-    total_threshold: torch.Tensor
-    rolling_mean: torch.Tensor
-    total_log_mean: torch.Tensor
-    total_log_std: torch.Tensor
-    total_armed: torch.Tensor
-
-
-def nonfinite_detection(packed: torch.Tensor, ignore: torch.Tensor | None = None) -> Detection:
-    """Non-finite gradients only, with nothing learned: the guard on the steps ``every=N`` skips.
-
-    The same NONFINITE flags as :meth:`Detector.detect` (a parameter row with a NaN/Inf count,
-    and the total row), every other column False and no statistic updated.
-
-    Args:
-        packed: float64 ``[n + 1, 3]`` from ``grad_stats_packed``.
-        ignore: optional bool scalar; where True nothing is flagged (a GradScaler's own skip).
-    """
-    device, n = packed.device, packed.shape[0] - 1
-    bad = packed[:, Stat.NONFINITE] > 0
-    if ignore is not None:
-        bad = bad & ~ignore.to(device, torch.bool)
-    flags = torch.zeros(n + 1, NUM_KINDS, dtype=torch.bool, device=device)
-    flags[:, KIND_INDEX[AnomalyKind.NONFINITE]] = bad
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    return Detection(
-        param_flags=flags[:-1],
-        global_flags=flags[-1],
-        z=torch.zeros(n, dtype=torch.float64, device=device),
-        total_z=zero,
-        spike_threshold=torch.full((n,), math.inf, dtype=torch.float64, device=device),
-        vanish_threshold=torch.zeros(n, dtype=torch.float64, device=device),
-        total_threshold=torch.full_like(zero, math.inf),
-        rolling_mean=torch.full_like(zero, math.nan),
-        total_log_mean=zero,
-        total_log_std=zero,
-        total_armed=torch.zeros((), dtype=torch.bool, device=device),
-    )
-
-
-class LossDetection(NamedTuple):
-    """Result of :meth:`Detector.detect_loss`, on the device.
-
-    Attributes:
-        flags: bool ``[NUM_KINDS]`` with the LOSS_SPIKE / LOSS_NONFINITE columns possibly set.
-        value: float64 scalar, the loss.
-        threshold: float64 scalar, the loss above which it counts as a spike (inf while not armed).
-    """
-
-    flags: torch.Tensor
-    value: torch.Tensor
-    threshold: torch.Tensor
-
-
-class RunningStats:
-    """Robust moving mean and variance of ``size`` streams, as device tensors.
-
-    Per stream: ``mean``, ``var`` and ``count`` (observations learned). The EMA weight is
-    ``a = max(1 - ema, 1 / (count + 1))``: the plain cumulative mean/variance (Finch, "Incremental
-    calculation of weighted mean and variance", 2009) for the first ``1 / (1 - ema)`` observations,
-    an EMA after.
-
-    Robustness:
-
-    * from the ``clamp_after``-th observation on (default ``min(10, warmup)``: already in the
-      warm-up, so one wild value early on cannot set the baseline), a value enters with its
-      deviation clamped to ``+- huber`` standard deviations (a Huber-type update): a value that was
-      not flagged widens the spread by a bounded amount;
-    * a *flagged* value (``flagged``) never widens the spread: it leaves ``var`` untouched and moves
-      only the mean, by the clamped deviation, so a genuine level shift is still learned (at
-      ``a * huber`` standard deviations per step);
-    * NaN/Inf and ``ok == False`` rows are not learned at all.
-
-    Args:
-        size: number of independent streams.
-        ema: decay in (0, 1).
-        warmup: observations before a stream is armed.
-        huber: clamp of the deviations that enter, in standard deviations.
-        clamp_after: observations before the clamp applies (None: ``min(10, warmup)``).
-    """
-
-    _KEYS = ("mean", "var", "count")
-
-    def __init__(self, size: int, *, ema: float, warmup: int, huber: float = 3.0, clamp_after: int | None = None):
-        self.size, self.ema, self.warmup, self.huber = size, ema, warmup, huber
-        self.clamp_after = min(10, warmup) if clamp_after is None else clamp_after
-        self.mean: torch.Tensor | None = None
-        self.var: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
-
-    def _ensure(self, device: torch.device) -> None:
-        if self.mean is None:
-            self.mean = torch.zeros(self.size, dtype=torch.float64, device=device)
-            self.var = torch.zeros(self.size, dtype=torch.float64, device=device)
-            self.count = torch.zeros(self.size, dtype=torch.int64, device=device)
-
-    def view(self, index: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Mean, std, armed of the selected streams (``index`` None: all)."""
-        self._ensure(device)
-        mean, var, count = self.mean, self.var, self.count
-        if index is not None:
-            mean, var, count = mean[index], var[index], count[index]
-        return mean, var.clamp_min(0).sqrt(), count >= self.warmup
-
-    def update_(
-        self,
-        x: torch.Tensor,
-        ok: torch.Tensor,
-        flagged: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-        checked: bool = False,
-    ) -> None:
-        """Learns ``x`` (float64, one per selected stream) where ``ok``; NaN/Inf are never learned.
-
-        Args:
-            x: the values.
-            ok: bool, which values to learn (broadcast against ``x``).
-            flagged: bool, values judged anomalous: they move the mean (clamped) but not the spread.
-            index: which streams ``x`` is (None: all, in order).
-            checked: the caller has already excluded non-finite ``x`` from ``ok``.
-        """
-        self._ensure(x.device)
-        mean, var, count = self.mean, self.var, self.count
-        if index is not None:
-            mean, var, count = mean[index], var[index], count[index]
-        if not checked:
-            ok = ok & torch.isfinite(x)
-        half = self.huber * var.clamp_min(0).sqrt()
-        diff = torch.where(ok, x - mean, 0.0)  # keeps NaN out of the arithmetic below; incr = 0 where not ok
-        diff = torch.where(count >= self.clamp_after, torch.minimum(torch.maximum(diff, -half), half), diff)
-        a = torch.clamp_min(1.0 / (count + 1).to(torch.float64), 1.0 - self.ema)
-        incr = a * diff
-        learn_spread = ok if flagged is None else ok & ~flagged
-        new_var = torch.where(learn_spread, (1.0 - a) * (var + diff * incr), var)
-        new_mean, new_count = mean + incr, count + ok.to(torch.int64)
-        if index is None:
-            self.mean, self.var, self.count = new_mean, new_var, new_count
-        else:
-            self.mean = self.mean.index_copy(0, index, new_mean)
-            self.var = self.var.index_copy(0, index, new_var)
-            self.count = self.count.index_copy(0, index, new_count)
-
-    def state_dict(self) -> dict[str, torch.Tensor | None]:
-        """Copies of the state tensors (None before the first observation)."""
-        return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in self._KEYS}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor | None], device: torch.device | None = None) -> None:
-        """Restores :meth:`state_dict` output, optionally onto ``device``."""
-        for key in self._KEYS:
-            value = state[key]
-            if value is not None:
-                if value.shape != (self.size,):
-                    raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}; expected ({self.size},)")
-                value = value.clone() if device is None else value.to(device, copy=True)
-            setattr(self, key, value)
-
-
-def _join_streams(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, torch.Tensor | None]:
-    """One state from saved parts of the given sizes (a part never observed may be all None)."""
-    joined: dict[str, torch.Tensor | None] = {}
-    for key in parts[1]:
-        values = [p.get(key) for p in parts]
-        like = next((v for v in values if v is not None), None)
-        if like is None:
-            joined[key] = None
-            continue
-        dtype = torch.int64 if key == "count" else torch.float64
-        joined[key] = torch.cat(
-            [
-                torch.zeros(n, dtype=dtype, device=like.device) if v is None else v.to(like.device)
-                for v, n in zip(values, sizes, strict=True)
-            ]
-        )
-    return joined
-
-
 class _StatsView(NamedTuple):
     """Read-only slices of a :class:`RunningStats` (for inspection and tests)."""
 
     mean: torch.Tensor | None
     var: torch.Tensor | None
     count: torch.Tensor | None
-
-
-STATE_VERSION = 2
-"""Version of :meth:`Detector.state_dict`: 2 adds the early blow-up reference ``early_max``."""
 
 
 class Detector:
@@ -801,31 +447,9 @@ class Detector:
         self.loss.update_(y, keep, spike)
         return LossDetection(flags=flags, value=value[0], threshold=(_LOSS_UNIT * limit.sinh())[0])
 
-    def _split_state(self) -> dict[str, dict[str, torch.Tensor | None]]:
-        return {
-            part: {k: None if v is None else v.clone() for k, v in view._asdict().items()}
-            for part, view in (
-                ("params", self.params),
-                ("total", self.total),
-                ("shares", self.shares),
-                ("resid", self.resid),
-            )
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """Copies of every running statistic, plus the config and :data:`STATE_VERSION`."""
-        return {
-            "version": STATE_VERSION,
-            "config": asdict(self.config),
-            "num_params": self.num_params,
-            # Saved as two parts, as before the streams were merged: old checkpoints still load.
-            **self._split_state(),
-            "loss": self.loss.state_dict(),
-            "window": None if self.window is None else self.window.clone(),
-            "window_count": None if self.window_count is None else self.window_count.clone(),
-            "early_max": None if self.early_max is None else self.early_max.clone(),
-            "regression": None if self.regression is None else self.regression.clone(),
-        }
+        return detector_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
         """Restores :meth:`state_dict` output so detection resumes exactly.
@@ -841,26 +465,7 @@ class Detector:
         Raises:
             ValueError: the state is for a different number of parameters, or of a newer version.
         """
-        version = state.get("version", 1)
-        if version > STATE_VERSION:
-            raise ValueError(f"detector state has version {version}; this gradwatch reads up to {STATE_VERSION}")
-        if state["num_params"] != self.num_params:
-            raise ValueError(f"state is for {state['num_params']} parameters; this detector watches {self.num_params}")
-        device = None if device is None else torch.device(device)
-        unset = dict.fromkeys(state["total"])
-        parts = [state["params"], state["total"], state.get("shares", unset), state.get("resid", unset)]
-        self.norms.load_state_dict(_join_streams(parts, (self.num_params, 1, self.num_params, 1)), device)
-        if version >= 2:
-            self.loss.load_state_dict(state["loss"], device)
-        else:  # version 1 kept the raw loss's statistics: the loss rule warms up again
-            self.loss = RunningStats(1, ema=self.config.ema, warmup=self.config.warmup, huber=self.config.huber)
-        for key in ("window", "window_count", "early_max", "regression"):
-            value = state.get(key)
-            setattr(self, key, None if value is None else (value.clone() if device is None else value.to(device)))
-        if self.early_max is None and self.norms.count is not None:
-            # Version 1: a stream already observed has lost its early reference, so the rule stays off.
-            count = self.norms.count[self.num_params : self.num_params + 1]
-            self.early_max = torch.where(count > 0, math.inf, -math.inf).to(torch.float64)
+        load_detector_state(self, state, device)
 
     def load_baseline(
         self,
@@ -889,44 +494,4 @@ class Detector:
                 baseline, or (unless ``ignore_extra``) the baseline has parameters not watched here;
                 the message names them.
         """
-        from .baseline import load_baseline_file
-
-        data = load_baseline_file(baseline)
-        names = list(names)
-        if len(names) != self.num_params:
-            raise ValueError(f"names has {len(names)} entries; the detector watches {self.num_params} parameters")
-        position = {name: i for i, name in enumerate(data["names"])}
-        missing = [n for n in names if n not in position]
-        extra = sorted(set(position) - set(names))
-        problems = []
-        if missing:
-            problems.append(f"watched parameters missing from the baseline: {missing}")
-        if extra and not ignore_extra:
-            problems.append(f"baseline parameters not watched here: {extra} (pass ignore_extra=True to ignore them)")
-        if problems:
-            raise ValueError("baseline does not match the model: " + "; ".join(problems))
-        rows = torch.tensor([position[n] for n in names], dtype=torch.int64)
-        where = (
-            torch.device(device)
-            if device is not None
-            else (self.norms.mean.device if self.norms.mean is not None else torch.device("cpu"))
-        )
-        warm = self.config.warmup
-
-        def stats(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {
-                "mean": mean.to(torch.float64),
-                "var": var.to(torch.float64).clamp_min(0),
-                "count": count.to(torch.int64).clamp_min(warm),
-            }
-
-        params = stats(data["mean"][rows], data["var"][rows], data["count"][rows])
-        shares = stats(data["share_mean"][rows], data["share_var"][rows], data["count"][rows])
-        total = stats(data["total"]["mean"], data["total"]["var"], data["total"]["count"])
-        resid = {k: torch.zeros_like(v) for k, v in total.items()}  # not calibrated: it warms up in the run
-        joined = {k: torch.cat([params[k], total[k], shares[k], resid[k]]) for k in params}
-        self.norms.load_state_dict(joined, where)
-        loss = data["loss"]
-        if int(loss["count"][0]) > 0:
-            self.loss.load_state_dict(stats(loss["mean"], loss["var"], loss["count"]), where)
-        self.early_max = torch.full((1,), math.inf, dtype=torch.float64, device=where)
+        arm_from_baseline(self, baseline, names, ignore_extra, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,10 @@ import torch.distributed as dist
 from ._layout import Stat
 from ._ops import combine_rows
 
-__all__ = ["ShardedStats", "agree", "local_gradient", "is_distributed", "is_dtensor"]
+if TYPE_CHECKING:
+    from ._policy import Decision
+
+__all__ = ["ShardedStats", "agree", "agree_decision", "local_gradient", "is_distributed", "is_dtensor"]
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -150,3 +154,52 @@ def agree(decisions: torch.Tensor, group: dist.ProcessGroup | None = None) -> to
     if is_distributed(group):
         dist.all_reduce(decisions, op=dist.ReduceOp.MAX, group=group)
     return decisions
+
+
+def agree_decision(
+    decision: Decision,
+    global_flags: torch.Tensor,
+    param_flags: torch.Tensor,
+    loss_flags: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Every rank takes the most severe decision of any rank: ``decision`` is updated in place.
+
+    Statistics are identical across ranks after :meth:`ShardedStats.reduce`, but a loss, a rank-local
+    gradient fault or a GradScaler flag may not be. One all-reduce (max) over ``group``
+    of [skip, raise, -clip factor, -per-parameter factors, seen-by] makes skip and raise global
+    and takes the smallest factors, so no rank steps while another skips. Seen-by holds, per
+    anomaly kind, ``world - rank`` where this rank detected it: after the max, the lowest rank
+    that did. The record carries it, and every rank adds events for the kinds only other ranks
+    saw, so host-side remedies decide from the same kinds everywhere and rank 0's history
+    holds every rank's anomalies.
+
+    Args:
+        decision: this rank's decision (factors, skip, raise, clip factor), replaced in place.
+        global_flags: bool ``[NUM_KINDS]``, this rank's step-level flags.
+        param_flags: bool ``[n, NUM_KINDS]``, this rank's per-parameter flags.
+        loss_flags: bool ``[NUM_KINDS]``, this rank's loss flags.
+        group: the process group that must agree (None: the default group).
+
+    Returns:
+        Seen-by as ``[NUM_KINDS]`` float64 "1 + lowest rank that detected the kind" (0: no rank).
+    """
+    f64 = torch.float64
+    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    local = global_flags | param_flags.any(dim=0) | loss_flags
+    seen = torch.where(local, float(world - rank), 0.0).to(f64)
+    n = decision.factors.numel()
+    packed = torch.cat(
+        [
+            torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
+            -decision.factors.to(f64),
+            seen,
+        ]
+    )
+    agree(packed, group)
+    decision.skip = packed[0] > 0
+    decision.raise_now = packed[1] > 0
+    decision.clip_factor = -packed[2]
+    decision.factors = -packed[3 : 3 + n]  # float64: a clip factor never rounds to 0 (= zeroing)
+    seen = packed[3 + n :]
+    return torch.where(seen > 0, world + 1 - seen, torch.zeros_like(seen))

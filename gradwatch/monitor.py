@@ -1,29 +1,20 @@
 """The monitor users touch: :class:`GradWatch` (the hook-monitor drop-in is in ``gradient_monitor.py``).
 
-One check per optimizer step (or per backward pass without an optimizer) runs as a fixed pipeline,
-every stage on the device, nothing read back on the host::
-
-    collect  watched gradients, grouped by device          (host: Python lists only)
-    measure  one grad_stats_packed call per device         -> packed [n + 1, len(Stat)]
-             (measure_in_backward=True: large gradients already measured during backward,
-             in buckets, see _in_backward.py; only the rest is measured here)
-    unscale  a GradScaler's scale out of the statistics    (StepControl, _stepping.py)
-    reduce   seam for distributed training (_reduce)       -> packed over all ranks
-    detect   Detector: running statistics -> flags
-    decide   policies -> factors [n], skip, raise, clip factor  (PolicySet, policies.py)
-    agree    seam for distributed training (_agree)        -> the same decision on every rank
-    act      scale_(grads, factors); the skip flag to the optimizer (StepControl)
-    record   everything packed into one vector -> non-blocking copy to pinned memory (_records.py)
+One check per optimizer step (or per backward pass without an optimizer) runs a fixed pipeline of
+device stages, nothing read back on the host: collect, measure, unscale, [reduce], detect, decide,
+[agree], act, record (:class:`~gradwatch._check.CheckPipeline`, ``_check.py``, lists them).
 
 Records reach the host asynchronously: each check first drains the records whose copies have
 landed (and waits for any older than the previous step), so events, sinks and host-side policy
 actions are at most one step late. :meth:`GradWatch.flush` drains everything now.
 
-Where things live: parameter selection in ``_selection.py``; the optimizer and GradScaler side
-(unscaling, the two ways of skipping a step and undoing them) in ``_stepping.py``; the record
-format, its encoder and decoder, the pinned buffers and the queue in ``_records.py``; what each
-flag reports as value and threshold in ``detect.py``; labelling events with the actions taken and
-the policies' host-side work in :class:`~gradwatch.policies.PolicySet`.
+Where things live: this module keeps the public API, the hooks and the step count; the check's
+device stages are in ``_check.py``; the host side (records into events and step records, policy
+host actions, sinks) in ``_publish.py``; parameter selection and the gradients a check sees in
+``_selection.py``; the optimizer and GradScaler side (unscaling, the two ways of skipping a step
+and undoing them) in ``_stepping.py``; the record format, its encoder and decoder, the pinned
+buffers and the queue in ``_records.py``; labelling events with the actions taken and the
+policies' host-side work in :class:`~gradwatch.policies.PolicySet`.
 """
 
 from __future__ import annotations
@@ -31,9 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -41,37 +31,21 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._buffers import BufferGuard
+from ._check import CheckPipeline
 from ._in_backward import InBackwardStats
-from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
-from ._records import HostRecord, LossPacket, RecordQueue, StepLoss, encode_record, extras_layout
-from ._selection import Selector, select_parameters
+from ._publish import Publisher, SinkError
+from ._records import RecordQueue, StepLoss
+from ._selection import Selector, UnwatchedReport, select_parameters
 from ._stepping import ScalerTap, StepControl
 from ._validate import is_positive_int, positive_int
-from .detect import NUM_KINDS, Detector, DetectorConfig, nonfinite_detection
-from .distributed import ShardedStats, agree, is_distributed, is_dtensor, local_gradient
-from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
-from .policies import Decision, DecisionContext, Outcome, Policy, PolicySet, make_policy
+from .detect import Detector, DetectorConfig
+from .distributed import is_distributed, is_dtensor
+from .events import AnomalyEvent, Sink, StepRecord
+from .policies import Policy, PolicySet, make_policy
 
 __all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
 
 logger = logging.getLogger("gradwatch")
-
-_MAX_SINK_ERRORS = 1000  # failures kept in GradWatch.sink_errors; all are counted
-
-
-@dataclass(frozen=True)
-class SinkError:
-    """A sink that raised: at which step, which sink, and the exception.
-
-    Attributes:
-        step: the step of the record the sink was given.
-        sink: the sink (the callable passed to ``sinks=`` or :meth:`GradWatch.add_sink`).
-        error: what it raised.
-    """
-
-    step: int
-    sink: Sink
-    error: Exception
 
 
 class GradWatch:
@@ -220,8 +194,6 @@ class GradWatch:
             raise TypeError(f"attach must be a bool, got {attach!r}")
         if max_events is not None and not is_positive_int(max_events):
             raise ValueError(f"max_events must be an integer >= 1 or None, got {max_events!r}")
-        self.max_events = max_events
-        self.events_dropped = 0
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if scaler is not None and optimizer is None:
@@ -234,7 +206,6 @@ class GradWatch:
         self.optimizer = optimizer
         self.every = positive_int("every", every)
         self.process_group = process_group
-        self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         rank = torch.distributed.get_rank() if is_distributed() else 0
         self._distributed = is_distributed(process_group)
         self._runs_sinks = log_rank is None or log_rank == rank
@@ -242,42 +213,35 @@ class GradWatch:
         self.policy.check_optimizer(optimizer)
         selected = select_parameters(model, include, exclude)
         self.param_names: list[str] = [n for n, _ in selected]
-        self._names = list(self.param_names)  # every record's names: the same object each step
-        self._position = {name: i for i, name in enumerate(self.param_names)}
         self._params: list[nn.Parameter] = [p for _, p in selected]
-        # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
-        self._has_dtensor = any(is_dtensor(p) for p in self._params)
-        self._one_device = len({p.device for p in self._params}) == 1
-        self._all_index = list(range(len(self._params)))
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         if baseline is not None:
             device = self._params[0].device
             self.detector.load_baseline(baseline, self.param_names, ignore_extra=baseline_ignore_extra, device=device)
-        self.events: list[AnomalyEvent] = []
         self.step = 0
         self.step_control = StepControl(optimizer)
         self._records = RecordQueue(self.detector.config)
-        self._index_cache = IndexCache(limit=64)
-        self._sinks: OrderedDict[int, Sink] = OrderedDict()
         self._handles: list[RemovableHandle] = []
         self._queued = False
         self._loss: StepLoss | None = None  # observed for the upcoming check
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
-        self._force_skip = False
         self._in_check: int | None = None
-        self._sparse_now = False
-        # every parameter of the model, watched or deliberately left out: the optimizer's others are reported
-        self._model_param_ids = {id(p) for p in model.parameters()}
-        self._optimizer_layout: tuple[int, int] | None = None
-        self._unwatched_reported: set[int] = set()
+        self._unwatched = UnwatchedReport(model)  # the optimizer's parameters that are not the model's
         # a skipped step also undoes what its forward pass changed in buffers (BatchNorm statistics)
         self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
+        self._stages = CheckPipeline(self)  # the device stages of every check, sharing the parts above
         self._history = None
         self._rank_attribution: Any = None  # gradwatch.rank_attribution.RankAttribution, see attribute_ranks
-        self.sink_errors: list[SinkError] = []
-        self.sink_error_count = 0
-        self._failed_sinks: set[int] = set()
+        self._publisher = Publisher(
+            self.policy,
+            self.param_names,
+            self,
+            has_optimizer=optimizer is not None,
+            runs_sinks=self._runs_sinks,
+            max_events=max_events,
+            on_record=self._on_record,
+        )
         for fn in sinks:
             self.add_sink(fn)
         if history is not None and self._runs_sinks:
@@ -338,7 +302,8 @@ class GradWatch:
             raise TypeError(f"measure_in_backward must be a bool, got {wanted!r}")
         if not wanted:
             return None
-        if is_distributed() or self._has_dtensor or not self._one_device:
+        one_device = len({p.device for p in self._params}) == 1
+        if is_distributed() or any(is_dtensor(p) for p in self._params) or not one_device:
             raise ValueError(
                 "measure_in_backward=True needs a single process with all watched parameters on one device "
                 "and none a DTensor (collectives change gradients after backward, unseen); "
@@ -359,7 +324,7 @@ class GradWatch:
             self.flush()
             if self._rank_attribution is not None:  # for good: DDP cannot unregister its hook
                 self._rank_attribution.remove()
-                self._rank_attribution = None
+                self._rank_attribution = self._publisher.host_events = None
         finally:
             if self._history is not None:
                 self._history.close()
@@ -412,11 +377,36 @@ class GradWatch:
         Returns:
             A handle whose ``remove()`` unregisters ``fn``.
         """
-        if not callable(fn):
-            raise TypeError(f"sink must be callable, got {type(fn).__name__} {fn!r}")
-        handle = RemovableHandle(self._sinks)
-        self._sinks[handle.id] = fn
-        return handle
+        return self._publisher.add_sink(fn)
+
+    @property
+    def events(self) -> list[AnomalyEvent]:
+        """The :class:`AnomalyEvent` s drained so far, the newest ``max_events`` of them."""
+        return self._publisher.events
+
+    @events.setter
+    def events(self, value: list[AnomalyEvent]) -> None:
+        self._publisher.events = value
+
+    @property
+    def max_events(self) -> int | None:
+        """How many events :attr:`events` keeps (None: all)."""
+        return self._publisher.max_events
+
+    @property
+    def events_dropped(self) -> int:
+        """How many older events were dropped from :attr:`events` by ``max_events``."""
+        return self._publisher.events_dropped
+
+    @property
+    def sink_errors(self) -> list[SinkError]:
+        """The sinks' failures (:class:`SinkError`, the first 1000)."""
+        return self._publisher.sink_errors
+
+    @property
+    def sink_error_count(self) -> int:
+        """Every sink failure, counted."""
+        return self._publisher.sink_error_count
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Feeds this step's loss to the loss-spike detector (device ops only, no sync).
@@ -466,6 +456,7 @@ class GradWatch:
         Called by :func:`gradwatch.rank_attribution.attribute_ranks`, which is the way to use it.
         """
         self._rank_attribution = attribution
+        self._publisher.host_events = attribution.events_until
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume detection and policies exactly (pending records drained).
@@ -556,12 +547,12 @@ class GradWatch:
         """
         self._buffer_guard.forget()
         if self._in_check is None or drained_step < self._in_check:
-            self._force_skip = True
+            self._stages.force_skip = True
 
     # ----------------------------------------------------------------------------- the check
 
     def check(self, *, scaler_skipped: bool = False) -> None:
-        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record.
+        """Runs one check now: collect, measure, [reduce], detect, decide, [agree], act, record (``_check.py``).
 
         On the steps ``every=N`` leaves out, only the non-finite guard runs (``guard=True``).
 
@@ -580,337 +571,33 @@ class GradWatch:
             # host-side remedies: rollback, LR backoff) at this same check: ranks never disagree
             # on when a learning rate changed or a snapshot was restored.
             self._drain(force_before=step if self._distributed else step - 1)
-            self._report_unwatched()
             if self._rank_attribution is not None:  # a collective: every rank, every check, before any return
                 self._rank_attribution.check(step)
+            if self.optimizer is not None:
+                self._unwatched.check(self.optimizer)
             if sampled:
                 self.policy.before_check(self, step)
-            index, grads = self._collect()
             loss, self._loss = self._loss, None
             if loss is not None and loss.step != step:
                 loss = None
-            if not grads:
-                if self._in_backward is not None and sampled:
-                    self._in_backward.discard()
+            result = self._stages.run(step, sampled=sampled, loss=loss, scaler_skipped=scaler_skipped)
+            if result is None:
                 return
-            # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
-            packed = self._measure(grads) if sampled else grad_stats_packed(grads)
-            packed, scaler_flag = self.step_control.unscale(packed)
-            if scaler_skipped:
-                scaler_flag = torch.ones_like(scaler_flag)
-            packed = self._reduce(packed, index)
-            device = packed.device
-            if sampled:
-                observed = None if loss is None else loss.mean  # judges the total norm given the loss
-                detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_flag, observed)
-            else:  # non-finite gradients only; the running statistics stay those of the sampled steps
-                detection = nonfinite_detection(packed, scaler_flag)
-            loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
-            if loss is not None:
-                loss_flags = loss.flags.to(device)
-            names = [self.param_names[i] for i in index]
-            ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
-            decision = Decision.neutral(len(grads), device)
-            self.policy.decide(ctx, decision, gating_only=not sampled)
-            if self._force_skip:
-                decision.skip = torch.ones_like(decision.skip)
-                self._force_skip = False
-            decision, seen_by = self._agree(decision, detection.global_flags, detection.param_flags, loss_flags)
-            skip_path = self.step_control.skip_path(self.policy.can_skip)
-            self._act(grads, decision, skip_path == "fused")
-            self._buffer_guard.settle(decision.skip if skip_path is not None else None)
-            payload = encode_record(
-                packed,
-                detection,
-                decision.clip_factor,
-                decision.skip,
-                decision.raise_now,
-                scaler_flag,
-                decision.extras,
-                seen_by,
-            )
-            self._records.put_record(step, names, payload, extras_layout(decision.extras), sampled=sampled)
-            if loss is not None:
-                self._records.put_loss(step, loss)
             if self.optimizer is None and sampled:
                 self._last_checked = step
-            if skip_path == "host":
-                self.step_control.skip_on_host(decision.skip)
+            if result.skip_path == "host":
+                self.step_control.skip_on_host(result.skip)
                 self.flush()  # the sync above means everything queued has landed
         finally:
             self._in_check = None
             self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
 
-    def _report_unwatched(self) -> None:
-        """Warns once about optimizer parameters that are not the model's (``add_param_group`` later, ...).
-
-        Re-examined only when the optimizer's param groups change size: two integers per check.
-        """
-        if self.optimizer is None:
-            return
-        groups = self.optimizer.param_groups
-        layout = (len(groups), sum(len(g["params"]) for g in groups))
-        if layout == self._optimizer_layout:
-            return
-        self._optimizer_layout = layout
-        new = [
-            (i, p)
-            for i, g in enumerate(groups)
-            for p in g["params"]
-            if id(p) not in self._model_param_ids and id(p) not in self._unwatched_reported
-        ]
-        if new:
-            self._unwatched_reported.update(id(p) for _, p in new)
-            shapes = [f"group {i}: {tuple(p.shape)}" for i, p in new[:5]]
-            logger.warning(
-                "gradwatch: %d optimizer parameter(s) are not parameters of the watched model and are not "
-                "watched (%s%s); their gradients are not checked. Create the monitor after adding them "
-                "to the model (add_param_group), or watch their module with another GradWatch",
-                len(new),
-                ", ".join(shapes),
-                ", ..." if len(new) > 5 else "",
-            )
-
-    def _collect(self) -> tuple[list[int], list[torch.Tensor]]:
-        """Stage 1: the watched gradients that exist this step (no grad: skipped, never a crash).
-
-        Written for thousands of parameters: a gradient has its parameter's dtype and device, so
-        only presence and layout are checked per step, in a few list passes. A sparse gradient
-        (``nn.Embedding(sparse=True)``) is watched through its values: coalesced once (so its
-        values are the gradient's nonzeros, duplicates summed), measured and scaled in place.
-        """
-        grads = self.step_control.grads(self._params)
-        present = [g is not None for g in grads]
-        if all(present):
-            index = self._all_index
-        else:
-            index = [i for i, ok in enumerate(present) if ok]
-            grads = [grads[i] for i in index]
-        sparse = [k for k, g in enumerate(grads) if g.is_sparse]
-        self._sparse_now = bool(sparse)
-        if sparse:
-            grads = list(grads)
-            for k in sparse:
-                grads[k] = self._sparse_values(self._params[index[k]], grads[k])
-        if self._has_dtensor:
-            grads = [local_gradient(g) for g in grads]  # shards; _reduce makes them whole-parameter
-        return index, grads
-
-    @staticmethod
-    def _sparse_values(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The values of a sparse gradient, coalesced (written back to ``param.grad`` when it is that)."""
-        if not grad.is_coalesced():
-            coalesced = grad.coalesce()
-            if param.grad is grad:
-                param.grad = coalesced
-            grad = coalesced
-        return grad._values()
-
-    def _measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Stage 2: one fused ``grad_stats`` pass per device; rows gathered on the first device."""
-        if self._in_backward is not None:
-            if len(grads) == len(self._params) and not self._sparse_now:
-                return self._in_backward.take(grads)
-            self._in_backward.discard()  # some gradients are missing: measure what is there
-        if self._one_device:  # the common case: validated once, at construction
-            return measure_unchecked(grads)
-        return grad_stats_packed(grads)
-
-    def _reduce(self, packed: torch.Tensor, index: list[int]) -> torch.Tensor:
-        """Distributed seam 1: statistics of the full gradients from the local shards.
-
-        Single process, DDP and replicated parameters: the identity (DDP gradients are already
-        all-reduced). FSDP2/DTensor shards: two collectives (sum, max) per sharding layout, see
-        :class:`~gradwatch.distributed.ShardedStats`. Every rank then holds identical statistics.
-        """
-        if not is_distributed():
-            return packed
-        key = tuple(index)
-        reducer = self._sharded.get(key)
-        if reducer is None:
-            reducer = self._sharded[key] = ShardedStats([self._params[i] for i in index])
-        return reducer.reduce(packed)
-
-    def _index_tensor(self, index: Sequence[int], device: torch.device) -> torch.Tensor | None:
-        if index is self._all_index:  # every parameter, in order (see _collect)
-            return None
-        return self._index_cache.get(index, device)
-
-    def _agree(
-        self,
-        decision: Decision,
-        global_flags: torch.Tensor,
-        param_flags: torch.Tensor,
-        loss_flags: torch.Tensor,
-    ) -> tuple[Decision, torch.Tensor | None]:
-        """Distributed seam 2: every rank takes the most severe decision of any rank.
-
-        Statistics are identical across ranks after :meth:`_reduce`, but a loss, a rank-local
-        gradient fault or a GradScaler flag may not be. One all-reduce (max) over ``process_group``
-        of [skip, raise, -clip factor, -per-parameter factors, seen-by] makes skip and raise global
-        and takes the smallest factors, so no rank steps while another skips. Seen-by holds, per
-        anomaly kind, ``world - rank`` where this rank detected it: after the max, the lowest rank
-        that did. The record carries it, and every rank adds events for the kinds only other ranks
-        saw, so host-side remedies decide from the same kinds everywhere and rank 0's history
-        holds every rank's anomalies.
-
-        Returns:
-            ``(decision, seen_by)``: seen-by as ``[NUM_KINDS]`` float64 "1 + lowest rank that
-            detected the kind" (0: no rank), or None in a single process.
-        """
-        if not self._distributed:
-            return decision, None
-        f64 = torch.float64
-        group = self.process_group
-        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-        local = global_flags | param_flags.any(dim=0) | loss_flags
-        seen = torch.where(local, float(world - rank), 0.0).to(f64)
-        n = decision.factors.numel()
-        packed = torch.cat(
-            [
-                torch.stack([decision.skip.to(f64), decision.raise_now.to(f64), -decision.clip_factor.to(f64)]),
-                -decision.factors.to(f64),
-                seen,
-            ]
-        )
-        agree(packed, group)
-        decision.skip = packed[0] > 0
-        decision.raise_now = packed[1] > 0
-        decision.clip_factor = -packed[2]
-        decision.factors = -packed[3 : 3 + n]  # float64: a clip factor never rounds to 0 (= zeroing)
-        seen = packed[3 + n :]
-        return decision, torch.where(seen > 0, world + 1 - seen, torch.zeros_like(seen))
-
-    def _act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
-        """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
-        if self.policy.scales:
-            # validated once at construction; the factors live on the gradients' device
-            (scale_unchecked if self._one_device else scale_)(grads, decision.factors)
-        if fused_skip:
-            self.step_control.skip_fused(decision.skip)
-
     # ----------------------------------------------------------------------------- records
 
     def _drain(self, force_before: float) -> None:
         """Publishes the records that reached the host; waits for those older than ``force_before``."""
-        self._records.drain(force_before, self._publish_record, self._publish_loss)
-        if self._rank_attribution is not None:  # steps whose record never came (a quiet guarded step)
-            self._publish_rank_events(self._rank_attribution.events_until(force_before - 1))
-
-    def _publish_rank_events(self, events: list[AnomalyEvent]) -> None:
-        """Rank attribution's events without a record of their step: labelled and logged like a lone loss's."""
-        for e in events:
-            outcome = Outcome(step=e.step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
-            self._publish_events([self.policy.label(e, self.policy.outcomes(outcome))])
-
-    def _publish_loss(self, packet: LossPacket) -> None:
-        """A loss packet whose step record was already drained: its events stand alone."""
-        outcome = Outcome(step=packet.step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
-        outcomes = self.policy.outcomes(outcome)
-        self._publish_events([self.policy.label(e, outcomes) for e in packet.events])
-
-    def _publish_events(self, events: list[AnomalyEvent], level: int | None = None) -> None:
-        """Logs and keeps ``events``: anomalies acted on at WARNING, others at INFO, or at ``level``."""
-        for e in events:
-            level_e = level if level is not None else logging.WARNING if e.action != "none" else logging.INFO
-            if logger.isEnabledFor(level_e):
-                logger.log(level_e, "gradwatch: %s", e.describe())
-        self.events.extend(events)
-        excess = 0 if self.max_events is None else len(self.events) - self.max_events
-        if excess > 0:
-            del self.events[:excess]
-            if not self.events_dropped:
-                logger.warning(
-                    "gradwatch: more than max_events=%d events; GradWatch.events keeps the newest (the history "
-                    "and sinks get every one; the number dropped is in events_dropped)",
-                    self.max_events,
-                )
-            self.events_dropped += excess
-
-    def _publish_record(self, rec: HostRecord) -> None:
-        """A drained record: label its events, run the policies' host side and the sinks; maybe raise."""
-        skipped = rec.skip and self.optimizer is not None
-        base = Outcome(
-            step=rec.step,
-            skipped=skipped,
-            raised=rec.raised,
-            clip_factor=rec.clip_factor,
-            total_norm=rec.total_norm,
-            scaler_skipped=rec.scaler_skipped,
-        )
-        outcomes = self.policy.outcomes(base, rec.extras)
-        local_kinds = {e.kind for e in rec.events}
-        remote = [
-            AnomalyEvent(rec.step, kind, None, math.nan, None, "none", rank=r)
-            for kind, r in rec.seen_by.items()
-            if kind not in local_kinds
-        ]
-        ranked: list[AnomalyEvent] = []
-        if self._rank_attribution is not None:  # this step's verdict was copied before its record
-            ranked = self._rank_attribution.events_until(rec.step)
-            self._publish_rank_events([e for e in ranked if e.step != rec.step])
-            ranked = [e for e in ranked if e.step == rec.step]
-        anomalies, routine = self.policy.split_events(rec.events + remote + ranked, outcomes)
-        events = anomalies + routine
-        names, norms, max_abs, nonfinite = self._all_params(rec)
-        record = StepRecord(
-            step=rec.step,
-            names=names,
-            norms=norms,
-            max_abs=max_abs,
-            nonfinite=nonfinite,
-            total_norm=rec.total_norm,
-            loss=rec.loss,
-            clip_factor=rec.clip_factor,
-            skipped=skipped or rec.scaler_skipped,
-            events=events,
-        )
-        self._publish_events(anomalies)
-        self._publish_events(routine, logging.DEBUG)
-        self.policy.on_record(record, outcomes, self)
-        if self._runs_sinks:
-            for fn in list(self._sinks.values()):
-                try:
-                    fn(record)
-                except Exception as error:  # a sink never changes training, nor the collectives
-                    self._sink_failed(fn, record.step, error)
-        self._on_record(record)
-        if rec.raised:
-            raise GradientAnomalyError([e for e in events if "raise" in e.action.split("+")] or events, step=rec.step)
-
-    def _all_params(self, rec: HostRecord) -> tuple[Sequence[str], list, list, list]:
-        """A record's per-parameter lists over every watched parameter (index-stable).
-
-        Parameters without a gradient at that step (not measured) get ``None`` in every list:
-        ``record.norms[i]`` always belongs to ``watch.param_names[i]``.
-        """
-        if len(rec.names) == len(self.param_names):
-            return self._names, rec.norms, rec.max_abs, rec.nonfinite
-        n = len(self.param_names)
-        rows = [self._position[name] for name in rec.names]
-        lists: list[list] = [[None] * n, [None] * n, [None] * n]
-        for out, values in zip(lists, (rec.norms, rec.max_abs, rec.nonfinite), strict=True):
-            for row, value in zip(rows, values, strict=True):
-                out[row] = value
-        return self._names, lists[0], lists[1], lists[2]
-
-    def _sink_failed(self, fn: Sink, step: int, error: Exception) -> None:
-        """Logs a sink's first failure (with the traceback), keeps every failure in :attr:`sink_errors`."""
-        if len(self.sink_errors) < _MAX_SINK_ERRORS:
-            self.sink_errors.append(SinkError(step, fn, error))
-        self.sink_error_count += 1
-        if id(fn) in self._failed_sinks:
-            logger.debug("gradwatch: step %d: sink %r failed again: %r", step, fn, error)
-            return
-        self._failed_sinks.add(id(fn))
-        logger.error(
-            "gradwatch: step %d: sink %r raised %r; training goes on, the sink is still called "
-            "for every record and later failures are only counted (watch.sink_errors)",
-            step,
-            fn,
-            error,
-            exc_info=error,
-        )
+        self._records.drain(force_before, self._publisher.record, self._publisher.loss)
+        self._publisher.host_events_until(force_before - 1)  # steps whose record never came (quiet guarded steps)
 
     def _on_record(self, record: StepRecord) -> None:
         """Subclass hook, called for every drained record after the sinks."""

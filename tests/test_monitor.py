@@ -605,7 +605,7 @@ def test_cuda_monitored_step_has_no_sync():
 
 
 def test_one_fused_measurement_per_check(monkeypatch):
-    import gradwatch.monitor as monitor_module
+    import gradwatch._check as monitor_module  # the check's stages (measure) live in _check.py
 
     calls = []
     real = monitor_module.measure_unchecked  # the monitor's one entry to the fused op

@@ -317,10 +317,11 @@ def _healthy_then_guarded_spike(rank: int, world: int) -> None:
             assert watch.events == [], f"rank {rank}: a healthy run raised {watch.events}"
     watch.flush()
     # step 5's event comes out with step 6's record, step 7's (the last) when flushed
-    assert [(e.step, e.kind, e.rank, e.action) for e in watch.events] == [
+    got = [(e.step, e.kind, e.rank, e.action) for e in watch.events]
+    assert got == [
         (5, AnomalyKind.RANK_OUTLIER, world - 1, "warn"),
         (7, AnomalyKind.RANK_OUTLIER, world - 1, "warn"),
-    ]
+    ], got
     assert [r.step for r in records] == [0, 2, 4, 6]  # the guarded steps 5 and 7 found nothing themselves
 
 

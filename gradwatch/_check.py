@@ -1,0 +1,225 @@
+"""One check, stage by stage, on the device: what :meth:`GradWatch.check <gradwatch.GradWatch.check>` runs.
+
+Every stage runs on the device; nothing is read back on the host::
+
+    collect  the watched gradients present this step       (host: Python lists only; _selection.py)
+    measure  one grad_stats_packed call per device         -> packed [n + 1, len(Stat)]
+             (measure_in_backward=True: large gradients already measured during backward,
+             in buckets, see _in_backward.py; only the rest is measured here)
+    unscale  a GradScaler's scale out of the statistics    (StepControl, _stepping.py)
+    reduce   seam for distributed training                 -> packed over all ranks (distributed.py)
+    detect   Detector: running statistics -> flags         (detect.py; guard steps: non-finite only)
+    decide   policies -> factors [n], skip, raise, clip factor  (PolicySet, _policy.py / policies.py)
+    agree    seam for distributed training                 -> the same decision on every rank
+    act      scale_(grads, factors); the skip flag to the optimizer (StepControl)
+    record   everything packed into one vector -> non-blocking copy to pinned memory (_records.py)
+
+The host side (draining records into events, policy host actions, sinks) is
+:class:`~gradwatch._publish.Publisher`; the hooks, the step count and the public API are
+:class:`~gradwatch.GradWatch`'s. A stage that changes (a fused check op replacing measure, detect
+and decide, say) changes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from ._ops import IndexCache, grad_stats_packed, measure_unchecked, scale_, scale_unchecked
+from ._policy import Decision, DecisionContext
+from ._records import StepLoss, encode_record, extras_layout
+from ._selection import present_gradients
+from ._stepping import SkipPath
+from .detect import NUM_KINDS, Detection, nonfinite_detection
+from .distributed import ShardedStats, agree_decision, is_distributed, is_dtensor, local_gradient
+
+if TYPE_CHECKING:
+    from .monitor import GradWatch
+
+__all__ = ["CheckPipeline", "CheckResult"]
+
+
+class CheckResult(NamedTuple):
+    """What a check leaves for the host to do: the skip path taken and the device skip flag."""
+
+    skip_path: SkipPath | None
+    skip: torch.Tensor
+
+
+class CheckPipeline:
+    """The device stages of one check (see the module docstring), over a monitor's parameters.
+
+    Built from the monitor's parts, shared with it (not copies): its watched parameters and their
+    names, policies, detector, step control (unscale, skips), record queue, buffer guard and
+    in-backward measurement, and its process group.
+
+    Args:
+        watch: the monitor whose checks these are.
+
+    Attributes:
+        force_skip: skip the next check's step whatever the policies decide (a host-side restore
+            replaced the state its gradients came from); consumed by that check.
+    """
+
+    def __init__(self, watch: GradWatch):
+        self.params = watch._params
+        self.param_names = watch.param_names
+        self.policy = watch.policy
+        self.detector = watch.detector
+        self.step_control = watch.step_control
+        self.records = watch._records
+        self.buffer_guard = watch._buffer_guard
+        self.in_backward = watch._in_backward
+        self.process_group = watch.process_group
+        self.distributed = is_distributed(watch.process_group)
+        # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
+        self.has_dtensor = any(is_dtensor(p) for p in self.params)
+        self.one_device = len({p.device for p in self.params}) == 1
+        self.all_index = list(range(len(self.params)))
+        self.force_skip = False
+        self._sharded: dict[tuple[int, ...], ShardedStats] = {}
+        self._index_cache = IndexCache(limit=64)
+        self._sparse_now = False
+
+    def run(self, step: int, *, sampled: bool, loss: StepLoss | None, scaler_skipped: bool) -> CheckResult | None:
+        """Runs every stage for ``step``; None when no watched parameter has a gradient.
+
+        Args:
+            step: the step checked.
+            sampled: a full check (False: the non-finite guard of ``every=N``).
+            loss: the losses observed for this step, or None.
+            scaler_skipped: the GradScaler skipped this step without calling the optimizer.
+        """
+        index, grads = self.collect()
+        if not grads:
+            if self.in_backward is not None and sampled:
+                self.in_backward.discard()
+            return None
+        # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
+        packed = self.measure(grads) if sampled else grad_stats_packed(grads)
+        packed, scaler_flag = self.step_control.unscale(packed)
+        if scaler_skipped:
+            scaler_flag = torch.ones_like(scaler_flag)
+        packed = self.reduce(packed, index)
+        detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
+        names = [self.param_names[i] for i in index]
+        ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
+        decision = self.decide(ctx, len(grads), sampled)
+        seen_by = self.agree(decision, detection, loss_flags)
+        skip_path = self.step_control.skip_path(self.policy.can_skip)
+        self.act(grads, decision, skip_path == "fused")
+        self.buffer_guard.settle(decision.skip if skip_path is not None else None)
+        self.record(ctx, names, decision, seen_by, loss, sampled)
+        return CheckResult(skip_path, decision.skip)
+
+    def collect(self) -> tuple[list[int], list[torch.Tensor]]:
+        """Stage 'collect': the watched gradients that exist this step (see ``present_gradients``)."""
+        index, grads, self._sparse_now = present_gradients(
+            self.params, self.step_control.grads(self.params), self.all_index
+        )
+        if self.has_dtensor:
+            grads = [local_gradient(g) for g in grads]  # shards; reduce makes them whole-parameter
+        return index, grads
+
+    def measure(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Stage 'measure': one fused ``grad_stats`` pass per device; rows gathered on the first device."""
+        if self.in_backward is not None:
+            if len(grads) == len(self.params) and not self._sparse_now:
+                return self.in_backward.take(grads)
+            self.in_backward.discard()  # some gradients are missing: measure what is there
+        if self.one_device:  # the common case: validated once, at construction
+            return measure_unchecked(grads)
+        return grad_stats_packed(grads)
+
+    def reduce(self, packed: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """Distributed seam 1: statistics of the full gradients from the local shards.
+
+        Single process, DDP and replicated parameters: the identity (DDP gradients are already
+        all-reduced). FSDP2/DTensor shards: two collectives (sum, max) per sharding layout, see
+        :class:`~gradwatch.distributed.ShardedStats`. Every rank then holds identical statistics.
+        """
+        if not is_distributed():
+            return packed
+        key = tuple(index)
+        reducer = self._sharded.get(key)
+        if reducer is None:
+            reducer = self._sharded[key] = ShardedStats([self.params[i] for i in index])
+        return reducer.reduce(packed)
+
+    def detect(
+        self,
+        packed: torch.Tensor,
+        index: list[int],
+        scaler_flag: torch.Tensor,
+        loss: StepLoss | None,
+        sampled: bool,
+    ) -> tuple[Detection, torch.Tensor]:
+        """Stage 'detect': the step's flags, and the loss's flags (all False without a loss)."""
+        device = packed.device
+        if sampled:
+            observed = None if loss is None else loss.mean  # judges the total norm given the loss
+            detection = self.detector.detect(packed, self._index_tensor(index, device), scaler_flag, observed)
+        else:  # non-finite gradients only; the running statistics stay those of the sampled steps
+            detection = nonfinite_detection(packed, scaler_flag)
+        loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
+        if loss is not None:
+            loss_flags = loss.flags.to(device)
+        return detection, loss_flags
+
+    def _index_tensor(self, index: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        if index is self.all_index:  # every parameter, in order (see collect)
+            return None
+        return self._index_cache.get(index, device)
+
+    def decide(self, ctx: DecisionContext, n: int, sampled: bool) -> Decision:
+        """Stage 'decide': the policies' decision (guard steps: the gating policies only)."""
+        decision = Decision.neutral(n, ctx.packed.device)
+        self.policy.decide(ctx, decision, gating_only=not sampled)
+        if self.force_skip:
+            decision.skip = torch.ones_like(decision.skip)
+            self.force_skip = False
+        return decision
+
+    def agree(self, decision: Decision, detection: Detection, loss_flags: torch.Tensor) -> torch.Tensor | None:
+        """Distributed seam 2: every rank takes the most severe decision of any rank (in place).
+
+        See :func:`~gradwatch.distributed.agree_decision`. Returns seen-by, per kind "1 + lowest
+        rank that detected it", or None in a single process.
+        """
+        if not self.distributed:
+            return None
+        return agree_decision(decision, detection.global_flags, detection.param_flags, loss_flags, self.process_group)
+
+    def act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
+        """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
+        if self.policy.scales:
+            # validated once at construction; the factors live on the gradients' device
+            (scale_unchecked if self.one_device else scale_)(grads, decision.factors)
+        if fused_skip:
+            self.step_control.skip_fused(decision.skip)
+
+    def record(
+        self,
+        ctx: DecisionContext,
+        names: list[str],
+        decision: Decision,
+        seen_by: torch.Tensor | None,
+        loss: StepLoss | None,
+        sampled: bool,
+    ) -> None:
+        """Stage 'record': the step's results in one vector, copied to the host without a sync."""
+        payload = encode_record(
+            ctx.packed,
+            ctx.detection,
+            decision.clip_factor,
+            decision.skip,
+            decision.raise_now,
+            ctx.scaler_skipped,
+            decision.extras,
+            seen_by,
+        )
+        self.records.put_record(ctx.step, names, payload, extras_layout(decision.extras), sampled=sampled)
+        if loss is not None:
+            self.records.put_loss(ctx.step, loss)
