@@ -325,6 +325,39 @@ def _healthy_then_guarded_spike(rank: int, world: int) -> None:
     assert [r.step for r in records] == [0, 2, 4, 6]  # the guarded steps 5 and 7 found nothing themselves
 
 
+class WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.unused = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _accumulation_with_no_sync(rank: int, world: int) -> None:
+    """Gradient accumulation (``no_sync`` on all but the last of 3 micro-batches), an unused layer."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradwatch
+
+    ddp = DistributedDataParallel(WithUnused(), find_unused_parameters=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    watch = gradwatch.GradWatch(ddp.module, opt, policy="skip", log_rank=None)
+    gradwatch.attribute_ranks(ddp, watch)
+    for step in range(3):
+        for micro in range(3):
+            x = rank_batch(rank, 10 * step + micro)
+            if step == 1 and micro == 0 and rank == world - 1:  # only in a micro-batch DDP did not sync
+                x[1, 2] = math.nan
+            with ddp.no_sync() if micro < 2 else contextlib.nullcontext():
+                ddp(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    watch.flush()
+    assert rank_events(watch) == [(1, AnomalyKind.RANK_NONFINITE, world - 1, "a.weight")], rank_events(watch)
+
+
 def _scenarios(rank: int, world: int, path: str) -> None:
     """NaN on one rank, a spike on one rank, healthy steps, replica divergence, collectives per step."""
     from torch.nn.parallel import DistributedDataParallel
@@ -333,6 +366,7 @@ def _scenarios(rank: int, world: int, path: str) -> None:
 
     _averaged_gradients_are_ddps(rank, world)
     _healthy_then_guarded_spike(rank, world)
+    _accumulation_with_no_sync(rank, world)
     base = small_model()
     ddp = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=0.001)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
