@@ -14,6 +14,12 @@ Every stage runs on the device; nothing is read back on the host::
     act      scale_(grads, factors); the skip flag to the optimizer (StepControl)
     record   everything packed into one vector -> non-blocking copy to pinned memory (_records.py)
 
+With built-in policies only, detect, decide and the record's encoding are one compiled op,
+``grad_check`` (:class:`~gradwatch.fused_check.FusedCheck`, math in ``csrc/check.h``): a check on the
+CPU is 6-7 dispatched ops whatever the number of parameters. User-written policies,
+``torch.distributed``, a forced skip and the guard steps of ``every=N`` run the stages above in
+Python, the readable oracle the op is tested against.
+
 The host side (draining records into events, policy host actions, sinks) is
 :class:`~gradwatch._publish.Publisher`; the hooks, the step count and the public API are
 :class:`~gradwatch.GradWatch`'s. A stage that changes (a fused check op replacing measure, detect
@@ -34,6 +40,8 @@ from ._selection import present_gradients
 from ._stepping import SkipPath
 from .detect import NUM_KINDS, Detection, nonfinite_detection
 from .distributed import ShardedStats, agree_decision, is_distributed, is_dtensor, local_gradient
+from .fused_check import FusedCheck, supports
+from .fused_check import native as native_check
 
 if TYPE_CHECKING:
     from .monitor import GradWatch
@@ -42,10 +50,11 @@ __all__ = ["CheckPipeline", "CheckResult"]
 
 
 class CheckResult(NamedTuple):
-    """What a check leaves for the host to do: the skip path taken and the device skip flag."""
+    """What a check leaves for the host to do: the skip path taken and the device skip flags."""
 
     skip_path: SkipPath | None
     skip: torch.Tensor
+    scaler_flag: torch.Tensor | None = None  # the GradScaler skipped the step (update ratios: no update)
 
 
 class CheckPipeline:
@@ -72,6 +81,7 @@ class CheckPipeline:
         self.records = watch._records
         self.buffer_guard = watch._buffer_guard
         self.in_backward = watch._in_backward
+        self.diagnostics = watch._diagnostics
         self.process_group = watch.process_group
         self.distributed = is_distributed(watch.process_group)
         # FSDP2 swaps in DTensor parameters: attach after fully_shard, so these are the live ones.
@@ -82,6 +92,8 @@ class CheckPipeline:
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         self._index_cache = IndexCache(limit=64)
         self._sparse_now = False
+        # the built-in policies run in the same op as the detector (one op per check, fused_check.py)
+        self.fused = FusedCheck(self.detector, self.policy) if supports(self.policy) else None
 
     def run(self, step: int, *, sampled: bool, loss: StepLoss | None, scaler_skipped: bool) -> CheckResult | None:
         """Runs every stage for ``step``; None when no watched parameter has a gradient.
@@ -103,16 +115,19 @@ class CheckPipeline:
         if scaler_skipped:
             scaler_flag = torch.ones_like(scaler_flag)
         packed = self.reduce(packed, index)
-        detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
         names = [self.param_names[i] for i in index]
+        if sampled and self.fused_now(packed.device):
+            return self.run_fused(step, index, names, grads, packed, scaler_flag, loss)
+        detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
         ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
         decision = self.decide(ctx, len(grads), sampled)
         seen_by = self.agree(decision, detection, loss_flags)
         skip_path = self.step_control.skip_path(self.policy.can_skip)
-        self.act(grads, decision, skip_path == "fused")
+        self.act(grads, decision.factors, decision.skip, skip_path == "fused")
         self.buffer_guard.settle(decision.skip if skip_path is not None else None)
+        self.diagnostics.before_record(step, index)  # their host copies land before the record's
         self.record(ctx, names, decision, seen_by, loss, sampled)
-        return CheckResult(skip_path, decision.skip)
+        return CheckResult(skip_path, decision.skip, scaler_flag)
 
     def collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 'collect': the watched gradients that exist this step (see ``present_gradients``)."""
@@ -192,13 +207,42 @@ class CheckPipeline:
             return None
         return agree_decision(decision, detection.global_flags, detection.param_flags, loss_flags, self.process_group)
 
-    def act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
+    def act(self, grads: list[torch.Tensor], factors: torch.Tensor, skip: torch.Tensor, fused_skip: bool) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
         if self.policy.scales:
             # validated once at construction; the factors live on the gradients' device
-            (scale_unchecked if self.one_device else scale_)(grads, decision.factors)
+            (scale_unchecked if self.one_device else scale_)(grads, factors)
         if fused_skip:
-            self.step_control.skip_fused(decision.skip)
+            self.step_control.skip_fused(skip)
+
+    def fused_now(self, device: torch.device) -> bool:
+        """Whether this check runs as one ``grad_check`` op (built-in policies, a compiled kernel, one process)."""
+        if self.fused is None or self.distributed or self.force_skip or not native_check(device):
+            return False
+        return self.fused.refresh()  # a policy changed into one the op does not run: Python path
+
+    def run_fused(
+        self,
+        step: int,
+        index: list[int],
+        names: list[str],
+        grads: list[torch.Tensor],
+        packed: torch.Tensor,
+        scaler_flag: torch.Tensor,
+        loss: StepLoss | None,
+    ) -> CheckResult:
+        """Stages detect, decide, agree (nothing to agree in one process) and record's encoding as one op."""
+        device = packed.device
+        observed = (None, None) if loss is None else (loss.mean, loss.flags.to(device))
+        out = self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
+        skip_path = self.step_control.skip_path(self.policy.can_skip)
+        self.act(grads, out.factors, out.skip, skip_path == "fused")
+        self.buffer_guard.settle(out.skip if skip_path is not None else None)
+        self.diagnostics.before_record(step, index)  # as in run(): their host copies land before the record's
+        self.records.put_record(step, names, out.record, self.fused.extras_layout)
+        if loss is not None:
+            self.records.put_loss(step, loss)
+        return CheckResult(skip_path, out.skip, scaler_flag)
 
     def record(
         self,

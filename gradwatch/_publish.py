@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch.utils.hooks import RemovableHandle
 
+from ._diagnostics import Diagnostics, inherit_actions
 from ._policy import Outcome, PolicyHost, PolicySet
 from ._records import HostRecord, LossPacket
 from .events import AnomalyEvent, GradientAnomalyError, Sink, StepRecord
@@ -57,6 +58,8 @@ class Publisher:
         runs_sinks: whether this rank calls the sinks (``log_rank``).
         max_events: how many events :attr:`events` keeps (None: all).
         on_record: called with every step record, after the sinks (the monitor's subclass hook).
+        diagnostics: adds origin, forward-check and update-ratio events and the update norms to
+            each record (see :mod:`gradwatch._diagnostics`); None: nothing added.
 
     Attributes:
         host_events: where host-side kinds of events come from (rank attribution's
@@ -78,6 +81,7 @@ class Publisher:
         runs_sinks: bool,
         max_events: int | None,
         on_record: Callable[[StepRecord], None],
+        diagnostics: Diagnostics | None = None,
     ):
         self.policy = policy
         self._names = list(param_names)  # every record's names: the same object each step
@@ -88,6 +92,7 @@ class Publisher:
         self.max_events = max_events
         self._on_record = on_record
         self.host_events: Callable[[float], list[AnomalyEvent]] | None = None
+        self.diagnostics = diagnostics
         self.events: list[AnomalyEvent] = []
         self.events_dropped = 0
         self._sinks: OrderedDict[int, Sink] = OrderedDict()
@@ -164,7 +169,10 @@ class Publisher:
             if kind not in local_kinds
         ]
         hosted = self.host_events_until(rec.step, keep=rec.step)  # copied before the record: landed too
-        anomalies, routine = self.policy.split_events(rec.events + remote + hosted, outcomes)
+        extras = self.diagnostics.record_extras(rec, self._position, self._names) if self.diagnostics else None
+        located = extras.events if extras is not None else []  # origins, forward check, update ratios
+        anomalies, routine = self.policy.split_events(rec.events + remote + located + hosted, outcomes)
+        anomalies = inherit_actions(anomalies)
         events = anomalies + routine
         names, norms, max_abs, nonfinite = self._all_params(rec)
         record = StepRecord(
@@ -178,6 +186,8 @@ class Publisher:
             clip_factor=rec.clip_factor,
             skipped=skipped or rec.scaler_skipped,
             events=events,
+            update_norms=extras.update_norms if extras is not None else None,
+            weight_norms=extras.weight_norms if extras is not None else None,
         )
         self.publish_events(anomalies)
         self.publish_events(routine, logging.DEBUG)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["AnomalyKind", "AnomalyEvent", "StepRecord", "GradientAnomalyError", "Sink"]
+__all__ = ["AnomalyKind", "AnomalyEvent", "StepRecord", "GradientAnomalyError", "Sink", "update_ratio"]
 
 
 class AnomalyKind(str, enum.Enum):
@@ -21,6 +21,12 @@ class AnomalyKind(str, enum.Enum):
     VANISHING = "vanishing"  # a norm collapsed to ~0 or far below its baseline
     LOSS_SPIKE = "loss_spike"  # adaptive z-score of the observed loss
     LOSS_NONFINITE = "loss_nonfinite"  # the observed loss is NaN or Inf
+    # Raised on the host from a step's record (not detector flag columns: see detect.KINDS).
+    NONFINITE_ORIGIN = "nonfinite_origin"  # the first parameter in backward order with a NaN/Inf gradient
+    SPIKE_ORIGIN = "spike_origin"  # the first parameter in backward order flagged as spiking
+    FORWARD_NONFINITE = "forward_nonfinite"  # the first module, in forward order, with a NaN/Inf output
+    UPDATE_RATIO_LOW = "update_ratio_low"  # |dw|/|w| at or below the floor while the gradient is nonzero
+    UPDATE_RATIO_HIGH = "update_ratio_high"  # |dw|/|w| above the ceiling
     # Raised on the host by rank attribution (gradwatch.rank_attribution), not by the detector: new
     # members go last and stay out of detect.KINDS, so the flag layout does not change.
     RANK_NONFINITE = "rank_nonfinite"  # NaN/Inf in some ranks' local gradients before DDP's all-reduce
@@ -42,6 +48,11 @@ _MEANING = {
     AnomalyKind.VANISHING: "vanishing gradient norm",
     AnomalyKind.LOSS_SPIKE: "loss spike",
     AnomalyKind.LOSS_NONFINITE: "non-finite loss",
+    AnomalyKind.NONFINITE_ORIGIN: "where NaN/Inf gradients started (first in backward order)",
+    AnomalyKind.SPIKE_ORIGIN: "where a gradient spike started (first in backward order)",
+    AnomalyKind.FORWARD_NONFINITE: "first module output to go NaN/Inf in forward",
+    AnomalyKind.UPDATE_RATIO_LOW: "update/weight ratio collapsed (layer frozen?)",
+    AnomalyKind.UPDATE_RATIO_HIGH: "update/weight ratio above its ceiling",
     AnomalyKind.RANK_NONFINITE: "NaN/Inf in this rank's local gradients, before DDP's all-reduce",
     AnomalyKind.RANK_OUTLIER: "this rank's local gradient norm far off the other ranks'",
     AnomalyKind.REPLICA_DIVERGENCE: "this rank's parameters differ from the other replicas'",
@@ -135,6 +146,10 @@ class StepRecord:
         clip_factor: the factor gradients were scaled by (1.0 when not clipped).
         skipped: whether the optimizer step was skipped.
         events: anomalies detected at this step.
+        update_norms: with ``update_ratio_every=N``, on the steps measured: per parameter
+            ``||w_after - w_before||`` across the optimizer step (``None`` where not measured);
+            None on other steps.
+        weight_norms: likewise ``||w_after||``; :meth:`update_ratios` divides the two.
     """
 
     step: int
@@ -147,6 +162,26 @@ class StepRecord:
     clip_factor: float = 1.0
     skipped: bool = False
     events: list[AnomalyEvent] = field(default_factory=list)
+    update_norms: list[float | None] | None = None
+    weight_norms: list[float | None] | None = None
+
+    def update_ratios(self) -> list[float | None] | None:
+        """Per parameter ``||dw|| / ||w||`` of the optimizer's update (None where not measured).
+
+        An unchanged parameter has ratio 0 (even at ``||w|| == 0``); a zero weight that moved has ``inf``.
+        """
+        if self.update_norms is None or self.weight_norms is None:
+            return None
+        return [update_ratio(u, w) for u, w in zip(self.update_norms, self.weight_norms, strict=True)]
+
+
+def update_ratio(update: float | None, weight: float | None) -> float | None:
+    """``update / weight`` with the conventions of :meth:`StepRecord.update_ratios` (0 for no update)."""
+    if update is None or weight is None:
+        return None
+    if update == 0:
+        return 0.0
+    return update / weight if weight != 0 else float("inf")
 
 
 class GradientAnomalyError(RuntimeError):

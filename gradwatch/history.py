@@ -28,6 +28,11 @@ Schema (version 2). One JSON object per line, told apart by ``"type"``:
          "events": [{"step": 12, "kind": "spike", "param": "fc.weight", "value": 9.1,
                      "threshold": 6.0, "action": "clip"}]}
 
+    With ``GradWatch(update_ratio_every=N)``, the measured steps also carry ``update_norms`` and
+    ``weight_norms`` (per header name, ``||w_after - w_before||`` of the previous optimizer step and
+    ``||w_after||``; see :meth:`StepRecord.update_ratios`); optional, so files without them (and
+    readers that do not know them) are unaffected.
+
     ``loss`` is null when no loss was observed. ``norms``, ``max_abs`` and ``nonfinite`` have one
     entry per header name when ``per_param`` is ``"all"`` (``null`` for a parameter that had no
     gradient on that step); with ``"none"`` they are omitted. ``events`` uses
@@ -340,6 +345,12 @@ class HistoryWriter:
             if columns is not None:
                 norms, max_abs, nonfinite = (_spread(v, columns, len(self._index)) for v in (norms, max_abs, nonfinite))
             line.update(norms=norms, max_abs=max_abs, nonfinite=nonfinite)
+            if record.update_norms is not None and record.weight_norms is not None:
+                update = [encode_float(x) for x in record.update_norms]
+                weight = [encode_float(x) for x in record.weight_norms]
+                if columns is not None:
+                    update, weight = (_spread(v, columns, len(self._index)) for v in (update, weight))
+                line.update(update_norms=update, weight_norms=weight)
         line["events"] = [_encode_event(e) for e in record.events]
         lines = [self._header(), line] if self._header_due else [line]
         if self._write(lines):

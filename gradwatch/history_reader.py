@@ -311,6 +311,10 @@ class HistoryReader:
         events = obj.get("events", [])
         if not isinstance(events, list):
             raise _BadLine(f"events must be a list; got {_show(events)}")
+        update = weight = None
+        if lists and names is not None and "update_norms" in obj:  # optional (update_ratio_every=N)
+            update = _numbers(obj["update_norms"], "update_norms", len(names), True)
+            weight = _numbers(obj.get("weight_norms"), "weight_norms", len(names), True)
         return StepRecord(
             step=step,
             names=names if lists else (names or []),
@@ -322,6 +326,8 @@ class HistoryReader:
             clip_factor=clip,
             skipped=skipped,
             events=[_event(e) for e in events],
+            update_norms=update,
+            weight_norms=weight,
         )
 
     def _summary(self, obj: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._buffers import BufferGuard
 from ._check import CheckPipeline
+from ._diagnostics import Diagnostics
 from ._in_backward import InBackwardStats
 from ._publish import Publisher, SinkError
 from ._records import RecordQueue, StepLoss
@@ -136,6 +137,23 @@ class GradWatch:
             dict of :func:`gradwatch.baseline.calibrate`): every adaptive rule is armed from the
             first check, parameters matched by name (see :meth:`~gradwatch.detect.Detector.load_baseline`).
         baseline_ignore_extra: accept baseline parameters this monitor does not watch.
+        origin: learn the order in which autograd finishes the watched gradients (hooks during one
+            backward pass now and then: the first, whenever the set of gradients changes, every
+            500 checks) and add to each step with a non-finite (spiking) gradient one
+            ``nonfinite_origin`` (``spike_origin``) event naming the first such parameter in backward
+            order: where the NaN (spike) started (see :mod:`gradwatch.origin`). Default True.
+        forward_check: also name the first module, in forward order, whose output went
+            non-finite (``forward_nonfinite`` event): a reduction per module call, no sync (see
+            :mod:`gradwatch.forward_check`). Default False.
+        update_ratio_every: every N-th step (a multiple of ``every``), record per parameter the
+            norms of the optimizer's update and of the weights (``StepRecord.update_norms``,
+            ``weight_norms``; the record of step t carries step t-1's update) and flag
+            ``update_ratio_low`` / ``update_ratio_high``; keeps a copy of the watched parameters (see
+            :mod:`gradwatch.update_ratio`). Needs an optimizer. Default None (off).
+        update_ratio_floor: a ratio ``||dw|| / ||w||`` at or below it while the gradient is nonzero is
+            ``update_ratio_low`` (frozen by accident). Default 1e-8.
+        update_ratio_ceiling: a ratio above it (after the detector's warm-up) is ``update_ratio_high``.
+            Default 0.25.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -184,6 +202,11 @@ class GradWatch:
         baseline: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         baseline_ignore_extra: bool = False,
         guard: bool = False,
+        origin: bool = True,
+        forward_check: bool = False,
+        update_ratio_every: int | None = None,
+        update_ratio_floor: float = 1e-8,
+        update_ratio_ceiling: float = 0.25,
         **detector_options: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -220,6 +243,19 @@ class GradWatch:
             device = self._params[0].device
             self.detector.load_baseline(baseline, self.param_names, ignore_extra=baseline_ignore_extra, device=device)
         self.step = 0
+        self._diagnostics = Diagnostics(
+            model,
+            self._params,
+            optimizer,
+            every=every,
+            warmup=self.detector.config.warmup,
+            origin=origin,
+            forward_check=forward_check,
+            update_ratio_every=update_ratio_every,
+            update_ratio_floor=update_ratio_floor,
+            update_ratio_ceiling=update_ratio_ceiling,
+            has_dtensor=any(is_dtensor(p) for p in self._params),
+        )
         self.step_control = StepControl(optimizer)
         self._records = RecordQueue(self.detector.config)
         self._handles: list[RemovableHandle] = []
@@ -241,6 +277,7 @@ class GradWatch:
             runs_sinks=self._runs_sinks,
             max_events=max_events,
             on_record=self._on_record,
+            diagnostics=self._diagnostics,
         )
         for fn in sinks:
             self.add_sink(fn)
@@ -281,6 +318,7 @@ class GradWatch:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self._in_backward is not None:
             self._handles.extend(self._in_backward.register())
+        self._handles.extend(self._diagnostics.register())
         if self.optimizer is not None and self.policy.can_skip:
             self._handles.append(self._buffer_guard.register())
         return list(self._handles)
@@ -564,9 +602,12 @@ class GradWatch:
         self.step += 1
         sampled = step % self.every == 0
         if not sampled and not self.guard:
+            self._diagnostics.end_check(step, None)
             return
         self._in_check = step
+        skipped = None
         try:
+            self._diagnostics.start_check(step)  # before a rollback or a clip can touch the parameters
             # Under torch.distributed every rank takes the previous step's record (and so its
             # host-side remedies: rollback, LR backoff) at this same check: ranks never disagree
             # on when a learning rate changed or a snapshot was restored.
@@ -583,6 +624,7 @@ class GradWatch:
             result = self._stages.run(step, sampled=sampled, loss=loss, scaler_skipped=scaler_skipped)
             if result is None:
                 return
+            skipped = (result.skip, result.scaler_flag)  # or-ed only where an update snapshot needs it
             if self.optimizer is None and sampled:
                 self._last_checked = step
             if result.skip_path == "host":
@@ -591,6 +633,7 @@ class GradWatch:
         finally:
             self._in_check = None
             self._buffer_guard.forget()  # settled above, or the check ended early: never carried over
+        self._diagnostics.end_check(step, skipped)  # not reached when the check raised
 
     # ----------------------------------------------------------------------------- records
 

@@ -35,6 +35,11 @@ _KIND_COLORS = {
     AnomalyKind.VANISHING: "#17becf",
     AnomalyKind.LOSS_SPIKE: "#bcbd22",
     AnomalyKind.LOSS_NONFINITE: "#7f0000",
+    AnomalyKind.NONFINITE_ORIGIN: "#ffd700",
+    AnomalyKind.SPIKE_ORIGIN: "#00c000",
+    AnomalyKind.FORWARD_NONFINITE: "#ff8c00",
+    AnomalyKind.UPDATE_RATIO_LOW: "#1f3fbf",
+    AnomalyKind.UPDATE_RATIO_HIGH: "#ff1493",
 }
 _BAD = "#d62728"
 
@@ -213,15 +218,56 @@ def _draw_heatmap(fig: Any, plt: Any, grid: Any, ax_norm: Any, data: PlotData, x
     fig.colorbar(image, cax=fig.add_subplot(grid[2, 1])).set_label("log10 norm", fontsize=8)
 
 
+def _draw_ratio_map(fig: Any, plt: Any, grid: Any, row: int, ax_norm: Any, data: PlotData) -> None:
+    """Layers x steps: log10 of the update/weight ratio (white: not measured yet, black: exactly 0, frozen)."""
+    ratio = data.ratio_map()
+    assert ratio is not None
+    labels = data.labels
+    x0, x1 = data.extent()
+    extent = (x0, x1, len(labels) - 0.5, -0.5)
+    ax = fig.add_subplot(grid[row, 0], sharex=ax_norm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.log10(ratio)
+    frozen = ratio == 0
+    log_ratio[~np.isfinite(log_ratio)] = np.nan
+    cmap = plt.get_cmap("RdYlBu_r").with_extremes(bad="#ffffff")
+    # centred on the 1e-3 rule of thumb, two decades either side
+    image = ax.imshow(
+        np.ma.masked_invalid(log_ratio),
+        aspect="auto",
+        cmap=cmap,
+        interpolation="nearest",
+        extent=extent,
+        vmin=-5,
+        vmax=-1,
+    )
+    if frozen.any():
+        overlay = np.zeros((*frozen.shape, 4))
+        overlay[frozen] = (0.0, 0.0, 0.0, 1.0)
+        ax.imshow(overlay, aspect="auto", interpolation="nearest", extent=extent)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=6 if len(labels) > 24 else 8)
+    ax.set_xlabel("step" if data.bin_size == 1 else f"step (columns of {data.bin_size} steps, largest shown)")
+    ax.set_title(
+        "update/weight ratio |dw|/|w| per layer, log10 (black: 0, frozen; white: not measured yet; "
+        "1e-3 is the rule of thumb)",
+        fontsize=9,
+        loc="left",
+    )
+    fig.colorbar(image, cax=fig.add_subplot(grid[row, 1])).set_label("log10 ratio", fontsize=8)
+
+
 def draw_report(data: PlotData, summary: dict[str, Any], path: str | os.PathLike[str], *, title: str) -> Path:
     """Draw gathered :class:`PlotData` to a PNG (``summary`` is the history's summary lines, for the baseline)."""
     plt = _require_matplotlib()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     has_heat = data.heatmap() is not None
-    heat_height = max(2.5, 0.13 * len(data.labels) + 0.8) if has_heat else 0.0
-    fig = plt.figure(figsize=(12, 5.2 + heat_height), constrained_layout=True)
-    ratios = [1.0, 1.0] + ([heat_height / 2.6] if has_heat else [])
+    has_ratio = data.ratio_map() is not None
+    heat_height = max(2.5, 0.13 * len(data.labels) + 0.8) if has_heat or has_ratio else 0.0
+    panels = int(has_heat) + int(has_ratio)
+    fig = plt.figure(figsize=(12, 5.2 + heat_height * panels), constrained_layout=True)
+    ratios = [1.0, 1.0] + [heat_height / 2.6] * panels
     grid = fig.add_gridspec(len(ratios), 2, height_ratios=ratios, width_ratios=[1, 0.018])
     ax_norm = fig.add_subplot(grid[0, 0])
     ax_loss = fig.add_subplot(grid[1, 0], sharex=ax_norm)
@@ -240,7 +286,10 @@ def draw_report(data: PlotData, summary: dict[str, Any], path: str | os.PathLike
     if has_heat:
         plt.setp(ax_loss.get_xticklabels(), visible=False)
         _draw_heatmap(fig, plt, grid, ax_norm, data, x, bins)
-    else:
+    if has_ratio:
+        plt.setp(ax_loss.get_xticklabels(), visible=False)
+        _draw_ratio_map(fig, plt, grid, 2 + int(has_heat), ax_norm, data)
+    if not has_heat and not has_ratio:
         ax_loss.set_xlabel("step")
     ax_norm.set_xlim(*data.extent())
     fig.savefig(path, dpi=110)

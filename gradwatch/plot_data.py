@@ -18,6 +18,8 @@ from .layers import layer_of, layer_rows, prefixes
 __all__ = ["PlotData", "Bin", "LOSS_KINDS"]
 
 LOSS_KINDS = (AnomalyKind.LOSS_SPIKE, AnomalyKind.LOSS_NONFINITE)  # marked on the loss curve
+# per-layer learning-rate facts: drawn by the ratio map (black: frozen, red: high), not as step markers
+RATIO_KINDS = (AnomalyKind.UPDATE_RATIO_LOW, AnomalyKind.UPDATE_RATIO_HIGH)
 _KEEP_RESTARTS = 50
 _BATCH = 256  # records whose norms are folded into the heatmap in one vectorized step
 
@@ -36,6 +38,7 @@ class Bin:
     rings: set[tuple[str, AnomalyKind]] = field(default_factory=set)  # (layer, kind)
     heat: np.ndarray | None = None  # per layer: max over the bin's steps of the summed squared norms
     heat_bad: np.ndarray | None = None  # per layer: a NaN/Inf seen
+    ratio: np.ndarray | None = None  # per layer: the largest update/weight ratio measured in the bin (NaN: none)
 
     def merge(self, other: Bin) -> None:
         """Fold a neighbouring bin into this one (when bins get twice as wide)."""
@@ -48,12 +51,37 @@ class Bin:
         for kind, y in other.marks.items():
             self.marks[kind] = _higher(self.marks.get(kind, -math.inf), y) if kind in self.marks else y
         self.rings |= other.rings
+        if other.ratio is not None:
+            self.ratio = other.ratio if self.ratio is None else _fmax_rows(self.ratio, other.ratio)
         if other.heat is not None:
             if self.heat is None:
                 self.heat, self.heat_bad = other.heat, other.heat_bad
             else:
                 self.heat = np.fmax(self.heat, other.heat)
                 self.heat_bad = self.heat_bad | other.heat_bad  # type: ignore[operator]
+
+
+def _fmax_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row max of two ratio columns (a column gathered under an older, finer grouping is dropped)."""
+    return np.fmax(a, b) if len(a) == len(b) else b
+
+
+def layer_ratios(update: np.ndarray, weight: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
+    """Per layer ``||dw|| / ||w||`` from per-parameter norms: squares summed over each layer's parameters.
+
+    NaN where no parameter of the layer was measured; 0 where nothing moved; the convention of
+    :func:`gradwatch.events.update_ratio` otherwise.
+    """
+    measured = ~np.isnan(update) & ~np.isnan(weight)
+    u2 = np.zeros(width)
+    w2 = np.zeros(width)
+    has = np.zeros(width, dtype=bool)
+    np.add.at(u2, rows[measured], update[measured] ** 2)
+    np.add.at(w2, rows[measured], weight[measured] ** 2)
+    has[rows[measured]] = True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(u2 == 0, 0.0, np.sqrt(u2) / np.sqrt(w2))
+    return np.where(has, ratio, np.nan)
 
 
 def _higher(a: float | None, b: float | None) -> float | None:
@@ -84,6 +112,7 @@ class PlotData:
         self.steps = 0
         self.restarts: list[int] = []  # step numbers at which the count went backwards
         self.loss_observed = False
+        self.ratios_seen = False  # some record carried update norms (update_ratio_every=N)
         self._names: list[str] = []  # every parameter seen, in first-seen order
         self._known: set[str] = set()
         self._row_of: dict[str, int] = {}
@@ -165,6 +194,8 @@ class PlotData:
                 b.loss_bad = True
         b.skipped |= r.skipped
         for e in r.events:
+            if e.kind in RATIO_KINDS:
+                continue
             b.first_kind = b.first_kind or e.kind
             if e.kind in LOSS_KINDS:
                 y = r.loss if r.loss is not None and math.isfinite(r.loss) else None
@@ -175,6 +206,13 @@ class PlotData:
                 b.rings.add((layer_of(e.param), e.kind))
         if r.norms:
             self._queue_norms(r)
+        if r.update_norms is not None and r.weight_norms is not None and r.names:
+            self.ratios_seen = True
+            rows = self._rows_for(r.names)
+            update = np.array(r.update_norms, dtype=np.float64)  # None -> NaN
+            weight = np.array(r.weight_norms, dtype=np.float64)
+            ratio = layer_ratios(update, weight, rows, len(self.labels))
+            b.ratio = ratio if b.ratio is None else _fmax_rows(b.ratio, ratio)
 
     def _queue_norms(self, r: StepRecord) -> None:
         """Queue a record's norms; they are folded into the bins a batch at a time (vectorized)."""
@@ -240,6 +278,24 @@ class PlotData:
         if not self.bins:
             return -0.5, 0.5
         return min(self.bins) * self.bin_size - 0.5, (max(self.bins) + 1) * self.bin_size - 0.5
+
+    def ratio_map(self) -> np.ndarray | None:
+        """Update/weight ratio per (layer, column); None if no record had one.
+
+        A column without a measurement (``update_ratio_every=N`` measures every N-th step) holds the
+        layer's last measured ratio; NaN before the first.
+        """
+        if not self.ratios_seen or not self.labels:
+            return None
+        low, high = min(self.bins), max(self.bins)
+        out = np.full((len(self.labels), high - low + 1), np.nan)
+        for k, b in self.bins.items():
+            if b.ratio is not None and len(b.ratio) == len(self.labels):
+                out[:, k - low] = b.ratio
+        for col in range(1, out.shape[1]):  # hold the last measurement
+            gap = np.isnan(out[:, col])
+            out[gap, col] = out[gap, col - 1]
+        return out
 
     def heatmap(self) -> tuple[np.ndarray, np.ndarray] | None:
         """log10 norm per (layer, column) with NaN where not recorded, and the NaN/Inf mask; None if no norms."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .events import StepRecord
+from .events import AnomalyKind, StepRecord
 from .history_reader import HistoryReader, Restart, RunHistory
 from .layers import layer_of
 
@@ -32,6 +32,12 @@ __all__ = [
 ]
 
 _MAX_PAIRS = 12  # (kind, layer) rows printed by format_summary
+# Events that locate another event rather than report one: shown in the worst-steps table's origin column.
+_LOCATING = {
+    AnomalyKind.NONFINITE_ORIGIN: "backward",
+    AnomalyKind.SPIKE_ORIGIN: "backward",
+    AnomalyKind.FORWARD_NONFINITE: "forward",
+}
 
 
 def badness_of(x: float | None) -> float:
@@ -50,7 +56,12 @@ def fmt(x: float | None, spec: str = ".4g") -> str:
 
 @dataclass
 class WorstStep:
-    """One of the steps with the largest total gradient norm (non-finite ranks first)."""
+    """One of the steps with the largest total gradient norm (non-finite ranks first).
+
+    ``origin`` names where the step's NaN or spike started, from its ``forward_nonfinite``
+    (first, if any: a NaN born in forward makes every gradient NaN), ``nonfinite_origin`` or
+    ``spike_origin`` event; ``kinds`` lists the other kinds.
+    """
 
     step: int
     total_norm: float
@@ -59,6 +70,7 @@ class WorstStep:
     top_norm: float | None
     kinds: list[str]
     action: str
+    origin: str | None = None  # where it started: "param (backward)" / "module (forward)"
 
 
 @dataclass
@@ -208,8 +220,9 @@ class SummaryBuilder:
                     loss=r.loss,
                     top_param=top_param,
                     top_norm=top_norm,
-                    kinds=sorted({e.kind.value for e in r.events}),
+                    kinds=sorted({e.kind.value for e in r.events if e.kind not in _LOCATING}),
                     action=",".join(actions) or "-",
+                    origin=_origin_of(r),
                 )
             )
         return worst
@@ -244,6 +257,19 @@ class SummaryBuilder:
             first_step_of=self.first_step_of,
             by_rank=self.by_rank,
         )
+
+
+def _origin_of(r: StepRecord) -> str | None:
+    """Where a step's anomaly started, from its locating events (forward first, then backward)."""
+    located = {e.kind: e.param for e in r.events if e.kind in _LOCATING and e.param is not None}
+    for kind in (AnomalyKind.FORWARD_NONFINITE, AnomalyKind.NONFINITE_ORIGIN, AnomalyKind.SPIKE_ORIGIN):
+        if kind in located:
+            return f"{located[kind]} ({_LOCATING[kind]})"
+    for kind in (AnomalyKind.NONFINITE, AnomalyKind.SPIKE):  # one flagged parameter is its own origin
+        params = {e.param for e in r.events if e.kind is kind and e.param is not None}
+        if len(params) == 1:
+            return f"{params.pop()} (backward)"
+    return None
 
 
 def records_of(source: HistoryReader | RunHistory) -> Iterable[StepRecord]:
@@ -349,11 +375,17 @@ def format_summary(summary: RunSummary) -> str:
     if summary.worst:
         lines.append("")
         lines.append("  worst steps (by total norm):")
-        lines.append(f"    {'step':>6}  {'total norm':>11}  {'loss':>10}  {'kinds':<24} {'action':<10} largest")
+        with_origin = any(w.origin for w in summary.worst)
+        width = max([len("origin (started in)"), *(len(w.origin or "-") for w in summary.worst)]) if with_origin else 0
+        origin_head = f"{'origin (started in)':<{width}} " if with_origin else ""
+        lines.append(
+            f"    {'step':>6}  {'total norm':>11}  {'loss':>10}  {'kinds':<24} {'action':<10} {origin_head}largest"
+        )
         for w in summary.worst:
             largest = f"{w.top_param} ({fmt(w.top_norm)})" if w.top_param else "-"
+            origin = f"{w.origin or '-':<{width}} " if with_origin else ""
             lines.append(
                 f"    {w.step:>6}  {fmt(w.total_norm):>11}  {fmt(w.loss):>10}  {','.join(w.kinds) or '-':<24} "
-                f"{w.action:<10} {largest}"
+                f"{w.action:<10} {origin}{largest}"
             )
     return "\n".join(lines)
