@@ -101,7 +101,11 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def make_extension():
     with_cuda = _choose_cuda()
-    sources = [str(CSRC / "gradwatch.cpp"), str(CSRC / "cpu" / "grad_stats_cpu.cpp")]
+    sources = [
+        str(CSRC / "gradwatch.cpp"),
+        str(CSRC / "cpu" / "grad_stats_cpu.cpp"),
+        str(CSRC / "cpu" / "grad_check_cpu.cpp"),
+    ]
     cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"] + [f"-DGRADWATCH_HAVE_{c}" for c in CPU_CAPABILITIES]
     # at::parallel_for is header code around `#pragma omp parallel`: without -fopenmp in this
     # extension it silently runs on one thread. torch's OpenMP builds share the same libgomp.
@@ -111,7 +115,7 @@ def make_extension():
         link.append("-fopenmp")
     extra = {"cxx": cxx}
     if with_cuda:
-        sources.append(str(CSRC / "cuda" / "grad_stats_cuda.cu"))
+        sources += [str(CSRC / "cuda" / "grad_stats_cuda.cu"), str(CSRC / "cuda" / "grad_check_cuda.cu")]
         # --threads 0: the per-arch device compiles (5 cubins + PTX) run in parallel on the free cores.
         extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--threads", "0"]
         return cpp_extension.CUDAExtension("gradwatch._C", sources, extra_compile_args=extra, extra_link_args=link)

@@ -2,7 +2,7 @@
 # One prepared run for a lent GPU machine (offline, no pip; its python3 holds torch, torchvision,
 # pytest, ninja): build the extension for the visible GPU, run every CUDA test, then the op and
 # overhead benchmarks. Everything lands in $OUT; summary.txt says what passed. Each stage has its own
-# timeout and the stages sum to under 8 minutes, inside the device tool's 10-minute limit:
+# timeout and the stages sum to under 9 minutes, inside the device tool's 10-minute limit:
 #     run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
 # A stage that fails or times out is reported and the next one still runs.
 set -uo pipefail
@@ -37,6 +37,10 @@ FREE_GB=$($PY -c "import torch; print(torch.cuda.mem_get_info()[0] // 2**30)")
 timeout 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_ops.py tests/test_scale.py \
   tests/test_build.py tests/test_log2_hist.py > "$OUT/tests_kernels.log" 2>&1
 stage "kernel tests" $? "$(tail -1 "$OUT/tests_kernels.log")"
+# The fused check (issue 14): the CUDA kernel against the Python oracle, a captured training step.
+timeout 45 $PY -m pytest -q -p no:cacheprovider -rs tests/test_fused_check_cuda.py \
+  > "$OUT/tests_fused.log" 2>&1
+stage "fused check tests" $? "$(tail -1 "$OUT/tests_fused.log")"
 timeout 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_monitor.py tests/test_in_backward.py tests/test_policies.py \
   > "$OUT/tests_monitor.log" 2>&1
 stage "monitor tests" $? "$(tail -1 "$OUT/tests_monitor.log")"

@@ -21,6 +21,14 @@ TORCH_LIBRARY(gradwatch, m) {
   m.def("grad_stats(Tensor[] tensors) -> Tensor");
   m.def("grad_stats_hist(Tensor[] tensors) -> (Tensor, Tensor)");
   m.def("scale_(Tensor(a!)[] tensors, Tensor factors) -> ()");
+  // grad_check runs the whole check of one step on packed statistics (grad_stats' output): the
+  // detector's running state (fstate float64, istate int64, updated in place), every flag kind and
+  // the built-in policies' decision, in one call (math: check.h; config and state layout:
+  // gradwatch/fused_check.py). Returns (record float64 [L]: the monitor's record payload,
+  // factors float64 [n]: what scale_ multiplies each gradient by, skip bool []).
+  m.def(
+      "grad_check(Tensor packed, Tensor(a!) fstate, Tensor(b!) istate, float[] config, Tensor? index=None, "
+      "Tensor? ignore=None, Tensor? loss=None, Tensor? loss_flags=None) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .history import HistoryWriter, RunHistory, read_history
     from .monitor import GradWatch, SinkError
     from .policies import AdaptiveClip, Clip, LRBackoff, Policy, PolicySet, Raise, Rollback, Skip, Warn, Zero
+    from .rank_attribution import RankAttribution, attribute_ranks
 
 __all__ = [
     "GradStats",
@@ -59,6 +60,8 @@ __all__ = [
     "HistoryWriter",
     "RunHistory",
     "read_history",
+    "RankAttribution",
+    "attribute_ranks",
 ]
 
 # Where each public name lives (a test checks that this covers __all__ exactly).
@@ -72,6 +75,7 @@ _MODULE_OF = {
     **dict.fromkeys(["Policy", "PolicySet", "Warn", "Clip", "AdaptiveClip", "Zero", "Skip", "Raise", "LRBackoff",
                      "Rollback"], ".policies"),
     **dict.fromkeys(["HistoryWriter", "RunHistory", "read_history"], ".history"),
+    **dict.fromkeys(["RankAttribution", "attribute_ranks"], ".rank_attribution"),
 }  # fmt: skip
 
 __version__ = "0.1.0"

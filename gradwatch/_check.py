@@ -15,6 +15,12 @@ Every stage runs on the device; nothing is read back on the host::
     act      scale_(grads, factors); the skip flag to the optimizer (StepControl)
     record   everything packed into one vector -> non-blocking copy to pinned memory (_records.py)
 
+With built-in policies only, detect, decide and the record's encoding are one compiled op,
+``grad_check`` (:class:`~gradwatch.fused_check.FusedCheck`, math in ``csrc/check.h``): a check on the
+CPU is 6-7 dispatched ops whatever the number of parameters. User-written policies,
+``torch.distributed``, a forced skip and the guard steps of ``every=N`` run the stages above in
+Python, the readable oracle the op is tested against.
+
 The host side (draining records into events, policy host actions, sinks) is
 :class:`~gradwatch._publish.Publisher`; the hooks, the step count and the public API are
 :class:`~gradwatch.GradWatch`'s. A stage that changes (a fused check op replacing measure, detect
@@ -35,6 +41,8 @@ from ._selection import present_gradients
 from ._stepping import SkipPath
 from .detect import NUM_KINDS, Detection, nonfinite_detection
 from .distributed import ShardedStats, agree_decision, is_distributed, is_dtensor, local_gradient
+from .fused_check import FusedCheck, FusedResult, supports
+from .fused_check import native as native_check
 
 if TYPE_CHECKING:
     from .monitor import GradWatch
@@ -86,6 +94,8 @@ class CheckPipeline:
         self._sharded: dict[tuple[int, ...], ShardedStats] = {}
         self._index_cache = IndexCache(limit=64)
         self._sparse_now = False
+        # the built-in policies run in the same op as the detector (one op per check, fused_check.py)
+        self.fused = FusedCheck(self.detector, self.policy) if supports(self.policy) else None
 
     def run(self, step: int, *, sampled: bool, loss: StepLoss | None, scaler_skipped: bool) -> CheckResult | None:
         """Runs every stage for ``step``; None when no watched parameter has a gradient.
@@ -113,17 +123,28 @@ class CheckPipeline:
         if scaler_skipped:
             scaler_flag = torch.ones_like(scaler_flag)
         packed = self.reduce(packed, index)
-        detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
         names = [self.param_names[i] for i in index]
-        ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
-        decision = self.decide(ctx, len(grads), sampled)
-        seen_by = self.agree(decision, detection, loss_flags)
+        # detect, decide and the record's encoding: one op with built-in policies, else in Python
+        fused = (
+            self.check_fused(index, packed, scaler_flag, loss) if sampled and self.fused_now(packed.device) else None
+        )
+        if fused is None:
+            detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
+            ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
+            decision = self.decide(ctx, len(grads), sampled)
+            seen_by = self.agree(decision, detection, loss_flags)
+            factors, skip = decision.factors, decision.skip
+        else:
+            factors, skip = fused.factors, fused.skip
         skip_path = self.step_control.skip_path(self.policy.can_skip)
-        self.act(grads, decision, skip_path == "fused")
-        self.buffer_guard.settle(decision.skip if skip_path is not None else None)
+        self.act(grads, factors, skip, skip_path == "fused")
+        self.buffer_guard.settle(skip if skip_path is not None else None)
         self.diagnostics.before_record(step, index)  # their host copies land before the record's
-        self.record(ctx, names, decision, seen_by, loss, sampled, hist)
-        return CheckResult(skip_path, decision.skip, scaler_flag)
+        if fused is None:
+            self.record(ctx, names, decision, seen_by, loss, sampled, hist)
+        else:
+            self.record_fused(step, names, fused, loss, hist)
+        return CheckResult(skip_path, skip, scaler_flag)
 
     def collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 'collect': the watched gradients that exist this step (see ``present_gradients``)."""
@@ -203,13 +224,46 @@ class CheckPipeline:
             return None
         return agree_decision(decision, detection.global_flags, detection.param_flags, loss_flags, self.process_group)
 
-    def act(self, grads: list[torch.Tensor], decision: Decision, fused_skip: bool) -> None:
+    def act(self, grads: list[torch.Tensor], factors: torch.Tensor, skip: torch.Tensor, fused_skip: bool) -> None:
         """Stage 'act': scale gradients (one fused pass), and write the skip flag where fused."""
         if self.policy.scales:
             # validated once at construction; the factors live on the gradients' device
-            (scale_unchecked if self.one_device else scale_)(grads, decision.factors)
+            (scale_unchecked if self.one_device else scale_)(grads, factors)
         if fused_skip:
-            self.step_control.skip_fused(decision.skip)
+            self.step_control.skip_fused(skip)
+
+    def fused_now(self, device: torch.device) -> bool:
+        """Whether this check runs as one ``grad_check`` op (built-in policies, a compiled kernel, one process)."""
+        if self.fused is None or self.distributed or self.force_skip or not native_check(device):
+            return False
+        return self.fused.refresh()  # a policy changed into one the op does not run: Python path
+
+    def check_fused(
+        self, index: list[int], packed: torch.Tensor, scaler_flag: torch.Tensor, loss: StepLoss | None
+    ) -> FusedResult:
+        """Stages detect, decide and the record's encoding as one ``grad_check`` op (nothing to agree: one process)."""
+        device = packed.device
+        observed = (None, None) if loss is None else (loss.mean.to(device), loss.flags.to(device))
+        return self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
+
+    def record_fused(
+        self,
+        step: int,
+        names: list[str],
+        fused: FusedResult,
+        loss: StepLoss | None,
+        log2_hist: torch.Tensor | None = None,
+    ) -> None:
+        """Stage 'record' of a fused check: the op's record payload, copied to the host without a sync.
+
+        ``log2_hist`` (histogram steps) is appended, as :func:`~gradwatch._records.encode_record` does.
+        """
+        payload = fused.record
+        if log2_hist is not None:
+            payload = torch.cat([payload, log2_hist.to(device=payload.device, dtype=payload.dtype).reshape(-1)])
+        self.records.put_record(step, names, payload, self.fused.extras_layout)
+        if loss is not None:
+            self.records.put_loss(step, loss)
 
     def record(
         self,

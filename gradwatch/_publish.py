@@ -63,6 +63,9 @@ class Publisher:
             each record (see :mod:`gradwatch._diagnostics`); None: nothing added.
 
     Attributes:
+        host_events: where host-side kinds of events come from (rank attribution's
+            ``events_until(step)``: every pending step's events up to ``step``), or None. A step's
+            events join its record; those of a step whose record never came are published alone.
         events: the events published so far, the newest ``max_events``.
         events_dropped: how many older events were dropped from :attr:`events`.
         sink_errors: the sinks' failures (:class:`SinkError`, the first 1000).
@@ -89,6 +92,7 @@ class Publisher:
         self._runs_sinks = runs_sinks
         self.max_events = max_events
         self._on_record = on_record
+        self.host_events: Callable[[float], list[AnomalyEvent]] | None = None
         self.diagnostics = diagnostics
         self.events: list[AnomalyEvent] = []
         self.events_dropped = 0
@@ -111,9 +115,23 @@ class Publisher:
 
     def loss(self, packet: LossPacket) -> None:
         """A loss packet whose step record was already drained: its events stand alone."""
-        outcome = Outcome(step=packet.step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
+        self._alone(packet.step, packet.events)
+
+    def _alone(self, step: int, events: list[AnomalyEvent]) -> None:
+        """Events without a record of their step: labelled with a neutral outcome, logged and kept."""
+        outcome = Outcome(step=step, skipped=False, raised=False, clip_factor=1.0, total_norm=math.nan)
         outcomes = self.policy.outcomes(outcome)
-        self.publish_events([self.policy.label(e, outcomes) for e in packet.events])
+        self.publish_events([self.policy.label(e, outcomes) for e in events])
+
+    def host_events_until(self, step: float, *, keep: int | None = None) -> list[AnomalyEvent]:
+        """Takes :attr:`host_events` up to ``step``: returns those of step ``keep``, publishes the others alone."""
+        if self.host_events is None:
+            return []
+        events = self.host_events(step)
+        for e in events:
+            if e.step != keep:
+                self._alone(e.step, [e])
+        return [e for e in events if e.step == keep]
 
     def publish_events(self, events: list[AnomalyEvent], level: int | None = None) -> None:
         """Logs and keeps ``events``: anomalies acted on at WARNING, others at INFO, or at ``level``."""
@@ -151,9 +169,10 @@ class Publisher:
             for kind, r in rec.seen_by.items()
             if kind not in local_kinds
         ]
+        hosted = self.host_events_until(rec.step, keep=rec.step)  # copied before the record: landed too
         extras = self.diagnostics.record_extras(rec, self._position, self._names) if self.diagnostics else None
         located = extras.events if extras is not None else []  # origins, forward check, update ratios
-        anomalies, routine = self.policy.split_events(rec.events + remote + located, outcomes)
+        anomalies, routine = self.policy.split_events(rec.events + remote + located + hosted, outcomes)
         anomalies = inherit_actions(anomalies)
         events = anomalies + routine
         names, norms, max_abs, nonfinite = self._all_params(rec)

@@ -26,6 +26,11 @@ from typing import Any
 
 import torch
 
+try:  # decoding reads host memory through numpy where it is installed (torch does not require it)
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None
+
 from ._flags import PARAM_EVENT_KINDS, STEP_EVENT_KINDS, loss_event_value, param_event_value, step_event_value
 from ._layout import Stat
 from ._reference import LOG2_HIST_BINS
@@ -175,7 +180,21 @@ def decode_record(
     """The inverse of :func:`encode_record`, with the flags turned into events."""
     sizes = [0 if cls is None else len(fields(cls)) for cls in extras_layout]
     pos = _HEAD + 2 * NUM_KINDS + sum(sizes)
-    v = host[:pos].tolist()
+    n = len(names)
+    end = pos + n * (_COLUMNS + NUM_KINDS)  # histogram steps: log2 counts [n, LOG2_HIST_BINS] follow
+    log2_hist = host[end:].view(n, LOG2_HIST_BINS).long() if host.numel() > end else None
+    if _np is not None:  # host memory read through numpy: no torch op dispatched per slice
+        values = host.numpy()
+        v = values[:pos].tolist()
+        per_np = values[pos:end].reshape(n, _COLUMNS + NUM_KINDS)
+        cols = per_np[:, :_COLUMNS].T.tolist()
+        flagged = _np.argwhere(per_np[:, _COLUMNS:]).tolist()  # [row, kind column] pairs, row-major
+    else:
+        v = host[:pos].tolist()
+        # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
+        per = host[pos:end].view(n, _COLUMNS + NUM_KINDS)
+        cols = per[:, :_COLUMNS].t().tolist()
+        flagged = per[:, _COLUMNS:].nonzero().tolist()
     head, gflags = v[:_HEAD], v[_HEAD : _HEAD + NUM_KINDS]
     seen = v[_HEAD + NUM_KINDS : _HEAD + 2 * NUM_KINDS]
     seen_by = {kind: int(seen[KIND_INDEX[kind]]) - 1 for kind in KINDS if seen[KIND_INDEX[kind]] > 0}
@@ -184,13 +203,6 @@ def decode_record(
     for cls, size in zip(extras_layout, sizes, strict=True):
         extras.append(None if cls is None else cls(*v[cut : cut + size]))
         cut += size
-    n = len(names)
-    # Column-wise decoding, and only flagged cells visited: thousands of parameters stay cheap.
-    end = pos + n * (_COLUMNS + NUM_KINDS)
-    per = host[pos:end].view(n, _COLUMNS + NUM_KINDS)
-    log2_hist = host[end:].view(n, LOG2_HIST_BINS).long() if host.numel() > end else None
-    cols = per[:, :_COLUMNS].t().tolist()
-    flagged = per[:, _COLUMNS:].nonzero().tolist()  # [row, kind column] pairs, row-major
     total = head[Head.TOTAL_NORM]
     events: list[AnomalyEvent] = []
     for kind in STEP_EVENT_KINDS:
@@ -326,7 +338,7 @@ class RecordQueue:
 
     def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         if payload.device.type != "cuda":
-            return payload.cpu(), None
+            return (payload if payload.device.type == "cpu" else payload.cpu()), None
         free = self._pinned.setdefault(payload.numel(), [])
         host = free.pop() if free else torch.empty(payload.numel(), dtype=torch.float64, pin_memory=True)
         host.copy_(payload, non_blocking=True)

@@ -97,6 +97,7 @@ class StepControl:
         self.optimizer = optimizer
         self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.shared = None if optimizer is None else SharedStep.of(optimizer)
+        self._false: dict[torch.device, torch.Tensor] = {}
 
     def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The gradients of ``params``, including those another monitor hid for its skip this step."""
@@ -116,7 +117,9 @@ class StepControl:
             scalar that is True when the GradScaler skips this step by itself (``found_inf``).
         """
         device = packed.device
-        scaler_skipped = torch.zeros((), dtype=torch.bool, device=device)
+        scaler_skipped = self._false.get(device)
+        if scaler_skipped is None:  # read-only, made once per device: one op less per check
+            scaler_skipped = self._false[device] = torch.zeros((), dtype=torch.bool, device=device)
         if self.optimizer is None:
             return packed, scaler_skipped
         scale = getattr(self.optimizer, "grad_scale", None)

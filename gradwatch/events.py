@@ -27,6 +27,11 @@ class AnomalyKind(str, enum.Enum):
     FORWARD_NONFINITE = "forward_nonfinite"  # the first module, in forward order, with a NaN/Inf output
     UPDATE_RATIO_LOW = "update_ratio_low"  # |dw|/|w| at or below the floor while the gradient is nonzero
     UPDATE_RATIO_HIGH = "update_ratio_high"  # |dw|/|w| above the ceiling
+    # Raised on the host by rank attribution (gradwatch.rank_attribution), not by the detector: new
+    # members go last and stay out of detect.KINDS, so the flag layout does not change.
+    RANK_NONFINITE = "rank_nonfinite"  # NaN/Inf in some ranks' local gradients before DDP's all-reduce
+    RANK_OUTLIER = "rank_outlier"  # one rank's local gradient norm far outside the other ranks'
+    REPLICA_DIVERGENCE = "replica_divergence"  # a rank's parameters differ from the other replicas'
 
     @property
     def meaning(self) -> str:
@@ -48,6 +53,9 @@ _MEANING = {
     AnomalyKind.FORWARD_NONFINITE: "first module output to go NaN/Inf in forward",
     AnomalyKind.UPDATE_RATIO_LOW: "update/weight ratio collapsed (layer frozen?)",
     AnomalyKind.UPDATE_RATIO_HIGH: "update/weight ratio above its ceiling",
+    AnomalyKind.RANK_NONFINITE: "NaN/Inf in this rank's local gradients, before DDP's all-reduce",
+    AnomalyKind.RANK_OUTLIER: "this rank's local gradient norm far off the other ranks'",
+    AnomalyKind.REPLICA_DIVERGENCE: "this rank's parameters differ from the other replicas'",
 }
 
 
@@ -65,7 +73,10 @@ class AnomalyEvent:
         rank: under ``torch.distributed``, set on an event this rank did not detect itself: the
             lowest rank that did (``param`` None, ``value`` NaN: the details are in that rank's
             events). Every rank holds the same kinds of events per step, so host-side remedies
-            (rollback, learning-rate backoff) act identically everywhere. None otherwise.
+            (rollback, learning-rate backoff) act identically everywhere. Rank attribution's events
+            (``rank_nonfinite``, ``rank_outlier``, ``replica_divergence``) name the rank to blame here.
+            None otherwise.
+        host: the host name of ``rank``, for rank attribution's events; None otherwise.
     """
 
     step: int
@@ -75,21 +86,27 @@ class AnomalyEvent:
     threshold: float | None
     action: str
     rank: int | None = None
+    host: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``kind`` as its string value; ``rank`` only when set)."""
+        """A JSON-ready dict (``kind`` as its string value; ``rank`` and ``host`` only when set)."""
         d = asdict(self)
         d["kind"] = self.kind.value
-        if d["rank"] is None:
-            del d["rank"]
+        for key in ("rank", "host"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @property
     def where(self) -> str:
-        """Where it was seen, for messages: the parameter, ``<rank N>`` or ``<global>``."""
+        """Where it was seen, for messages: the parameter, ``<rank N>`` or ``<global>``.
+
+        With a host (rank attribution), the rank and host follow: ``2.bias <rank 1 on node-07>``.
+        """
+        at = "" if self.host is None else f" on {self.host}"
         if self.param is not None:
-            return self.param
-        return f"<rank {self.rank}>" if self.rank is not None else "<global>"
+            return self.param if self.host is None else f"{self.param} <rank {self.rank}{at}>"
+        return f"<rank {self.rank}{at}>" if self.rank is not None else "<global>"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnomalyEvent:

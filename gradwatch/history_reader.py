@@ -394,6 +394,11 @@ def _event(d: Any) -> AnomalyEvent:
         raise _BadLine(f"event param must be a string or null; got {_show(param)}")
     if not isinstance(action, str):
         raise _BadLine(f"event action must be a string; got {_show(action)}")
+    rank, host = d.get("rank"), d.get("host")  # under torch.distributed: the rank seen on / to blame
+    if rank is not None and type(rank) is not int:
+        raise _BadLine(f"event rank must be an integer or absent; got {_show(rank)}")
+    if host is not None and not isinstance(host, str):
+        raise _BadLine(f"event host must be a string or absent; got {_show(host)}")
     threshold = d.get("threshold")
     return AnomalyEvent(
         step=step,
@@ -402,6 +407,8 @@ def _event(d: Any) -> AnomalyEvent:
         value=decode_float(d.get("value"), "event value"),
         threshold=None if threshold is None else decode_float(threshold, "event threshold"),
         action=action,
+        rank=rank,
+        host=host,
     )
 
 

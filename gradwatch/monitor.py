@@ -281,6 +281,7 @@ class GradWatch:
         self._buffer_guard = BufferGuard(model, self._skippable_step_ahead)
         self._stages = CheckPipeline(self)  # the device stages of every check, sharing the parts above
         self._history = None
+        self._rank_attribution: Any = None  # gradwatch.rank_attribution.RankAttribution, see attribute_ranks
         self._publisher = Publisher(
             self.policy,
             self.param_names,
@@ -372,6 +373,9 @@ class GradWatch:
         self._handles.clear()
         try:
             self.flush()
+            if self._rank_attribution is not None:  # for good: DDP cannot unregister its hook
+                self._rank_attribution.remove()
+                self._rank_attribution = self._publisher.host_events = None
         finally:
             if self._history is not None:
                 self._history.close()
@@ -497,6 +501,14 @@ class GradWatch:
         """Drains every pending record to the host now (waits for the copies); returns None."""
         self._drain(force_before=math.inf)
 
+    def attach_rank_attribution(self, attribution: Any) -> None:
+        """Checks ``attribution`` at every check and publishes its events with the step's record.
+
+        Called by :func:`gradwatch.rank_attribution.attribute_ranks`, which is the way to use it.
+        """
+        self._rank_attribution = attribution
+        self._publisher.host_events = attribution.events_until
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume detection and policies exactly (pending records drained).
 
@@ -613,6 +625,8 @@ class GradWatch:
             # host-side remedies: rollback, LR backoff) at this same check: ranks never disagree
             # on when a learning rate changed or a snapshot was restored.
             self._drain(force_before=step if self._distributed else step - 1)
+            if self._rank_attribution is not None:  # a collective: every rank, every check, before any return
+                self._rank_attribution.check(step)
             if self.optimizer is not None:
                 self._unwatched.check(self.optimizer)
             if sampled:
@@ -639,6 +653,7 @@ class GradWatch:
     def _drain(self, force_before: float) -> None:
         """Publishes the records that reached the host; waits for those older than ``force_before``."""
         self._records.drain(force_before, self._publisher.record, self._publisher.loss)
+        self._publisher.host_events_until(force_before - 1)  # steps whose record never came (quiet guarded steps)
 
     def _on_record(self, record: StepRecord) -> None:
         """Subclass hook, called for every drained record after the sinks."""

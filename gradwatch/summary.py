@@ -102,6 +102,8 @@ class RunSummary:
         restarts: where the step number went backwards (two runs in one file, or a restart).
         restart_count: how many times it did.
         first_step_of: the step of the first event of each kind.
+        by_rank: rank attribution's events (those naming a rank and its host) per
+            ``(kind, rank, host)``, with the step of the first; under DDP, which rank to blame.
     """
 
     path: Path
@@ -128,6 +130,7 @@ class RunSummary:
     restarts: list[Restart] = field(default_factory=list)
     restart_count: int = 0
     first_step_of: dict[str, int] = field(default_factory=dict)
+    by_rank: dict[tuple[str, int, str], tuple[int, int]] = field(default_factory=dict)  # -> (events, first step)
 
 
 def _record_nonfinite(record: StepRecord) -> bool:
@@ -151,6 +154,7 @@ class SummaryBuilder:
         self.by_kind: Counter[str] = Counter()
         self.by_layer: Counter[str] = Counter()
         self.by_kind_layer: Counter[tuple[str, str]] = Counter()
+        self.by_rank: dict[tuple[str, int, str], tuple[int, int]] = {}
         self.actions: Counter[str] = Counter()
         self.anomalous: list[int] = []
         self.skipped: list[int] = []
@@ -177,6 +181,9 @@ class SummaryBuilder:
             self.by_layer[layer] += 1
             self.by_kind_layer[e.kind.value, layer] += 1
             self.actions[e.action] += 1
+            if e.rank is not None and e.host is not None:
+                count, first = self.by_rank.get((e.kind.value, e.rank, e.host), (0, e.step))
+                self.by_rank[e.kind.value, e.rank, e.host] = (count + 1, first)
         if r.skipped:
             self.skipped.append(r.step)
         if r.clip_factor != 1.0:
@@ -248,6 +255,7 @@ class SummaryBuilder:
             restarts=list(source.restarts),
             restart_count=source.restart_count,
             first_step_of=self.first_step_of,
+            by_rank=self.by_rank,
         )
 
 
@@ -359,6 +367,11 @@ def format_summary(summary: RunSummary) -> str:
             lines.append(f"    ... {len(rows) - _MAX_PAIRS} more (kind, layer) pairs with {rest} events")
         lines.append("  by kind:   " + ", ".join(f"{k} {n}" for k, n in summary.by_kind.most_common()))
         lines.append("  by action: " + ", ".join(f"{k} {n}" for k, n in summary.actions.most_common()))
+    if summary.by_rank:
+        lines.append("")
+        lines.append("  ranks to blame (DDP rank attribution):")
+        for (kind, rank, host), (n, first) in sorted(summary.by_rank.items(), key=lambda kv: (kv[1][1], kv[0])):
+            lines.append(f"    {kind:<18} rank {rank} on {host}: {n} events, first at step {first}")
     if summary.worst:
         lines.append("")
         lines.append("  worst steps (by total norm):")

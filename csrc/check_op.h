@@ -1,0 +1,89 @@
+// Host side of gradwatch::grad_check shared by the CPU and CUDA implementations: argument checks,
+// the config, the state views, the outputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "check.h"
+
+namespace gradwatch::check {
+
+inline Config checked_config(c10::ArrayRef<double> values) {
+  Config c{};
+  const char* error = parse_config(values.data(), static_cast<int64_t>(values.size()), c);
+  TORCH_CHECK_VALUE(error == nullptr, "grad_check: ", error, "; build it with gradwatch.fused_check");
+  return c;
+}
+
+inline int64_t num_streams(const Config& c) { return 2 * c.num_params + 2; }
+inline int64_t fstate_size(const Config& c) { return 2 * num_streams(c) + 5 + c.rolling_window; }
+inline int64_t istate_size(const Config& c) { return num_streams(c) + 1 + c.num_raise; }
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
+                         const at::Device& device) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "grad_check: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, "grad_check: ", name, " is on ", t.device(), " but packed is on ", device);
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "grad_check: ", name, " has ", t.numel(),
+                    " elements; expected ", numel);
+  TORCH_CHECK_VALUE(t.is_contiguous(), "grad_check: ", name, " must be contiguous");
+}
+
+// Checks every argument (shapes, dtypes, devices; not values, which may live on a GPU) and
+// returns the config.
+inline Config check_args(const at::Tensor& packed, const at::Tensor& fstate, const at::Tensor& istate,
+                         c10::ArrayRef<double> config, const c10::optional<at::Tensor>& index,
+                         const c10::optional<at::Tensor>& ignore, const c10::optional<at::Tensor>& loss,
+                         const c10::optional<at::Tensor>& loss_flags) {
+  const Config c = checked_config(config);
+  const at::Device device = packed.device();
+  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) >= 2 && packed.size(1) >= 3,
+                    "grad_check: packed must have shape [n + 1, >= 3] with n >= 1, got ", packed.sizes());
+  check_tensor(packed, "packed", at::kDouble, -1, device);
+  const int64_t n = packed.size(0) - 1;
+  TORCH_CHECK_VALUE(index.has_value() || n == c.num_params, "grad_check: packed has ", n,
+                    " parameter rows but the detector watches ", c.num_params, "; pass index");
+  TORCH_CHECK_VALUE(n <= c.num_params, "grad_check: packed has ", n, " parameter rows, more than the ",
+                    c.num_params, " watched");
+  check_tensor(fstate, "fstate", at::kDouble, fstate_size(c), device);
+  check_tensor(istate, "istate", at::kLong, istate_size(c), device);
+  if (index.has_value()) check_tensor(*index, "index", at::kLong, n, device);
+  if (ignore.has_value()) check_tensor(*ignore, "ignore", at::kBool, 1, device);
+  if (loss.has_value()) check_tensor(*loss, "loss", at::kDouble, 1, device);
+  if (loss_flags.has_value()) check_tensor(*loss_flags, "loss_flags", at::kBool, kNumKinds, device);
+  return c;
+}
+
+inline State state_views(const Config& c, const at::Tensor& fstate, const at::Tensor& istate) {
+  const int64_t S = num_streams(c);
+  double* f = fstate.data_ptr<double>();
+  int64_t* i = istate.data_ptr<int64_t>();
+  return State{f, f + S, i, f + 2 * S, f + 2 * S + 4, f + 2 * S + 5, i + S, i + S + 1};
+}
+
+inline Inputs input_views(const at::Tensor& packed, const c10::optional<at::Tensor>& index,
+                          const c10::optional<at::Tensor>& ignore, const c10::optional<at::Tensor>& loss,
+                          const c10::optional<at::Tensor>& loss_flags) {
+  return Inputs{packed.const_data_ptr<double>(),
+                packed.size(0) - 1,
+                packed.size(1),
+                index.has_value() ? index->const_data_ptr<int64_t>() : nullptr,
+                ignore.has_value() ? ignore->const_data_ptr<bool>() : nullptr,
+                loss.has_value() ? loss->const_data_ptr<double>() : nullptr,
+                loss_flags.has_value() ? loss_flags->const_data_ptr<bool>() : nullptr};
+}
+
+// (record, factors, skip) on packed's device.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> make_outputs(const Config& c, const at::Tensor& packed) {
+  const int64_t n = packed.size(0) - 1;
+  const auto f64 = packed.options().dtype(at::kDouble);
+  return {at::empty({record_size(c, n, packed.size(1))}, f64), at::empty({n}, f64),
+          at::empty({}, packed.options().dtype(at::kBool))};
+}
+
+}  // namespace gradwatch::check

@@ -1,0 +1,66 @@
+// CPU implementation of gradwatch::grad_check: the three phases of check.h, one after the other.
+// Compiled once, with the default flags (never per CPU capability): the check is a few hundred
+// flops per parameter, nothing to vectorize.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../check_op.h"
+
+namespace gradwatch::check {
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_check_cpu(
+    const at::Tensor& packed, at::Tensor& fstate, at::Tensor& istate, c10::ArrayRef<double> config,
+    const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& ignore,
+    const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& loss_flags) {
+  const Config c = check_args(packed, fstate, istate, config, index, ignore, loss, loss_flags);
+  const Inputs in = input_views(packed, index, ignore, loss, loss_flags);
+  if (in.index != nullptr) {
+    for (int64_t i = 0; i < in.n; ++i) {
+      TORCH_CHECK_INDEX(in.index[i] >= 0 && in.index[i] < c.num_params, "grad_check: index[", i, "] is ",
+                        in.index[i], "; expected a parameter in [0, ", c.num_params, ")");
+    }
+  }
+  State s = state_views(c, fstate, istate);
+  auto [record_t, factors_t, skip_t] = make_outputs(c, packed);
+  double* record = record_t.data_ptr<double>();
+  double* factors = factors_t.data_ptr<double>();
+
+  const StepInfo info = judge_step(c, in, s, record);
+  int any = info.flags | loss_bits(in);
+  std::vector<int> flags(in.n);
+  for (int64_t i = 0; i < in.n; ++i) {
+    flags[i] = judge_param(c, in, info, s, i, record);
+    any |= flags[i];
+    factors[i] = 1.0;
+  }
+  Decision d{false, false, 1.0};
+  double* extras = record + kHeadSize + 2 * kNumKinds;
+  for (int k = 0; k < c.num_policies; ++k) {
+    const PolicySpec& p = c.policies[k];
+    if (p.type == kPolicyZero) {
+      for (int64_t i = 0; i < in.n; ++i) factors[i] = zero_factor(p, info, flags[i], factors[i]);
+    } else if (p.type == kPolicyClip || p.type == kPolicyAdaptiveClip) {
+      double sumsq = 0.0;
+      for (int64_t i = 0; i < in.n; ++i) sumsq += clip_term(in, i, factors[i]);
+      const double coef = clip_coef(p, info, sumsq, extras);
+      for (int64_t i = 0; i < in.n; ++i) factors[i] *= coef;
+      d.clip_factor *= coef;
+    } else {
+      gate(p, info, any, s, d);
+    }
+  }
+  write_decision(d, record);
+  *skip_t.data_ptr<bool>() = d.skip;
+  return {record_t, factors_t, skip_t};
+}
+
+}  // namespace
+
+}  // namespace gradwatch::check
+
+TORCH_LIBRARY_IMPL(gradwatch, CPU, m) { m.impl("grad_check", &gradwatch::check::grad_check_cpu); }
