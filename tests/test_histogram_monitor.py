@@ -179,3 +179,16 @@ def test_histogram_steps_stay_sync_free_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     watch.flush()
+
+
+class _OwnWarn(gradwatch.Warn):
+    """A user-written policy: the check runs in Python instead of the fused grad_check op."""
+
+
+@pytest.mark.parametrize("policy", ["warn", "python_path"])
+def test_both_record_paths_carry_the_counts(tmp_path, policy):
+    chosen = [_OwnWarn()] if policy == "python_path" else "warn"
+    watch, records, expected = run(tmp_path, steps=3, histogram_every=1, policy=chosen)
+    assert watch._stages.fused_now(torch.device("cpu")) is (policy == "warn" and gradwatch.native_backends()["cpu"])
+    for r in records:
+        assert torch.equal(r.log2_hist, expected_rows(expected[r.step]))
