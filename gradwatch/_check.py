@@ -40,7 +40,7 @@ from ._selection import present_gradients
 from ._stepping import SkipPath
 from .detect import NUM_KINDS, Detection, nonfinite_detection
 from .distributed import ShardedStats, agree_decision, is_distributed, is_dtensor, local_gradient
-from .fused_check import FusedCheck, supports
+from .fused_check import FusedCheck, FusedResult, supports
 from .fused_check import native as native_check
 
 if TYPE_CHECKING:
@@ -116,18 +116,27 @@ class CheckPipeline:
             scaler_flag = torch.ones_like(scaler_flag)
         packed = self.reduce(packed, index)
         names = [self.param_names[i] for i in index]
-        if sampled and self.fused_now(packed.device):
-            return self.run_fused(step, index, names, grads, packed, scaler_flag, loss)
-        detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
-        ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
-        decision = self.decide(ctx, len(grads), sampled)
-        seen_by = self.agree(decision, detection, loss_flags)
+        # detect, decide and the record's encoding: one op with built-in policies, else in Python
+        fused = (
+            self.check_fused(index, packed, scaler_flag, loss) if sampled and self.fused_now(packed.device) else None
+        )
+        if fused is None:
+            detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
+            ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
+            decision = self.decide(ctx, len(grads), sampled)
+            seen_by = self.agree(decision, detection, loss_flags)
+            factors, skip = decision.factors, decision.skip
+        else:
+            factors, skip = fused.factors, fused.skip
         skip_path = self.step_control.skip_path(self.policy.can_skip)
-        self.act(grads, decision.factors, decision.skip, skip_path == "fused")
-        self.buffer_guard.settle(decision.skip if skip_path is not None else None)
+        self.act(grads, factors, skip, skip_path == "fused")
+        self.buffer_guard.settle(skip if skip_path is not None else None)
         self.diagnostics.before_record(step, index)  # their host copies land before the record's
-        self.record(ctx, names, decision, seen_by, loss, sampled)
-        return CheckResult(skip_path, decision.skip, scaler_flag)
+        if fused is None:
+            self.record(ctx, names, decision, seen_by, loss, sampled)
+        else:
+            self.record_fused(step, names, fused, loss)
+        return CheckResult(skip_path, skip, scaler_flag)
 
     def collect(self) -> tuple[list[int], list[torch.Tensor]]:
         """Stage 'collect': the watched gradients that exist this step (see ``present_gradients``)."""
@@ -221,28 +230,19 @@ class CheckPipeline:
             return False
         return self.fused.refresh()  # a policy changed into one the op does not run: Python path
 
-    def run_fused(
-        self,
-        step: int,
-        index: list[int],
-        names: list[str],
-        grads: list[torch.Tensor],
-        packed: torch.Tensor,
-        scaler_flag: torch.Tensor,
-        loss: StepLoss | None,
-    ) -> CheckResult:
-        """Stages detect, decide, agree (nothing to agree in one process) and record's encoding as one op."""
+    def check_fused(
+        self, index: list[int], packed: torch.Tensor, scaler_flag: torch.Tensor, loss: StepLoss | None
+    ) -> FusedResult:
+        """Stages detect, decide and the record's encoding as one ``grad_check`` op (nothing to agree: one process)."""
         device = packed.device
-        observed = (None, None) if loss is None else (loss.mean, loss.flags.to(device))
-        out = self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
-        skip_path = self.step_control.skip_path(self.policy.can_skip)
-        self.act(grads, out.factors, out.skip, skip_path == "fused")
-        self.buffer_guard.settle(out.skip if skip_path is not None else None)
-        self.diagnostics.before_record(step, index)  # as in run(): their host copies land before the record's
-        self.records.put_record(step, names, out.record, self.fused.extras_layout)
+        observed = (None, None) if loss is None else (loss.mean.to(device), loss.flags.to(device))
+        return self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
+
+    def record_fused(self, step: int, names: list[str], fused: FusedResult, loss: StepLoss | None) -> None:
+        """Stage 'record' of a fused check: the op's record payload, copied to the host without a sync."""
+        self.records.put_record(step, names, fused.record, self.fused.extras_layout)
         if loss is not None:
             self.records.put_loss(step, loss)
-        return CheckResult(skip_path, out.skip, scaler_flag)
 
     def record(
         self,

@@ -1,7 +1,11 @@
 """The monitor's diagnostics beside the statistics: where a NaN started, and update-to-weight ratios.
 
-Three pieces, each in its own module, driven from :meth:`GradWatch.check` at four points so the
-monitor's pipeline stays as it is:
+Three pieces, each in its own module, driven at four points so the monitor's pipeline stays as it
+is: :meth:`GradWatch.check <gradwatch.GradWatch.check>` calls :meth:`Diagnostics.start_check` (before
+the drain) and :meth:`Diagnostics.end_check`; :meth:`CheckPipeline.run
+<gradwatch._check.CheckPipeline.run>` calls :meth:`Diagnostics.before_record` just before the record
+is queued; :meth:`Publisher.record <gradwatch._publish.Publisher.record>` calls
+:meth:`Diagnostics.record_extras` on each drained record:
 
 * :class:`~gradwatch.origin.BackwardOrder` (on by default): the backward order, learned during
   one backward pass now and then; each drained record with a non-finite (spiking) gradient gets a
@@ -79,6 +83,8 @@ class Diagnostics:
         update_ratio_every: measure the update of every N-th step (None: never).
         update_ratio_floor: a ratio at or below it, with a nonzero gradient, is ``update_ratio_low``.
         update_ratio_ceiling: a ratio above it is ``update_ratio_high``.
+        has_dtensor: some watched parameter is a DTensor (FSDP2): no backward-order hooks (origins
+            fall back to reverse parameter order) and no update ratios.
     """
 
     def __init__(
