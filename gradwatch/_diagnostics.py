@@ -44,6 +44,7 @@ _INHERITS = {
     AnomalyKind.NONFINITE_ORIGIN: AnomalyKind.NONFINITE,
     AnomalyKind.SPIKE_ORIGIN: AnomalyKind.SPIKE,
     AnomalyKind.FORWARD_NONFINITE: AnomalyKind.NONFINITE,
+    AnomalyKind.RANK_NONFINITE: AnomalyKind.NONFINITE,  # the rank whose local NaN reached everyone
 }
 
 

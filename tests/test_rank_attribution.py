@@ -411,6 +411,7 @@ def _scenarios(rank: int, world: int, path: str) -> None:
     assert sorted(got, key=str) == sorted(want, key=str), f"rank {rank}: {got}"
     by_kind = {e.kind: e for e in watch.events if e.kind in RANK_KINDS}
     assert by_kind[AnomalyKind.RANK_NONFINITE].value == 1.0  # one NaN element on that rank
+    assert by_kind[AnomalyKind.RANK_NONFINITE].action == "skip"  # what was done about the NaN it located
     assert by_kind[AnomalyKind.RANK_OUTLIER].value == pytest.approx(expected_ratio, rel=1e-6)
     assert by_kind[AnomalyKind.REPLICA_DIVERGENCE].value == 1.0  # one parameter differs
     assert by_kind[AnomalyKind.RANK_NONFINITE].host == attribution.hosts[nan_rank]
