@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
     _np = None
 
 from ._flags import PARAM_EVENT_KINDS, STEP_EVENT_KINDS, loss_event_value, param_event_value, step_event_value
+from ._host_copy import HostCopies
 from ._layout import Stat
 from ._reference import LOG2_HIST_BINS
 from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detection, DetectorConfig, LossDetection
@@ -331,24 +332,16 @@ class RecordQueue:
     def __init__(self, config: DetectorConfig):
         self.config = config
         self._pending: deque[_Pending] = deque()
-        self._pinned: dict[int, list[torch.Tensor]] = {}
+        self._copies = HostCopies()
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        if payload.device.type != "cuda":
-            return (payload if payload.device.type == "cpu" else payload.cpu()), None
-        free = self._pinned.setdefault(payload.numel(), [])
-        host = free.pop() if free else torch.empty(payload.numel(), dtype=torch.float64, pin_memory=True)
-        host.copy_(payload, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(payload.device))
-        return host, event
+        return self._copies.start(payload)
 
     def _release(self, item: _Pending) -> None:
-        if item.event is not None:
-            self._pinned.setdefault(item.host.numel(), []).append(item.host)
+        self._copies.release(item.host, item.event)
 
     def put_record(
         self,

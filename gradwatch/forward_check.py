@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._host_copy import HostCopies
 from ._ops import IndexCache
 
 __all__ = ["ForwardCheck", "ForwardOrigin"]
@@ -116,7 +117,7 @@ class ForwardCheck:
         self._bad_calls: torch.Tensor | None = None  # [m] float64: calls with a non-finite output
         self._index = IndexCache(limit=64)
         self._pending: dict[int, _Pending] = {}
-        self._pinned: list[torch.Tensor] = []
+        self._copies = HostCopies()
 
     # ------------------------------------------------------------------------- hooks
 
@@ -188,17 +189,7 @@ class ForwardCheck:
             self._ordinal = 0
             return  # no forward since the last collect
         payload = torch.cat([self._first_bad, self._bad_calls])
-        if payload.device.type == "cuda":
-            host = (
-                self._pinned.pop()
-                if self._pinned
-                else torch.empty(payload.numel(), dtype=torch.float64, pin_memory=True)
-            )
-            host.copy_(payload, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(payload.device))
-        else:
-            host, event = payload.clone(), None
+        host, event = self._copies.start(payload)
         self._pending[step] = _Pending(host, event)
         self._first_bad.fill_(math.inf)
         self._bad_calls.zero_()
@@ -224,8 +215,7 @@ class ForwardCheck:
         if pending.event is not None:
             pending.event.synchronize()
         values = pending.host.tolist()
-        if pending.event is not None:
-            self._pinned.append(pending.host)
+        self._copies.release(pending.host, pending.event)
         return self._origin(values)
 
     def discard_before(self, step: int) -> None:

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._host_copy import HostCopies
 from ._ops import grad_stats_packed
 from .events import AnomalyEvent, AnomalyKind, update_ratio
 
@@ -97,7 +98,7 @@ class UpdateRatios:
         self._buffers: list[torch.Tensor] | None = None
         self.snapshot_taken = False
         self._pending: dict[int, _Pending] = {}
-        self._pinned: list[torch.Tensor] = []
+        self._copies = HostCopies()
 
     def snapshot(self) -> None:
         """Copies the parameters into the preallocated buffer (allocated on first use), no sync."""
@@ -135,17 +136,7 @@ class UpdateRatios:
         else:
             flag = skipped.reshape(1).to(norms.device, torch.float64)
         payload = torch.cat([norms, flag])
-        if payload.device.type == "cuda":
-            host = (
-                self._pinned.pop()
-                if self._pinned
-                else torch.empty(payload.numel(), dtype=torch.float64, pin_memory=True)
-            )
-            host.copy_(payload, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(payload.device))
-        else:
-            host, event = payload, None
+        host, event = self._copies.start(payload)
         self._pending[step] = _Pending(host, event)
 
     def take(self, step: int) -> UpdateNorms | None:
@@ -161,8 +152,7 @@ class UpdateRatios:
         if pending.event is not None:
             pending.event.synchronize()
         values = pending.host.tolist()
-        if pending.event is not None:
-            self._pinned.append(pending.host)
+        self._copies.release(pending.host, pending.event)
         n = len(self.params)
         return UpdateNorms(values[:n], values[n : 2 * n], bool(values[2 * n]))
 
