@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._host_copy import HostCopies
+from ._host_copy import HostCopies, HostCopy
 from ._ops import IndexCache
 
 __all__ = ["ForwardCheck", "ForwardOrigin"]
@@ -54,11 +54,6 @@ class ForwardOrigin(NamedTuple):
     module: str
     calls: int
     modules: int
-
-
-class _Pending(NamedTuple):
-    host: torch.Tensor
-    event: torch.cuda.Event | None
 
 
 def _tensors(output: Any) -> Iterable[torch.Tensor]:
@@ -116,7 +111,7 @@ class ForwardCheck:
         self._first_bad: torch.Tensor | None = None  # [m] float64: position of the first bad call (inf: none)
         self._bad_calls: torch.Tensor | None = None  # [m] float64: calls with a non-finite output
         self._index = IndexCache(limit=64)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, HostCopy] = {}
         self._copies = HostCopies()
 
     # ------------------------------------------------------------------------- hooks
@@ -189,8 +184,7 @@ class ForwardCheck:
             self._ordinal = 0
             return  # no forward since the last collect
         payload = torch.cat([self._first_bad, self._bad_calls])
-        host, event = self._copies.start(payload)
-        self._pending[step] = _Pending(host, event)
+        self._pending[step] = self._copies.start(payload)
         self._first_bad.fill_(math.inf)
         self._bad_calls.zero_()
         self._ordinal = 0
@@ -212,10 +206,7 @@ class ForwardCheck:
         pending = self._pending.pop(step, None)
         if pending is None:
             return None
-        if pending.event is not None:
-            pending.event.synchronize()
-        values = pending.host.tolist()
-        self._copies.release(pending.host, pending.event)
+        values = self._copies.read(pending)
         return self._origin(values)
 
     def discard_before(self, step: int) -> None:

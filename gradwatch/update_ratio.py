@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._host_copy import HostCopies
+from ._host_copy import HostCopies, HostCopy
 from ._ops import grad_stats_packed
 from .events import AnomalyEvent, AnomalyKind, update_ratio
 
@@ -53,11 +53,6 @@ class UpdateNorms(NamedTuple):
     update_norms: list[float]
     weight_norms: list[float]
     skipped: bool
-
-
-class _Pending(NamedTuple):
-    host: torch.Tensor
-    event: torch.cuda.Event | None
 
 
 def _measurable(t: torch.Tensor) -> torch.Tensor:
@@ -97,7 +92,7 @@ class UpdateRatios:
                 )
         self._buffers: list[torch.Tensor] | None = None
         self.snapshot_taken = False
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, HostCopy] = {}
         self._copies = HostCopies()
 
     def snapshot(self) -> None:
@@ -136,8 +131,7 @@ class UpdateRatios:
         else:
             flag = skipped.reshape(1).to(norms.device, torch.float64)
         payload = torch.cat([norms, flag])
-        host, event = self._copies.start(payload)
-        self._pending[step] = _Pending(host, event)
+        self._pending[step] = self._copies.start(payload)
 
     def take(self, step: int) -> UpdateNorms | None:
         """What :meth:`put` sent for ``step`` (None if nothing); waits only if its copy has not landed.
@@ -149,10 +143,7 @@ class UpdateRatios:
         pending = self._pending.pop(step, None)
         if pending is None:
             return None
-        if pending.event is not None:
-            pending.event.synchronize()
-        values = pending.host.tolist()
-        self._copies.release(pending.host, pending.event)
+        values = self._copies.read(pending)
         n = len(self.params)
         return UpdateNorms(values[:n], values[n : 2 * n], bool(values[2 * n]))
 
