@@ -93,7 +93,7 @@ class BuildExtension(cpp_extension.BuildExtension):
                     + ["-Wno-maybe-uninitialized", "-Wno-uninitialized"],
                     "nvcc": [],
                 },
-                depends=[str(CSRC / name) for name in ("cpu/kernels.h", "stats.h", "hist.h", "dtype.h")],
+                depends=[str(CSRC / name) for name in ("cpu/kernels.h", "stats.h", "hist.h", "isa.h", "dtype.h")],
             )
             ext.extra_objects.extend(objects)
         super().build_extension(ext)

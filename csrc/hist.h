@@ -20,11 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef CPU_CAPABILITY
-#define GRADWATCH_ISA CPU_CAPABILITY
-#else
-#define GRADWATCH_ISA portable
-#endif
+#include "isa.h"
 
 namespace gradwatch {
 

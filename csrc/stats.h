@@ -19,12 +19,7 @@
 #include <math.h>
 
 #include "dtype.h"
-
-#ifdef CPU_CAPABILITY
-#define GRADWATCH_ISA CPU_CAPABILITY
-#else
-#define GRADWATCH_ISA portable
-#endif
+#include "isa.h"
 
 namespace gradwatch {
 
