@@ -167,6 +167,56 @@ def test_gradient_like_data_through_the_fast_path(dtype, device):
     check(gradient_like(dtype, device))
 
 
+def window_stress(dtype, device, seed=0):
+    """Chunks built around the vector kernels' window (16 binades, placed by a chunk's first block of
+    64 elements with a normal element: that block's largest binade k, the window's binades
+    [k - 13, k + 3)); every value below is exact in `dtype`. In one chunk per k: outsiders below the
+    window in each of the 16 slots an outsider can alias to (8 per block, so the window stays),
+    both edges of the window from both sides, negative outsiders (the sign must not hide them),
+    zeros, -0, subnormals, NaN, +-Inf in one block, then a block of 12 outsiders above (the window
+    moves up, leaving the old range below it). A last chunk starts with zeros: the first block with
+    a normal element places the window."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = EXP_RANGE[dtype]
+    smallest_normal = math.frexp(torch.finfo(dtype).smallest_normal)[1] - 1
+
+    def binade(e, n=1, sign=None):
+        e = torch.as_tensor(e, dtype=torch.float64).clamp(lo, hi).expand(n)
+        mant = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+        s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double() if sign is None else sign
+        return (s * mant * torch.pow(2.0, e)).to(dtype).double()  # rounding may carry into e + 1: fine
+
+    def below(v):  # the largest magnitude of `dtype` below |v|, same sign
+        t = torch.tensor([abs(v)], dtype=dtype)
+        return math.copysign(torch.nextafter(t, torch.zeros_like(t)).item(), v)
+
+    tiny = 2.0**lo  # the smallest subnormal
+    chunks = []
+    for k in (hi - 6, 3, -5, smallest_normal + 14):
+        n = 32768 + 64 * 3 + 5
+        e = torch.randint(k - 13, k + 3, (n,), generator=g)
+        x = binade(e, n)
+        x[:64] = binade(torch.randint(k - 13, k, (64,), generator=g), 64)
+        x[17] = 1.5 * 2.0**k  # the first block's largest: binade k
+        x[64 * 5 : 64 * 5 + 8] = binade(torch.arange(k - 14, k - 22, -1), 8)  # slots of k - 14 .. k - 21
+        x[64 * 6 + 3 : 64 * 6 + 11] = binade(torch.arange(k - 22, k - 30, -1), 8, sign=-1.0)
+        edges = [2.0 ** (k - 13), below(2.0 ** (k - 13)), -below(2.0 ** (k + 3)), -(2.0 ** (k + 3))]
+        specials = [0.0, -0.0, tiny, -tiny * 3, 2.0**smallest_normal, below(2.0**smallest_normal), NAN, INF, -INF]
+        x[64 * 7 : 64 * 7 + 13] = torch.tensor(edges + specials, dtype=torch.float64)
+        x[64 * 9 + 40 : 64 * 9 + 52] = binade(torch.arange(k + 4, k + 16), 12)  # the window moves up
+        chunks.append(x)
+    late = binade(torch.randint(-12, 2, (5000,), generator=g), 5000)
+    late[:200] = 0.0
+    late[150] = -tiny
+    return [c.to(dtype).to(device) for c in [*chunks, late]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_window_edges_and_outsiders_in_every_slot(dtype, device):
+    native(device)
+    check(window_stress(dtype, device))
+
+
 def test_grad_stats_wrapper_histogram_flag(device):
     native(device)
     grads = [spread(1000, torch.float32, device, seed=1), spread(10, torch.bfloat16, device, seed=2)]
@@ -221,11 +271,12 @@ def test_every_cpu_capability(capability):
         pytest.skip("extension not built")
     code = (
         "import torch, gradwatch\n"
-        "from tests.test_log2_hist import spread, check, gradient_like, DTYPES\n"
+        "from tests.test_log2_hist import spread, check, gradient_like, window_stress, DTYPES\n"
         "print(gradwatch.cpu_kernel_capability())\n"
         "for dt in DTYPES:\n"
         "    check([spread(n, dt, 'cpu', seed=n) for n in (0, 5, 64, 1000, 32768 + 77, 70_001)])\n"
         "    check(gradient_like(dt, 'cpu', seed=1))\n"
+        "    check(window_stress(dt, 'cpu', seed=2))\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -35,8 +35,37 @@ using AccVec = Vectorized<acc_t<T>>;
 template <typename T>
 constexpr int64_t kPair = 2 * AccVec<T>::size();
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define GRADWATCH_BF16_EVEN_ODD 1
+// A bfloat16 is the upper half of a float32, so a vector of them widens as its elements' 32-bit
+// pairs shifted up (the even elements) and masked (the odd ones): 2 instructions where ATen's
+// convert takes 5 (the statistics and the histogram do not depend on the elements' order).
+#if defined(CPU_CAPABILITY_AVX512)
+using RawBFloat16 = __m512i;
+inline RawBFloat16 load_raw(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
+inline void widen_bf16(RawBFloat16 r, Vectorized<float>& even, Vectorized<float>& odd) {
+  even = Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
+  odd = Vectorized<float>(_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))));
+}
+#else
+using RawBFloat16 = __m256i;
+inline RawBFloat16 load_raw(const c10::BFloat16* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void widen_bf16(RawBFloat16 r, Vectorized<float>& even, Vectorized<float>& odd) {
+  even = Vectorized<float>(_mm256_castsi256_ps(_mm256_slli_epi32(r, 16)));
+  odd = Vectorized<float>(_mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))));
+}
+#endif
+static_assert(sizeof(RawBFloat16) == sizeof(Vectorized<float>));
+#endif
+
 template <typename T>
 inline void load_pair(const T* p, AccVec<T>& a, AccVec<T>& b) {
+#ifdef GRADWATCH_BF16_EVEN_ODD
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    widen_bf16(load_raw(p), a, b);
+    return;
+  }
+#endif
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     a = AccVec<T>::loadu(p);
     b = AccVec<T>::loadu(p + AccVec<T>::size());
@@ -76,6 +105,16 @@ inline double max_lanes(const V& v) {
   return m;
 }
 
+// Asks for the cache lines kPrefetchBytes ahead of the `count` elements at p. The hardware prefetcher
+// alone keeps too few lines in flight on some machines: a loop with more work per line (the
+// histogram) then waits on memory instead of overlapping with it.
+constexpr int64_t kPrefetchBytes = 4096;
+template <typename T>
+inline void prefetch_ahead(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 template <typename T>
 constexpr Dtype dtype_of() {
   if constexpr (std::is_same_v<T, float>) return Dtype::Float;
@@ -110,6 +149,11 @@ Partial scaled_stats(const T* x, int64_t n, const Partial& fast) {
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #define GRADWATCH_HIST_WINDOW 1
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+#define GRADWATCH_HIST_LOOKUP 1  // the window's increments from a 16-entry table (vpermd), not shifts
+#endif
+#ifdef GRADWATCH_HIST_WINDOW
 // The few integer vector operations of the window histogram, per instruction set.
 namespace isa {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -130,6 +174,25 @@ inline uint32_t lanes_above(IVec x, int limit, uint32_t among) {  // unsigned x 
   return _mm512_mask_cmpgt_epu32_mask(static_cast<__mmask16>(among), x, set1(limit));
 }
 inline int64_t sum(IVec v) { return _mm512_reduce_add_epi32(v); }
+// The table-lookup window (FloatFieldCounts, GRADWATCH_HIST_LOOKUP).
+using Mask = __mmask16;
+inline IVec abs_bits(const Vectorized<float>& v) { return _mm512_and_si512(bits_of(v), set1(0x7fffffff)); }
+inline Mask nonzero(IVec v) { return _mm512_test_epi32_mask(v, v); }
+inline IVec field_of(IVec abs) { return _mm512_srli_epi32(abs, 23); }
+// table[idx & 15] in lanes of m, 0 elsewhere (vpermd reads the low 4 bits of each index).
+inline IVec lookup(Mask m, IVec idx, IVec table) { return _mm512_maskz_permutexvar_epi32(m, idx, table); }
+inline IVec min_where(IVec acc, Mask m, IVec v) { return _mm512_mask_min_epu32(acc, m, acc, v); }
+inline IVec max_u(IVec a, IVec b) { return _mm512_max_epu32(a, b); }
+inline Mask below(IVec v, IVec limit) { return _mm512_cmplt_epu32_mask(v, limit); }
+inline Mask at_or_above(IVec v, IVec limit) { return _mm512_cmpge_epu32_mask(v, limit); }
+inline bool any(Mask a, Mask b) { return !_kortestz_mask16_u8(a, b); }
+inline Mask outside(IVec v, IVec bottom, IVec top) {  // nonzero and not in [bottom, top)
+  return _mm512_mask_cmplt_epu32_mask(nonzero(v), v, bottom) | _mm512_cmpge_epu32_mask(v, top);
+}
+inline uint32_t max_lane(IVec v) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(v)); }
+inline IVec load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void store(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
+inline Vectorized<float> as_float(IVec v) { return Vectorized<float>(_mm512_castsi512_ps(v)); }
 #else
 using IVec = __m256i;
 constexpr int kLanes = 8;
@@ -166,16 +229,68 @@ inline int64_t sum(IVec v) {
 // One element at a time (the DEFAULT build, tails, and the rare elements below) costs a load, a few
 // integer ops and a read-modify-write of a counter: several times the statistics' own work per
 // element. So with AVX2/AVX-512 the bulk goes through a window instead: 16 consecutive exponent
-// fields [base, base + 16), each lane holding a 4-bit counter per field (fields 0-7 in `lo`, 8-15 in
-// `hi`; an increment is `1 << 4 * slot`, which the shift makes 0 outside the window), spilled into
-// 32-bit sums every 12 vectors, before a nibble can overflow. Zeros are counted from a lane mask.
-// Elements outside the window (far below the chunk's largest, subnormal, NaN, Inf) go one by one;
-// when a block has many, the window moves to that block's largest binade (gradients of one chunk
-// sit mostly within a dozen binades of their largest: the ones more than 13 below are ~1e-4 of a
-// Gaussian). Four interleaved scalar tables, so that a run of elements in one binade does not wait
-// on one counter.
-struct FloatFieldCounts {
-  uint32_t t[4][257];
+// fields [base, base + 16), each lane holding a 4-bit counter per field (8 fields in `lo`, 8 in
+// `hi`), spilled into 32-bit sums every 12 vectors, before a nibble can overflow. Elements outside
+// the window (far below the chunk's largest, subnormal, NaN, Inf) go one by one; when a block has
+// many, the window moves to that block's largest binade (gradients of one chunk sit mostly within a
+// dozen binades of their largest: the ones more than 13 below are ~1e-4 of a Gaussian). Four
+// interleaved scalar tables, so that a run of elements in one binade does not wait on one counter.
+//
+// The increment `1 << 4 * slot` of a lane:
+// - AVX-512 (GRADWATCH_HIST_LOOKUP): looked up in two 16-entry tables (vpermd) by the low 4 bits of
+//   the exponent field, masked off for zeros: 1 shift, 1 test and 2 lookups per 16 elements. Every
+//   nonzero element adds 1 to exactly one nibble, also one outside the window (at the window field
+//   with its field's low 4 bits): the one-by-one path takes that back out of the tables. Outsiders
+//   are found per block of 4 vectors from two reductions the loop keeps anyway: the block's largest
+//   |x| bits (also the statistics' max) at or above the window's top, and a running minimum of the
+//   nonzero |x| bits below its bottom. Zeros are the elements seen minus the window's increments.
+// - AVX2: a variable shift (0 outside the window, so nothing to take back) of the field offset, and
+//   a per-vector out-of-window lane mask; zeros = seen - window - outside.
+// The scalar part: counts per exponent field in four interleaved tables, and the flush into a row.
+struct FieldTables {
+  uint32_t t[4][257];  // counts modulo 2^32: the lookup window's take-backs may wrap one table
+
+  void clear_tables() { std::memset(t, 0, sizeof t); }
+  static inline uint32_t key_of_bits(uint32_t bits) {
+    const uint32_t field = (bits >> 23) & 0xffu;
+    const uint32_t subnormal = static_cast<uint32_t>(field == 0) & static_cast<uint32_t>((bits & 0x7fffffu) != 0);
+    return field | (subnormal << 8);
+  }
+  static inline uint32_t key(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return key_of_bits(bits);
+  }
+  inline void add_run(const float* v, int64_t count) {
+    for (int64_t k = 0; k < count; ++k) ++t[k & 3][key(v[k])];
+  }
+  // The window's base for a block whose largest exponent field is `top` (of a normal finite element):
+  // the top 3 below the window's top, never at zeros, subnormals, NaN or Inf.
+  static int base_below(int top) { return std::clamp(top - (16 - 3), 1, 254 - 16); }
+  // The tables into the tensor's row; float32 subnormals (slot 256) binned by a rescan of the chunk.
+  template <typename T>
+  void flush_tables(const T* x, int64_t n, int64_t* row) {
+    for (int field = 0; field < 256; ++field) {
+      // Summed modulo 2^32: exact, as a chunk holds fewer elements (a take-back may wrap one table).
+      const int64_t c = static_cast<uint32_t>(t[0][field] + t[1][field] + t[2][field] + t[3][field]);
+      if (c == 0) continue;
+      const int bin = field == 0 ? gradwatch::kHistZero : field == 255 ? gradwatch::kHistNonfinite
+                                                                        : field + gradwatch::kFloatFieldToBin;
+      std::atomic_ref<int64_t>(row[bin]).fetch_add(c, std::memory_order_relaxed);
+    }
+    if (static_cast<uint32_t>(t[0][256] + t[1][256] + t[2][256] + t[3][256]) == 0) return;
+    int64_t sub[gradwatch::kHistBins] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = static_cast<float>(x[i]);
+      if (key(v) == 256) ++sub[gradwatch::log2_bin(v)];
+    }
+    for (int bin = 0; bin < gradwatch::kHistBins; ++bin) {
+      if (sub[bin] != 0) std::atomic_ref<int64_t>(row[bin]).fetch_add(sub[bin], std::memory_order_relaxed);
+    }
+  }
+};
+
+struct FloatFieldCounts : FieldTables {
 #ifdef GRADWATCH_HIST_WINDOW
   static constexpr int kSlots = 16;
   static constexpr int kSpillEvery = 12;        // vectors; a nibble holds 15
@@ -185,43 +300,88 @@ struct FloatFieldCounts {
   isa::IVec bytes[4];                           // nibbles spilled into bytes: slots {0,2,4,6}, {1,3,5,7}, ...
   isa::IVec sums[kSlots];                       // bytes widened into per-slot 32-bit lane sums
   int moves = 0;
-  int64_t outside_total = 0;                    // nonzero elements counted one by one (zeros: the rest)
+  int64_t outside_total = 0;                    // AVX2: nonzero elements counted one by one (zeros: the rest)
   // The hot state, a separate local of the caller that never reaches a non-inlined call, so that
   // the compiler keeps it in registers (a member of an escaping object would round-trip memory).
   struct Window {
-    isa::IVec lo, hi, base4;
+    isa::IVec lo, hi;
+#ifdef GRADWATCH_HIST_LOOKUP
+    isa::IVec table_lo, table_hi;  // entry j: the increment of slot (j - base) & 15
+    isa::IVec low;                 // running min of nonzero |x| bits since the last outsider
+    isa::IVec bottom, top;         // |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
+    bool placed;                   // by the chunk's first block
+#else
+    isa::IVec base4;
+#endif
     int base, pending, spills;
     int64_t seen;  // elements through the window since its last drain
   };
 #else
   struct Window {};
 #endif
+#ifdef GRADWATCH_HIST_LOOKUP
+  static constexpr bool kBlockMax = true;  // add_block returns the block's max |x|
+#else
+  static constexpr bool kBlockMax = false;
+#endif
+  static constexpr bool kRaw = false;
 
   void clear(Window& w) {
-    std::memset(t, 0, sizeof t);
+    clear_tables();
 #ifdef GRADWATCH_HIST_WINDOW
     reset_window(w, 127 - 20);  // [2^-20, 2^-4): moved by the first block that does not fit
     moves = 0;
+#ifdef GRADWATCH_HIST_LOOKUP
+    w.placed = false;
+#endif
 #else
     (void)w;
 #endif
   }
-  static inline uint32_t key(float v) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    const uint32_t field = (bits >> 23) & 0xffu;
-    const uint32_t subnormal = static_cast<uint32_t>(field == 0) & static_cast<uint32_t>((bits & 0x7fffffu) != 0);
-    return field | (subnormal << 8);
+#ifdef GRADWATCH_HIST_LOOKUP
+  // The four float32 vectors of one block of the statistics loop; returns the block's max |x| (the
+  // max of the |x| bits, which order like the values; a NaN's bits sort above +Inf, and a NaN sends
+  // the chunk to exact_stats anyway).
+  inline Vectorized<float> add_block(Window& w, const Vectorized<float>& a, const Vectorized<float>& b,
+                                     const Vectorized<float>& c, const Vectorized<float>& d) {
+    const isa::IVec v[4] = {isa::abs_bits(a), isa::abs_bits(b), isa::abs_bits(c), isa::abs_bits(d)};
+    const isa::IVec high = isa::max_u(isa::max_u(v[0], v[1]), isa::max_u(v[2], v[3]));
+    if (!w.placed) [[unlikely]] place(w, high);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const isa::Mask nz = isa::nonzero(v[k]);
+      const isa::IVec field = isa::field_of(v[k]);
+      w.lo = isa::add(w.lo, isa::lookup(nz, field, w.table_lo));
+      w.hi = isa::add(w.hi, isa::lookup(nz, field, w.table_hi));
+      w.low = isa::min_where(w.low, nz, v[k]);
+    }
+    w.seen += 4 * isa::kLanes;
+    w.pending += 4;
+    if (w.pending >= kSpillEvery) spill(w);
+    if (isa::any(isa::below(w.low, w.bottom), isa::at_or_above(high, w.top))) [[unlikely]] {
+      uint32_t values[4 * isa::kLanes];  // stored only here: the common path keeps everything in registers
+      for (int k = 0; k < 4; ++k) isa::store(values + k * isa::kLanes, v[k]);
+      const int new_base =
+          add_outside(values, isa::outside(v[0], w.bottom, w.top), isa::outside(v[1], w.bottom, w.top),
+                      isa::outside(v[2], w.bottom, w.top), isa::outside(v[3], w.bottom, w.top), w.base);
+      w.low = isa::set1(-1);
+      if (new_base != 0) {
+        drain(w);
+        reset_window(w, new_base);
+        ++moves;
+      }
+    }
+    return isa::as_float(high);
   }
-  inline void add_run(const float* v, int64_t count) {
-    for (int64_t k = 0; k < count; ++k) ++t[k & 3][key(v[k])];
-  }
+#endif
 
   // The four float32 vectors of one block of the statistics loop.
   inline void add_vectors(Window& w, const Vectorized<float>& a, const Vectorized<float>& b,
                           const Vectorized<float>& c, const Vectorized<float>& d) {
-    constexpr int kW = Vectorized<float>::size();
-#ifdef GRADWATCH_HIST_WINDOW
+    [[maybe_unused]] constexpr int kW = Vectorized<float>::size();
+#if defined(GRADWATCH_HIST_LOOKUP)
+    (void)add_block(w, a, b, c, d);
+#elif defined(GRADWATCH_HIST_WINDOW)
     static_assert(kW == isa::kLanes);
     const Vectorized<float> v[4] = {a.abs(), b.abs(), c.abs(), d.abs()};
     uint32_t outside[4];
@@ -265,7 +425,21 @@ struct FloatFieldCounts {
 #ifdef GRADWATCH_HIST_WINDOW
   void reset_window(Window& w, int base) {
     w.base = base;
+#ifdef GRADWATCH_HIST_LOOKUP
+    uint32_t lo[kSlots], hi[kSlots];
+    for (int j = 0; j < kSlots; ++j) {
+      const int slot = (j - base) & (kSlots - 1);
+      lo[j] = slot < 8 ? 1u << (4 * slot) : 0u;
+      hi[j] = slot < 8 ? 0u : 1u << (4 * (slot - 8));
+    }
+    w.table_lo = isa::load(lo);
+    w.table_hi = isa::load(hi);
+    w.low = isa::set1(-1);
+    w.bottom = isa::set1(base << 23);
+    w.top = isa::set1((base + kSlots) << 23);
+#else
     w.base4 = isa::set1(4 * base);
+#endif
     w.lo = w.hi = isa::set1(0);
     w.pending = w.spills = 0;
     w.seen = 0;
@@ -294,7 +468,7 @@ struct FloatFieldCounts {
     w.spills = 0;
   }
   // The window's counts into the tables (before it moves, and at the end of the chunk). Zeros are
-  // what went through the window without being counted in it or one by one.
+  // what went through the window without being counted in it (or, AVX2, one by one).
   void drain(Window& w) {
     spill(w);
     widen(w);
@@ -306,6 +480,48 @@ struct FloatFieldCounts {
     }
     t[0][0] += static_cast<uint32_t>(w.seen - in_window - outside_total);
   }
+  // The window's new base for a block with `count` outsiders whose |x| bits are `values` (0 to keep it).
+  int moved_base(const uint32_t* values, int count, int base) const {
+    if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
+    int top = 0;  // the block's largest exponent field of a normal finite element
+    for (int k = 0; k < 4 * isa::kLanes; ++k) {
+      const uint32_t field = key_of_bits(values[k]);
+      if (field < 255 && field > static_cast<uint32_t>(top)) top = static_cast<int>(field);
+    }
+    const int new_base = base_below(top);
+    return top == 0 || new_base == base ? 0 : new_base;
+  }
+#ifdef GRADWATCH_HIST_LOOKUP
+  // Counts one block's elements outside the window one by one, and takes back the increment each
+  // got in the window (at the window field with its field's low 4 bits); returns the window's new
+  // base when the block had many of them (0 to keep it).
+  __attribute__((noinline)) int add_outside(const uint32_t* values, uint32_t o0, uint32_t o1, uint32_t o2, uint32_t o3,
+                                            int base) {
+    const uint32_t outside[4] = {o0, o1, o2, o3};
+    int count = 0;
+    for (int k = 0; k < 4; ++k) {
+      for (uint32_t m = outside[k]; m != 0; m &= m - 1) {
+        const uint32_t v = values[k * isa::kLanes + __builtin_ctz(m)];
+        ++t[count & 3][key_of_bits(v)];
+        --t[count & 3][base + ((static_cast<int>(v >> 23) - base) & (kSlots - 1))];
+        ++count;
+      }
+    }
+    return moved_base(values, count, base);
+  }
+  // Puts the window at the chunk's first block with a normal element: its largest binade 3 below
+  // the window's top (the chunk's largest sits a binade or two above its first block's, and a
+  // Gaussian's elements more than 13 binades below its largest are ~1e-4 of them).
+  void place(Window& w, isa::IVec high) {
+    const int field = static_cast<int>(isa::max_lane(high) >> 23);
+    const int base = base_below(field);
+    if (field >= 1 && field <= 254 && base != w.base) {
+      if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
+      reset_window(w, base);
+    }
+    w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
+  }
+#else
   // Counts one block's elements outside the window one by one; returns the window's new base when
   // the block had many of them (0 to keep it).
   __attribute__((noinline)) int add_outside(const float* values, uint32_t o0, uint32_t o1, uint32_t o2, uint32_t o3,
@@ -320,15 +536,11 @@ struct FloatFieldCounts {
       }
     }
     outside_total += count;
-    if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
-    int top = 0;  // the block's largest exponent field of a normal finite element
-    for (int k = 0; k < 4 * kW; ++k) {
-      const uint32_t field = key(values[k]);
-      if (field < 255 && field > static_cast<uint32_t>(top)) top = static_cast<int>(field);
-    }
-    const int new_base = std::clamp(top - (kSlots - 3), 1, 254 - kSlots);  // never zeros, subnormals, NaN, Inf
-    return top == 0 || new_base == base ? 0 : new_base;
+    uint32_t bits[4 * kW];
+    std::memcpy(bits, values, sizeof bits);
+    return moved_base(bits, count, base);
   }
+#endif
 #endif
 
   template <typename T>
@@ -338,29 +550,188 @@ struct FloatFieldCounts {
 #else
     (void)w;
 #endif
-    for (int field = 0; field < 256; ++field) {
-      const int64_t c = int64_t{t[0][field]} + t[1][field] + t[2][field] + t[3][field];
-      if (c == 0) continue;
-      const int bin = field == 0 ? gradwatch::kHistZero : field == 255 ? gradwatch::kHistNonfinite
-                                                                        : field + gradwatch::kFloatFieldToBin;
-      std::atomic_ref<int64_t>(row[bin]).fetch_add(c, std::memory_order_relaxed);
-    }
-    if (int64_t{t[0][256]} + t[1][256] + t[2][256] + t[3][256] == 0) return;
-    int64_t sub[gradwatch::kHistBins] = {};
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = static_cast<float>(x[i]);
-      if (key(v) == 256) ++sub[gradwatch::log2_bin(v)];
-    }
-    for (int bin = 0; bin < gradwatch::kHistBins; ++bin) {
-      if (sub[bin] != 0) std::atomic_ref<int64_t>(row[bin]).fetch_add(sub[bin], std::memory_order_relaxed);
-    }
+    flush_tables(x, n, row);
   }
 };
+
+#ifdef GRADWATCH_HIST_LOOKUP
+// bfloat16 with AVX-512, counted in its own 16-bit lanes instead of widened: the exponent field is
+// bits 7..14 of the element, so one vector carries 32 elements (float32: 16). A 16-bit lane holds
+// 4 nibble counters, so the window's 16 fields take 4 accumulators, each incremented by a vpermw
+// lookup (32 entries: the table repeats every 16, only the field's low 4 bits matter). Otherwise as
+// FloatFieldCounts' lookup window: zeros masked off, outsiders found per block from the running
+// minimum and the block's maximum, counted one by one and taken back out of the window's tables.
+struct BFloat16FieldCounts : FieldTables {
+  static constexpr int kSlots = 16;
+  static constexpr int kSpillEvery = 12;  // vectors; a nibble holds 15
+  static constexpr int kWidenEvery = 16;  // spills; a byte holds 255 >= 16 * 12
+  static constexpr int kMoveAbove = 8;    // elements outside the window in one block that move it
+  static constexpr int kMaxMoves = 8;     // per chunk
+  static constexpr bool kBlockMax = true;
+  static constexpr bool kRaw = true;      // add_raw takes the loaded bfloat16 vectors
+  __m512i bytes[8];                       // bytes[2q + h], byte j of a 32-bit lane: nibble 2 * (j % 2) + h of acc[q]
+  __m512i sums[kSlots];                   // per-slot 32-bit lane sums
+  int moves = 0;
+  // Named members, not arrays: the compiler then keeps them in registers.
+  struct Window {
+    __m512i acc0, acc1, acc2, acc3;          // accQ: nibble i of each 16-bit lane counts slot 4Q + i
+    __m512i table0, table1, table2, table3;  // entry j: the increment of slot (j - base) & 15 in accQ
+    __m512i low;       // running min of nonzero |x| bits since the last outsider
+    __m512i bottom, top;  // |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
+    __m512i high;         // running max of |x| bits: the statistics' max (max_abs)
+    int base, pending, spills;
+    bool placed;  // by the chunk's first block
+    int64_t seen;
+  };
+
+  void clear(Window& w) {
+    clear_tables();
+    reset_window(w, 127 - 20);
+    moves = 0;
+    w.placed = false;
+    w.high = _mm512_setzero_si512();
+  }
+  void reset_window(Window& w, int base) {
+    w.base = base;
+    alignas(64) uint16_t table[4][32];
+    for (int j = 0; j < 32; ++j) {
+      const int slot = (j - base) & (kSlots - 1);
+      for (int q = 0; q < 4; ++q) table[q][j] = slot / 4 == q ? static_cast<uint16_t>(1u << (4 * (slot % 4))) : 0;
+    }
+    w.table0 = _mm512_load_si512(table[0]);
+    w.table1 = _mm512_load_si512(table[1]);
+    w.table2 = _mm512_load_si512(table[2]);
+    w.table3 = _mm512_load_si512(table[3]);
+    w.acc0 = w.acc1 = w.acc2 = w.acc3 = _mm512_setzero_si512();
+    w.low = _mm512_set1_epi32(-1);
+    w.bottom = _mm512_set1_epi16(static_cast<int16_t>(base << 7));
+    w.top = _mm512_set1_epi16(static_cast<int16_t>((base + kSlots) << 7));
+    w.pending = w.spills = 0;
+    w.seen = 0;
+    for (auto& b : bytes) b = _mm512_setzero_si512();
+    for (auto& s : sums) s = _mm512_setzero_si512();
+  }
+  static inline __mmask32 outside(__m512i v, const Window& w) {  // nonzero and not in [bottom, top)
+    return _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(v, v), v, w.bottom) |
+           _mm512_cmpge_epu16_mask(v, w.top);
+  }
+
+  // One block of the statistics loop: two vectors of 32 elements (their max |x| kept for max_abs).
+  inline void add_raw(Window& w, __m512i r0, __m512i r1) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff);
+    const __m512i v[2] = {_mm512_and_si512(r0, magnitude), _mm512_and_si512(r1, magnitude)};
+    const __m512i high = _mm512_max_epu16(v[0], v[1]);
+    w.high = _mm512_max_epu16(w.high, high);
+    if (!w.placed) [[unlikely]] place(w, high);
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; ++k) {
+      const __mmask32 nz = _mm512_test_epi16_mask(v[k], v[k]);
+      const __m512i field = _mm512_srli_epi16(v[k], 7);
+      w.acc0 = _mm512_add_epi16(w.acc0, _mm512_maskz_permutexvar_epi16(nz, field, w.table0));
+      w.acc1 = _mm512_add_epi16(w.acc1, _mm512_maskz_permutexvar_epi16(nz, field, w.table1));
+      w.acc2 = _mm512_add_epi16(w.acc2, _mm512_maskz_permutexvar_epi16(nz, field, w.table2));
+      w.acc3 = _mm512_add_epi16(w.acc3, _mm512_maskz_permutexvar_epi16(nz, field, w.table3));
+      w.low = _mm512_mask_min_epu16(w.low, nz, w.low, v[k]);
+    }
+    w.seen += 64;
+    w.pending += 2;
+    if (w.pending >= kSpillEvery) spill(w);
+    if (!_kortestz_mask32_u8(_mm512_cmplt_epu16_mask(w.low, w.bottom), _mm512_cmpge_epu16_mask(high, w.top)))
+        [[unlikely]] {
+      alignas(64) uint16_t values[64];
+      _mm512_store_si512(values, v[0]);
+      _mm512_store_si512(values + 32, v[1]);
+      const int new_base = add_outside(values, outside(v[0], w), outside(v[1], w), w.base);
+      w.low = _mm512_set1_epi32(-1);
+      if (new_base != 0) {
+        drain(w);
+        reset_window(w, new_base);
+        ++moves;
+      }
+    }
+  }
+  // The max |x| of the blocks so far, as float32 lanes.
+  Vectorized<float> max_abs(const Window& w) const {
+    Vectorized<float> even, odd;
+    widen_bf16(w.high, even, odd);
+    return at::vec::clamp_min(even, odd);
+  }
+  inline void spill(Window& w) {
+    const __m512i acc[4] = {w.acc0, w.acc1, w.acc2, w.acc3};
+    for (int q = 0; q < 4; ++q) {
+      bytes[2 * q] = isa::add_bytes(bytes[2 * q], isa::low_nibbles(acc[q]));
+      bytes[2 * q + 1] = isa::add_bytes(bytes[2 * q + 1], isa::high_nibbles(acc[q]));
+    }
+    w.acc0 = w.acc1 = w.acc2 = w.acc3 = _mm512_setzero_si512();
+    w.pending = 0;
+    if (++w.spills >= kWidenEvery) widen(w);
+  }
+  void widen(Window& w) {
+    for (int g = 0; g < 8; ++g) {
+      for (int j = 0; j < 4; ++j) {
+        __m512i& sum = sums[4 * (g / 2) + 2 * (j % 2) + g % 2];
+        sum = _mm512_add_epi32(sum, isa::byte_at(bytes[g], j));
+      }
+      bytes[g] = _mm512_setzero_si512();
+    }
+    w.spills = 0;
+  }
+  void drain(Window& w) {
+    spill(w);
+    widen(w);
+    int64_t in_window = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      const int64_t c = _mm512_reduce_add_epi32(sums[s]);
+      t[0][w.base + s] += static_cast<uint32_t>(c);
+      in_window += c;
+    }
+    t[0][0] += static_cast<uint32_t>(w.seen - in_window);  // zeros: never counted in the window
+  }
+  // As FloatFieldCounts::add_outside, on the 16-bit |x| bits of one block.
+  __attribute__((noinline)) int add_outside(const uint16_t* values, uint32_t o0, uint32_t o1, int base) {
+    const uint32_t outside[2] = {o0, o1};
+    int count = 0;
+    for (int k = 0; k < 2; ++k) {
+      for (uint32_t m = outside[k]; m != 0; m &= m - 1) {
+        const uint32_t v = values[32 * k + __builtin_ctz(m)];
+        ++t[count & 3][key_of_bits(v << 16)];
+        --t[count & 3][base + ((static_cast<int>(v >> 7) - base) & (kSlots - 1))];
+        ++count;
+      }
+    }
+    if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
+    int top = 0;  // the block's largest exponent field of a normal finite element
+    for (int k = 0; k < 64; ++k) {
+      const int field = values[k] >> 7;
+      if (field < 255 && field > top) top = field;
+    }
+    const int new_base = base_below(top);
+    return top == 0 || new_base == base ? 0 : new_base;
+  }
+  void place(Window& w, __m512i high) {
+    const __m512i wide = _mm512_max_epu32(_mm512_srli_epi32(high, 16), _mm512_and_si512(high, _mm512_set1_epi32(0xffff)));
+    const int field = static_cast<int>(static_cast<uint32_t>(_mm512_reduce_max_epu32(wide)) >> 7);
+    const int base = base_below(field);
+    if (field >= 1 && field <= 254 && base != w.base) {
+      if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
+      reset_window(w, base);
+    }
+    w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
+  }
+  template <typename T>
+  void flush(Window& w, const T* x, int64_t n, int64_t* row) {
+    drain(w);
+    flush_tables(x, n, row);
+  }
+};
+#endif
 
 // The same for float64 chunks, binned element by element (hist.h log2_bin).
 struct DoubleBinCounts {
   uint32_t t[gradwatch::kHistBins];
   struct Window {};
+  static constexpr bool kBlockMax = false;
+  static constexpr bool kRaw = false;
 
   void clear(Window&) { std::memset(t, 0, sizeof t); }
   inline void add_vectors(Window&, const Vectorized<double>& a, const Vectorized<double>& b,
@@ -384,8 +755,14 @@ struct DoubleBinCounts {
   }
 };
 
+#ifdef GRADWATCH_HIST_LOOKUP
+using BFloat16Counts = BFloat16FieldCounts;
+#else
+using BFloat16Counts = FloatFieldCounts;
+#endif
 template <typename T>
-using ChunkHist = std::conditional_t<std::is_same_v<T, double>, DoubleBinCounts, FloatFieldCounts>;
+using ChunkHist = std::conditional_t<std::is_same_v<T, double>, DoubleBinCounts,
+                                     std::conditional_t<std::is_same_v<T, c10::BFloat16>, BFloat16Counts, FloatFieldCounts>>;
 
 // Statistics of a chunk and, when kHist, its log2 histogram added to hist_row, in the same read:
 // the histogram reads each block of elements right after the vector loads (from L1), so memory is
@@ -410,6 +787,7 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
     V s0(0), s1(0), s2(0), s3(0);
     const int64_t fold_end = n - i < kFold ? n : i + kFold;
     for (; i + kStep <= fold_end; i += kStep) {
+      prefetch_ahead(x + i, kStep);
       load_pair<T>(x + i, a, b);
       load_pair<T>(x + i + kPair<T>, c, d);
       s0 = at::vec::fmadd(a, a, s0);
@@ -417,11 +795,17 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
       s2 = at::vec::fmadd(c, c, s2);
       s3 = at::vec::fmadd(d, d, s3);
       // max without NaN handling: a NaN makes the sum NaN and sends the chunk to exact_stats.
-      m0 = at::vec::clamp_min(m0, a.abs());
-      m1 = at::vec::clamp_min(m1, b.abs());
-      m2 = at::vec::clamp_min(m2, c.abs());
-      m3 = at::vec::clamp_min(m3, d.abs());
-      if constexpr (kHist) hist.add_vectors(window, a, b, c, d);
+      if constexpr (kHist && ChunkHist<T>::kRaw) {
+        hist.add_raw(window, load_raw(x + i), load_raw(x + i + kPair<T>));  // the max too: max_abs below
+      } else if constexpr (kHist && ChunkHist<T>::kBlockMax) {
+        m0 = at::vec::clamp_min(m0, hist.add_block(window, a, b, c, d));  // the block's max |x|
+      } else {
+        m0 = at::vec::clamp_min(m0, a.abs());
+        m1 = at::vec::clamp_min(m1, b.abs());
+        m2 = at::vec::clamp_min(m2, c.abs());
+        m3 = at::vec::clamp_min(m3, d.abs());
+        if constexpr (kHist) hist.add_vectors(window, a, b, c, d);
+      }
     }
     for (; i < fold_end; i += kPair<T>) {
       const int64_t count = fold_end - i < kPair<T> ? fold_end - i : kPair<T>;
@@ -438,6 +822,7 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
     }
     sumsq += sum_lanes((s0 + s1) + (s2 + s3));
   }
+  if constexpr (kHist && ChunkHist<T>::kRaw) m1 = at::vec::clamp_min(m1, hist.max_abs(window));
   if constexpr (kHist) hist.flush(window, x, n, hist_row);
   Partial s{};
   if (std::isfinite(sumsq)) {  // no NaN or Inf (they would make it so): the fast max is exact
