@@ -555,33 +555,36 @@ struct FloatFieldCounts : FieldTables {
 };
 
 #ifdef GRADWATCH_HIST_LOOKUP
-// bfloat16 with AVX-512, counted in its own 16-bit lanes instead of widened: the exponent field is
-// bits 7..14 of the element, so one vector carries 32 elements (float32: 16). A 16-bit lane holds
-// 4 nibble counters, so the window's 16 fields take 4 accumulators, each incremented by a vpermw
-// lookup (32 entries: the table repeats every 16, only the field's low 4 bits matter). Otherwise as
-// FloatFieldCounts' lookup window: zeros masked off, outsiders found per block from the running
-// minimum and the block's maximum, counted one by one and taken back out of the window's tables.
+// bfloat16 with AVX-512, read as loaded instead of widened: the exponent field is bits 7..14 of the
+// element, so a 32-bit lane holds two of them, its even element's field at bit 7 and its odd one's
+// at bit 23. Each goes through the float32 window's lookups (vpermd by the field's low 4 bits; a
+// 16-bit vpermw lookup would need 4 tables per 32 elements and is 2 uops on some cores), so a lane
+// takes two increments per vector: spilled every 6 vectors. Zeros are not masked off: they land in
+// the slot of the fields that are 0 mod 16, and are taken back from there at drain, counted from the
+// 16-bit nonzero mask that the running minimum needs anyway. Outsiders are found per block from the
+// running 16-bit minimum of the nonzero |x| bits and the block's maximum, counted one by one and
+// taken back out of the window's tables, as in FloatFieldCounts.
 struct BFloat16FieldCounts : FieldTables {
   static constexpr int kSlots = 16;
-  static constexpr int kSpillEvery = 12;  // vectors; a nibble holds 15
+  static constexpr int kSpillEvery = 12;  // increments per lane (2 per vector); a nibble holds 15
   static constexpr int kWidenEvery = 16;  // spills; a byte holds 255 >= 16 * 12
   static constexpr int kMoveAbove = 8;    // elements outside the window in one block that move it
   static constexpr int kMaxMoves = 8;     // per chunk
   static constexpr bool kBlockMax = true;
   static constexpr bool kRaw = true;      // add_raw takes the loaded bfloat16 vectors
-  __m512i bytes[8];                       // bytes[2q + h], byte j of a 32-bit lane: nibble 2 * (j % 2) + h of acc[q]
-  __m512i sums[kSlots];                   // per-slot 32-bit lane sums
+  isa::IVec bytes[4];                     // as FloatFieldCounts
+  isa::IVec sums[kSlots];
   int moves = 0;
   // Named members, not arrays: the compiler then keeps them in registers.
   struct Window {
-    __m512i acc0, acc1, acc2, acc3;          // accQ: nibble i of each 16-bit lane counts slot 4Q + i
-    __m512i table0, table1, table2, table3;  // entry j: the increment of slot (j - base) & 15 in accQ
-    __m512i low;       // running min of nonzero |x| bits since the last outsider
-    __m512i bottom, top;  // |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
-    __m512i high;         // running max of |x| bits: the statistics' max (max_abs)
+    __m512i lo, hi;              // as FloatFieldCounts: nibble i of lo counts slot i, of hi slot 8 + i
+    __m512i table_lo, table_hi;  // entry j: the increment of slot (j - base) & 15
+    __m512i low;                 // running min of nonzero 16-bit |x| bits since the last outsider
+    __m512i bottom, top;         // 16-bit |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
+    __m512i high;                // running max of 16-bit |x| bits: the statistics' max (max_abs)
     int base, pending, spills;
-    bool placed;  // by the chunk's first block
-    int64_t seen;
+    bool placed;    // by the chunk's first block with a normal element
+    int64_t zeros;  // since the last drain, all counted in the window at slot (0 - base) & 15
   };
 
   void clear(Window& w) {
@@ -593,21 +596,20 @@ struct BFloat16FieldCounts : FieldTables {
   }
   void reset_window(Window& w, int base) {
     w.base = base;
-    alignas(64) uint16_t table[4][32];
-    for (int j = 0; j < 32; ++j) {
+    alignas(64) uint32_t lo[kSlots], hi[kSlots];
+    for (int j = 0; j < kSlots; ++j) {
       const int slot = (j - base) & (kSlots - 1);
-      for (int q = 0; q < 4; ++q) table[q][j] = slot / 4 == q ? static_cast<uint16_t>(1u << (4 * (slot % 4))) : 0;
+      lo[j] = slot < 8 ? 1u << (4 * slot) : 0u;
+      hi[j] = slot < 8 ? 0u : 1u << (4 * (slot - 8));
     }
-    w.table0 = _mm512_load_si512(table[0]);
-    w.table1 = _mm512_load_si512(table[1]);
-    w.table2 = _mm512_load_si512(table[2]);
-    w.table3 = _mm512_load_si512(table[3]);
-    w.acc0 = w.acc1 = w.acc2 = w.acc3 = _mm512_setzero_si512();
+    w.table_lo = _mm512_load_si512(lo);
+    w.table_hi = _mm512_load_si512(hi);
+    w.lo = w.hi = _mm512_setzero_si512();
     w.low = _mm512_set1_epi32(-1);
     w.bottom = _mm512_set1_epi16(static_cast<int16_t>(base << 7));
     w.top = _mm512_set1_epi16(static_cast<int16_t>((base + kSlots) << 7));
     w.pending = w.spills = 0;
-    w.seen = 0;
+    w.zeros = 0;
     for (auto& b : bytes) b = _mm512_setzero_si512();
     for (auto& s : sums) s = _mm512_setzero_si512();
   }
@@ -626,15 +628,15 @@ struct BFloat16FieldCounts : FieldTables {
 #pragma GCC unroll 2
     for (int k = 0; k < 2; ++k) {
       const __mmask32 nz = _mm512_test_epi16_mask(v[k], v[k]);
-      const __m512i field = _mm512_srli_epi16(v[k], 7);
-      w.acc0 = _mm512_add_epi16(w.acc0, _mm512_maskz_permutexvar_epi16(nz, field, w.table0));
-      w.acc1 = _mm512_add_epi16(w.acc1, _mm512_maskz_permutexvar_epi16(nz, field, w.table1));
-      w.acc2 = _mm512_add_epi16(w.acc2, _mm512_maskz_permutexvar_epi16(nz, field, w.table2));
-      w.acc3 = _mm512_add_epi16(w.acc3, _mm512_maskz_permutexvar_epi16(nz, field, w.table3));
+      w.zeros += 32 - __builtin_popcount(_cvtmask32_u32(nz));
+      const __m512i even = _mm512_srli_epi32(v[k], 7), odd = _mm512_srli_epi32(v[k], 23);
+      w.lo = _mm512_add_epi32(w.lo, _mm512_add_epi32(_mm512_permutexvar_epi32(even, w.table_lo),
+                                                     _mm512_permutexvar_epi32(odd, w.table_lo)));
+      w.hi = _mm512_add_epi32(w.hi, _mm512_add_epi32(_mm512_permutexvar_epi32(even, w.table_hi),
+                                                     _mm512_permutexvar_epi32(odd, w.table_hi)));
       w.low = _mm512_mask_min_epu16(w.low, nz, w.low, v[k]);
     }
-    w.seen += 64;
-    w.pending += 2;
+    w.pending += 4;
     if (w.pending >= kSpillEvery) spill(w);
     if (!_kortestz_mask32_u8(_mm512_cmplt_epu16_mask(w.low, w.bottom), _mm512_cmpge_epu16_mask(high, w.top)))
         [[unlikely]] {
@@ -657,35 +659,33 @@ struct BFloat16FieldCounts : FieldTables {
     return at::vec::clamp_min(even, odd);
   }
   inline void spill(Window& w) {
-    const __m512i acc[4] = {w.acc0, w.acc1, w.acc2, w.acc3};
-    for (int q = 0; q < 4; ++q) {
-      bytes[2 * q] = isa::add_bytes(bytes[2 * q], isa::low_nibbles(acc[q]));
-      bytes[2 * q + 1] = isa::add_bytes(bytes[2 * q + 1], isa::high_nibbles(acc[q]));
-    }
-    w.acc0 = w.acc1 = w.acc2 = w.acc3 = _mm512_setzero_si512();
+    bytes[0] = isa::add_bytes(bytes[0], isa::low_nibbles(w.lo));   // slots 0, 2, 4, 6
+    bytes[1] = isa::add_bytes(bytes[1], isa::high_nibbles(w.lo));  // slots 1, 3, 5, 7
+    bytes[2] = isa::add_bytes(bytes[2], isa::low_nibbles(w.hi));   // slots 8, 10, 12, 14
+    bytes[3] = isa::add_bytes(bytes[3], isa::high_nibbles(w.hi));  // slots 9, 11, 13, 15
+    w.lo = w.hi = _mm512_setzero_si512();
     w.pending = 0;
     if (++w.spills >= kWidenEvery) widen(w);
   }
   void widen(Window& w) {
-    for (int g = 0; g < 8; ++g) {
-      for (int j = 0; j < 4; ++j) {
-        __m512i& sum = sums[4 * (g / 2) + 2 * (j % 2) + g % 2];
-        sum = _mm512_add_epi32(sum, isa::byte_at(bytes[g], j));
+    for (int k = 0; k < 4; ++k) {
+      for (int j = 0; j < 4; ++j) {  // byte j of group k holds slot 8 * (k / 2) + 2 * j + k % 2
+        isa::IVec& sum = sums[8 * (k / 2) + 2 * j + k % 2];
+        sum = isa::add(sum, isa::byte_at(bytes[k], j));
       }
-      bytes[g] = _mm512_setzero_si512();
+      bytes[k] = isa::set1(0);
     }
     w.spills = 0;
   }
   void drain(Window& w) {
     spill(w);
     widen(w);
-    int64_t in_window = 0;
+    const int zero_slot = -w.base & (kSlots - 1);
     for (int s = 0; s < kSlots; ++s) {
-      const int64_t c = _mm512_reduce_add_epi32(sums[s]);
+      const int64_t c = isa::sum(sums[s]) - (s == zero_slot ? w.zeros : 0);
       t[0][w.base + s] += static_cast<uint32_t>(c);
-      in_window += c;
     }
-    t[0][0] += static_cast<uint32_t>(w.seen - in_window);  // zeros: never counted in the window
+    t[0][0] += static_cast<uint32_t>(w.zeros);
   }
   // As FloatFieldCounts::add_outside, on the 16-bit |x| bits of one block.
   __attribute__((noinline)) int add_outside(const uint16_t* values, uint32_t o0, uint32_t o1, int base) {
@@ -713,7 +713,7 @@ struct BFloat16FieldCounts : FieldTables {
     const int field = static_cast<int>(static_cast<uint32_t>(_mm512_reduce_max_epu32(wide)) >> 7);
     const int base = base_below(field);
     if (field >= 1 && field <= 254 && base != w.base) {
-      if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
+      drain(w);  // blocks of zeros and subnormals before this one (nothing on the first block)
       reset_window(w, base);
     }
     w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
