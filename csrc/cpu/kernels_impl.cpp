@@ -39,17 +39,23 @@ constexpr int64_t kPair = 2 * AccVec<T>::size();
 #define GRADWATCH_BF16_EVEN_ODD 1
 // A bfloat16 is the upper half of a float32, so a vector of them widens as its elements' 32-bit
 // pairs shifted up (the even elements) and masked (the odd ones): 2 instructions where ATen's
-// convert takes 5 (the statistics and the histogram do not depend on the elements' order).
+// convert takes 5 (the statistics and the histogram do not depend on the elements' order). The
+// sign bits are cleared first (load_raw: |x|, one instruction for 32 elements), so the widened
+// values are the magnitudes the max needs (magnitude() below) and squares are unchanged.
 #if defined(CPU_CAPABILITY_AVX512)
 using RawBFloat16 = __m512i;
-inline RawBFloat16 load_raw(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
+inline RawBFloat16 load_raw(const c10::BFloat16* p) {
+  return _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi16(0x7fff));
+}
 inline void widen_bf16(RawBFloat16 r, Vectorized<float>& even, Vectorized<float>& odd) {
   even = Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
   odd = Vectorized<float>(_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))));
 }
 #else
 using RawBFloat16 = __m256i;
-inline RawBFloat16 load_raw(const c10::BFloat16* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline RawBFloat16 load_raw(const c10::BFloat16* p) {
+  return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi16(0x7fff));
+}
 inline void widen_bf16(RawBFloat16 r, Vectorized<float>& even, Vectorized<float>& odd) {
   even = Vectorized<float>(_mm256_castsi256_ps(_mm256_slli_epi32(r, 16)));
   odd = Vectorized<float>(_mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))));
@@ -57,6 +63,15 @@ inline void widen_bf16(RawBFloat16 r, Vectorized<float>& even, Vectorized<float>
 #endif
 static_assert(sizeof(RawBFloat16) == sizeof(Vectorized<float>));
 #endif
+
+// |v| of a vector from load_pair: bfloat16 ones are magnitudes already (load_raw).
+template <typename T>
+inline AccVec<T> magnitude(const AccVec<T>& v) {
+#ifdef GRADWATCH_BF16_EVEN_ODD
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return v;
+#endif
+  return v.abs();
+}
 
 template <typename T>
 inline void load_pair(const T* p, AccVec<T>& a, AccVec<T>& b) {
@@ -627,10 +642,10 @@ struct BFloat16FieldCounts : FieldTables {
            _mm512_cmpge_epu16_mask(v, w.top);
   }
 
-  // One block of the statistics loop: two vectors of 32 elements (their max |x| kept for max_abs).
+  // One block of the statistics loop: two vectors of 32 magnitudes (load_raw; their max is kept
+  // for max_abs).
   inline void add_raw(Window& w, __m512i r0, __m512i r1) {
-    const __m512i magnitude = _mm512_set1_epi16(0x7fff);
-    const __m512i v[2] = {_mm512_and_si512(r0, magnitude), _mm512_and_si512(r1, magnitude)};
+    const __m512i v[2] = {r0, r1};
     const __m512i high = _mm512_max_epu16(v[0], v[1]);
     w.high = _mm512_max_epu16(w.high, high);
     if (!w.placed) [[unlikely]] place(w, high);
@@ -810,10 +825,10 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
       } else if constexpr (kHist && ChunkHist<T>::kBlockMax) {
         m0 = at::vec::clamp_min(m0, hist.add_block(window, a, b, c, d));  // the block's max |x|
       } else {
-        m0 = at::vec::clamp_min(m0, a.abs());
-        m1 = at::vec::clamp_min(m1, b.abs());
-        m2 = at::vec::clamp_min(m2, c.abs());
-        m3 = at::vec::clamp_min(m3, d.abs());
+        m0 = at::vec::clamp_min(m0, magnitude<T>(a));
+        m1 = at::vec::clamp_min(m1, magnitude<T>(b));
+        m2 = at::vec::clamp_min(m2, magnitude<T>(c));
+        m3 = at::vec::clamp_min(m3, magnitude<T>(d));
         if constexpr (kHist) hist.add_vectors(window, a, b, c, d);
       }
     }
