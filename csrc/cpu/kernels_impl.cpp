@@ -226,6 +226,14 @@ inline uint32_t nonzero_lanes(IVec bits) { return ~lane_mask(_mm256_cmpeq_epi32(
 inline uint32_t lanes_above(IVec x, int limit, uint32_t among) {  // unsigned x > limit
   return ~lane_mask(_mm256_cmpeq_epi32(_mm256_min_epu32(x, set1(limit)), x)) & among;
 }
+inline IVec max_u(IVec a, IVec b) { return _mm256_max_epu32(a, b); }
+inline uint32_t max_lane(IVec v) {
+  uint32_t lanes[kLanes];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), v);
+  uint32_t m = 0;
+  for (int k = 0; k < kLanes; ++k) m = lanes[k] > m ? lanes[k] : m;
+  return m;
+}
 inline int64_t sum(IVec v) {
   int32_t lanes[kLanes];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), v);
@@ -237,30 +245,6 @@ inline int64_t sum(IVec v) {
 }  // namespace isa
 #endif
 
-// Log2 histogram of a chunk whose elements are read as float32 (float32, and float16/bfloat16 widened
-// exactly): counts of the float32 exponent field, the bin up to a constant (hist.h). Slot 256 counts
-// float32 subnormals, binned exactly at flush time by a rescan (rare: gradients below 2^-126).
-//
-// One element at a time (the DEFAULT build, tails, and the rare elements below) costs a load, a few
-// integer ops and a read-modify-write of a counter: several times the statistics' own work per
-// element. So with AVX2/AVX-512 the bulk goes through a window instead: 16 consecutive exponent
-// fields [base, base + 16), each lane holding a 4-bit counter per field (8 fields in `lo`, 8 in
-// `hi`), spilled into 32-bit sums every 12 vectors, before a nibble can overflow. Elements outside
-// the window (far below the chunk's largest, subnormal, NaN, Inf) go one by one; when a block has
-// many, the window moves to that block's largest binade (gradients of one chunk sit mostly within a
-// dozen binades of their largest: the ones more than 13 below are ~1e-4 of a Gaussian). Four
-// interleaved scalar tables, so that a run of elements in one binade does not wait on one counter.
-//
-// The increment `1 << 4 * slot` of a lane:
-// - AVX-512 (GRADWATCH_HIST_LOOKUP): looked up in two 16-entry tables (vpermd) by the low 4 bits of
-//   the exponent field, masked off for zeros: 1 shift, 1 test and 2 lookups per 16 elements. Every
-//   nonzero element adds 1 to exactly one nibble, also one outside the window (at the window field
-//   with its field's low 4 bits): the one-by-one path takes that back out of the tables. Outsiders
-//   are found per block of 4 vectors from two reductions the loop keeps anyway: the block's largest
-//   |x| bits (also the statistics' max) at or above the window's top, and a running minimum of the
-//   nonzero |x| bits below its bottom. Zeros are the elements seen minus the window's increments.
-// - AVX2: a variable shift (0 outside the window, so nothing to take back) of the field offset, and
-//   a per-vector out-of-window lane mask; zeros = seen - window - outside.
 // The scalar part: counts per exponent field in four interleaved tables, and the flush into a row.
 struct FieldTables {
   uint32_t t[4][257];  // counts modulo 2^32: the lookup window's take-backs may wrap one table
@@ -312,6 +296,30 @@ struct FieldTables {
   }
 };
 
+// Log2 histogram of a chunk whose elements are read as float32 (float32, and float16/bfloat16 widened
+// exactly): counts of the float32 exponent field, the bin up to a constant (hist.h). Slot 256 counts
+// float32 subnormals, binned exactly at flush time by a rescan (rare: gradients below 2^-126).
+//
+// One element at a time (the DEFAULT build, tails, and the rare elements below) costs a load, a few
+// integer ops and a read-modify-write of a counter: several times the statistics' own work per
+// element. So with AVX2/AVX-512 the bulk goes through a window instead: 16 consecutive exponent
+// fields [base, base + 16), each lane holding a 4-bit counter per field (8 fields in `lo`, 8 in
+// `hi`), spilled into 32-bit sums every 12 vectors, before a nibble can overflow. Elements outside
+// the window (far below the chunk's largest, subnormal, NaN, Inf) go one by one; when a block has
+// many, the window moves to that block's largest binade (gradients of one chunk sit mostly within a
+// dozen binades of their largest: the ones more than 13 below are ~1e-4 of a Gaussian). Four
+// interleaved scalar tables, so that a run of elements in one binade does not wait on one counter.
+//
+// The increment `1 << 4 * slot` of a lane:
+// - AVX-512 (GRADWATCH_HIST_LOOKUP): looked up in two 16-entry tables (vpermd) by the low 4 bits of
+//   the exponent field, masked off for zeros: 1 shift, 1 test and 2 lookups per 16 elements. Every
+//   nonzero element adds 1 to exactly one nibble, also one outside the window (at the window field
+//   with its field's low 4 bits): the one-by-one path takes that back out of the tables. Outsiders
+//   are found per block of 4 vectors from two reductions the loop keeps anyway: the block's largest
+//   |x| bits (also the statistics' max) at or above the window's top, and a running minimum of the
+//   nonzero |x| bits below its bottom. Zeros are the elements seen minus the window's increments.
+// - AVX2: a variable shift (0 outside the window, so nothing to take back) of the field offset, and
+//   a per-vector out-of-window lane mask; zeros = seen - window - outside.
 struct FloatFieldCounts : FieldTables {
 #ifdef GRADWATCH_HIST_WINDOW
   static constexpr int kSlots = 16;
@@ -331,10 +339,10 @@ struct FloatFieldCounts : FieldTables {
     isa::IVec table_lo, table_hi;  // entry j: the increment of slot (j - base) & 15
     isa::IVec low;                 // running min of nonzero |x| bits since the last outsider
     isa::IVec bottom, top;         // |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
-    bool placed;                   // by the chunk's first block
 #else
     isa::IVec base4;
 #endif
+    bool placed;  // by the chunk's first block with a normal element
     int base, pending, spills;
     int64_t seen;  // elements through the window since its last drain
   };
@@ -351,11 +359,9 @@ struct FloatFieldCounts : FieldTables {
   void clear(Window& w) {
     clear_tables();
 #ifdef GRADWATCH_HIST_WINDOW
-    reset_window(w, 127 - 20);  // [2^-20, 2^-4): moved by the first block that does not fit
+    reset_window(w, 127 - 20);  // [2^-20, 2^-4) until place() sees a normal element
     moves = 0;
-#ifdef GRADWATCH_HIST_LOOKUP
     w.placed = false;
-#endif
 #else
     (void)w;
 #endif
@@ -406,6 +412,10 @@ struct FloatFieldCounts : FieldTables {
 #elif defined(GRADWATCH_HIST_WINDOW)
     static_assert(kW == isa::kLanes);
     const Vectorized<float> v[4] = {a.abs(), b.abs(), c.abs(), d.abs()};
+    if (!w.placed) [[unlikely]] {
+      place(w, isa::max_u(isa::max_u(isa::bits_of(v[0]), isa::bits_of(v[1])),
+                          isa::max_u(isa::bits_of(v[2]), isa::bits_of(v[3]))));
+    }
     uint32_t outside[4];
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
@@ -502,6 +512,18 @@ struct FloatFieldCounts : FieldTables {
     }
     t[0][0] += static_cast<uint32_t>(w.seen - in_window - outside_total);
   }
+  // Puts the window at the chunk's first block with a normal element: its largest binade 3 below
+  // the window's top (the chunk's largest sits a binade or two above its first block's, and a
+  // Gaussian's elements more than 13 binades below its largest are ~1e-4 of them).
+  void place(Window& w, isa::IVec high) {
+    const int field = static_cast<int>(isa::max_lane(high) >> 23);
+    const int base = base_below(field);
+    if (field >= 1 && field <= 254 && base != w.base) {
+      if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
+      reset_window(w, base);
+    }
+    w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
+  }
   // The window's new base for a block with `count` outsiders whose |x| bits are `values` (0 to keep it).
   int moved_base(const uint32_t* values, int count, int base) const {
     if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
@@ -530,18 +552,6 @@ struct FloatFieldCounts : FieldTables {
       }
     }
     return moved_base(values, count, base);
-  }
-  // Puts the window at the chunk's first block with a normal element: its largest binade 3 below
-  // the window's top (the chunk's largest sits a binade or two above its first block's, and a
-  // Gaussian's elements more than 13 binades below its largest are ~1e-4 of them).
-  void place(Window& w, isa::IVec high) {
-    const int field = static_cast<int>(isa::max_lane(high) >> 23);
-    const int base = base_below(field);
-    if (field >= 1 && field <= 254 && base != w.base) {
-      if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
-      reset_window(w, base);
-    }
-    w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
   }
 #else
   // Counts one block's elements outside the window one by one; returns the window's new base when
