@@ -29,6 +29,19 @@ stage build $rc "$(grep real "$OUT/build.log")"
 [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
 $PY -c "import gradwatch; assert gradwatch.native_backends()['cuda'], 'no CUDA kernels loaded'" 2>&1 | tee -a "$OUT/summary.txt"
 
+# C++ errors must reach Python as exceptions. On the first H200 two of them segfaulted (built with
+# /opt/gcc/bin/g++); the probe runs each kind in its own process. If any crashed, rebuild the CPU kernels
+# alone with the system compiler in a copy and probe again, to tell the toolchain from the code.
+{ for c in /opt/gcc/bin/g++ /usr/bin/g++; do echo "$c: $($c --version 2>/dev/null | head -1)"; done
+  ldd gradwatch/_C*.so | grep -E "stdc\+\+|gcc_s"; } >> "$OUT/summary.txt" 2>&1
+if ! timeout 60 $PY -m benchmarks.exception_probe >> "$OUT/summary.txt" 2>&1 && [ -x /usr/bin/g++ ]; then
+  rm -rf /tmp/sysgcc && mkdir /tmp/sysgcc && cp -r setup.py pyproject.toml README.md csrc gradwatch benchmarks /tmp/sysgcc/
+  ( cd /tmp/sysgcc && rm -f gradwatch/_C*.so && env -u GRADWATCH_FORCE_CUDA CXX=/usr/bin/g++ CC=/usr/bin/gcc GRADWATCH_FORCE_CPU=1 \
+    timeout 120 $PY setup.py build_ext --inplace > /tmp/sysgcc/build.log 2>&1 && echo "system g++ build:" \
+    && timeout 60 $PY -m benchmarks.exception_probe ) >> "$OUT/summary.txt" 2>&1
+  stage "exception probe with the system g++" $?
+fi
+
 # The >2^31-element test needs ~8 GB (plus its oracle's temporaries); run it where memory allows.
 FREE_GB=$($PY -c "import torch; print(torch.cuda.mem_get_info()[0] // 2**30)")
 [ "$FREE_GB" -ge 24 ] && export GRADWATCH_BIG_TESTS=1
