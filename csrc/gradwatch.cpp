@@ -29,6 +29,12 @@ TORCH_LIBRARY(gradwatch, m) {
   m.def(
       "grad_check(Tensor packed, Tensor(a!) fstate, Tensor(b!) istate, float[] config, Tensor? index=None, "
       "Tensor? ignore=None, Tensor? loss=None, Tensor? loss_flags=None) -> (Tensor, Tensor, Tensor)");
+  // grad_stats_check is grad_stats then grad_check in one op (on CUDA: the task walk, then the
+  // rows, row N and the check in one block: two launches). Returns (packed, record, factors, skip).
+  m.def(
+      "grad_stats_check(Tensor[] tensors, Tensor(a!) fstate, Tensor(b!) istate, float[] config, "
+      "Tensor? index=None, Tensor? ignore=None, Tensor? loss=None, Tensor? loss_flags=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -112,22 +112,30 @@ class CheckPipeline:
                 self.in_backward.discard()
             return None
         hist = None
-        if sampled and self.histogram_every is not None and step % self.histogram_every == 0:
-            if self.in_backward is not None:
-                self.in_backward.discard()  # the histograms need the whole read: measured now
-            packed, hist = grad_stats_with_hist(grads)  # statistics and log2 histograms, one pass
-        else:
-            # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
-            packed = self.measure(grads) if sampled else grad_stats_packed(grads)
-        packed, scaler_flag = self.step_control.unscale(packed)
-        if scaler_skipped:
-            scaler_flag = torch.ones_like(scaler_flag)
-        packed = self.reduce(packed, index)
+        histogram_now = sampled and self.histogram_every is not None and step % self.histogram_every == 0
         names = [self.param_names[i] for i in index]
-        # detect, decide and the record's encoding: one op with built-in policies, else in Python
-        fused = (
-            self.check_fused(index, packed, scaler_flag, loss) if sampled and self.fused_now(packed.device) else None
-        )
+        if sampled and not histogram_now and self.stats_reach_check_unchanged(grads):
+            # measure, detect, decide and encode: one grad_stats_check op (two launches on a GPU)
+            scaler_flag = self.step_control.scaler_skipped(grads[0].device, scaler_skipped)
+            fused = self.check_fused(index, grads, scaler_flag, loss)
+        else:
+            if histogram_now:
+                if self.in_backward is not None:
+                    self.in_backward.discard()  # the histograms need the whole read: measured now
+                packed, hist = grad_stats_with_hist(grads)  # statistics and log2 histograms, one pass
+            else:
+                # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
+                packed = self.measure(grads) if sampled else grad_stats_packed(grads)
+            packed, scaler_flag = self.step_control.unscale(packed)
+            if scaler_skipped:
+                scaler_flag = torch.ones_like(scaler_flag)
+            packed = self.reduce(packed, index)
+            # detect, decide and the record's encoding: one op with built-in policies, else in Python
+            fused = (
+                self.check_fused(index, packed, scaler_flag, loss)
+                if sampled and self.fused_now(packed.device)
+                else None
+            )
         if fused is None:
             detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
             ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
@@ -238,13 +246,43 @@ class CheckPipeline:
             return False
         return self.fused.refresh()  # a policy changed into one the op does not run: Python path
 
+    def stats_reach_check_unchanged(self, grads: list[torch.Tensor]) -> bool:
+        """Whether measure and the fused check can be one ``grad_stats_check`` op this step.
+
+        They can when the statistics would reach the check as measured: one device, no
+        in-backward measurement, no GradScaler unscaling and no distributed reduction between.
+        """
+        return (
+            self.one_device
+            and self.in_backward is None
+            and not self.has_dtensor
+            and not self.step_control.scales_gradients()
+            and self.fused_now(grads[0].device)
+        )
+
     def check_fused(
-        self, index: list[int], packed: torch.Tensor, scaler_flag: torch.Tensor, loss: StepLoss | None
+        self,
+        index: list[int],
+        stats: torch.Tensor | list[torch.Tensor],
+        scaler_flag: torch.Tensor,
+        loss: StepLoss | None,
     ) -> FusedResult:
-        """Stages detect, decide and the record's encoding as one ``grad_check`` op (nothing to agree: one process)."""
-        device = packed.device
+        """Stages detect, decide and the record's encoding as one op (nothing to agree: one process).
+
+        Args:
+            index: which watched parameters the gradients are.
+            stats: the packed statistics (``grad_check``), or the gradients themselves
+                (``grad_stats_check``: measured in the same op).
+            scaler_flag: the GradScaler skipped this step by itself.
+            loss: the losses observed for this step, or None.
+        """
+        device = stats.device if isinstance(stats, torch.Tensor) else stats[0].device
         observed = (None, None) if loss is None else (loss.mean.to(device), loss.flags.to(device))
-        return self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
+        index_tensor = self._index_tensor(index, device)
+        # fused_now refreshed the config for this check
+        if isinstance(stats, torch.Tensor):
+            return self.fused(stats, index_tensor, scaler_flag, *observed, refresh=False)
+        return self.fused.with_stats(stats, index_tensor, scaler_flag, *observed, refresh=False)[1]
 
     def record_fused(
         self,

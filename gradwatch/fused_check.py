@@ -11,6 +11,12 @@ decides what the built-in policies decide, in one call: on the CPU one dispatche
 * ``factors``: float64 ``[n]``, what ``scale_`` multiplies each gradient by;
 * ``skip``: bool scalar, whether the optimizer step must not happen.
 
+``torch.ops.gradwatch.grad_stats_check(tensors, fstate, istate, config, ...)`` is ``grad_stats`` and
+``grad_check`` in one op, returning ``(packed, record, factors, skip)``: on a GPU the statistics' task
+walk and then one block that combines the rows, the total and runs the check (two launches; with
+``scale_`` a clipped step is three). The monitor uses it whenever the statistics reach the check
+unchanged (no GradScaler unscaling, no distributed reduction, no in-backward measuring).
+
 :class:`FusedCheck` is the bridge to the Python objects, which stay the readable oracle
 (``tests/test_fused_check.py`` drives both on the same streams): it packs the
 :class:`~gradwatch.detect.DetectorConfig` and the policies into the op's ``float[]`` config and
@@ -44,7 +50,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._ops import _C, measure_unchecked, scale_unchecked
+from ._layout import Stat
+from ._ops import _C, scale_unchecked
 from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detector
 from .events import AnomalyKind
 from .policies import AdaptiveClip, Clip, ClipExtras, LRBackoff, PolicySet, Raise, Rollback, Skip, Warn, Zero
@@ -106,6 +113,11 @@ def supports(policy: PolicySet) -> bool:
     return all(type(p) in _TYPES for p in policy.policies) and len(on_device) <= _MAX_POLICIES
 
 
+def _record_size(config: Sequence[float], n: int, columns: int) -> int:
+    """Length of the op's record payload (``record_size`` in ``csrc/check.h``)."""
+    return _HEAD_SIZE + 2 * NUM_KINDS + int(config[20]) + n * (columns + _DETECT_COLUMNS + NUM_KINDS)
+
+
 if _C is not None and hasattr(torch.ops.gradwatch, "grad_check"):
 
     @torch.library.register_fake("gradwatch::grad_check")
@@ -122,8 +134,28 @@ if _C is not None and hasattr(torch.ops.gradwatch, "grad_check"):
         torch._check(packed.dim() == 2, lambda: "grad_check: packed must be [n + 1, columns]")
         torch._check(packed.dtype == torch.float64, lambda: "grad_check: packed must be float64")
         n, columns = packed.shape[0] - 1, packed.shape[1]
-        size = _HEAD_SIZE + 2 * NUM_KINDS + int(config[20]) + n * (columns + _DETECT_COLUMNS + NUM_KINDS)
+        size = _record_size(config, n, columns)
         return packed.new_empty(size), packed.new_empty(n), packed.new_empty((), dtype=torch.bool)
+
+
+if _C is not None and hasattr(torch.ops.gradwatch, "grad_stats_check"):
+
+    @torch.library.register_fake("gradwatch::grad_stats_check")
+    def _grad_stats_check_fake(
+        tensors: Sequence[torch.Tensor],
+        fstate: torch.Tensor,
+        istate: torch.Tensor,
+        config: Sequence[float],
+        index: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        loss_flags: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch._check(len(tensors) > 0, lambda: "grad_stats_check: tensors is empty; pass at least one tensor")
+        n = len(tensors)
+        packed = tensors[0].new_empty((n + 1, len(Stat)), dtype=torch.float64)
+        f64 = packed.new_empty
+        return packed, f64(_record_size(config, n, len(Stat))), f64(n), f64((), dtype=torch.bool)
 
 
 def _opt(value: float | None) -> float:
@@ -309,6 +341,8 @@ class FusedCheck:
         ignore: torch.Tensor | None = None,
         loss: torch.Tensor | None = None,
         loss_flags: torch.Tensor | None = None,
+        *,
+        refresh: bool = True,
     ) -> FusedResult:
         """Checks one step: the detector's and the policies' work on ``packed``, in one op.
 
@@ -318,17 +352,56 @@ class FusedCheck:
             ignore: bool scalar; True: a GradScaler's own skip (nothing flagged or learned).
             loss: float64 scalar, the step's loss (the total norm is also judged given it).
             loss_flags: bool ``[NUM_KINDS]``, the flags of the step's observed losses.
+            refresh: follow policies changed since the last call (False: the caller just called
+                :meth:`refresh`).
         """
-        if not self.refresh():
-            raise ValueError("FusedCheck: the policy set now holds a policy the op does not run")
-        if not self._bound() or self.fstate.device != packed.device:
-            self.bind(packed.device)
-        if loss is not None and self.detector.regression is None:
-            self.detector.regression = self._regression  # the Python detector creates it with the first loss
+        self._prepare(packed.device, loss, refresh)
         out = torch.ops.gradwatch.grad_check(
             packed, self.fstate, self.istate, self.config, index, ignore, loss, loss_flags
         )
         return FusedResult(*out)
+
+    def with_stats(
+        self,
+        grads: list[torch.Tensor],
+        index: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        loss_flags: torch.Tensor | None = None,
+        *,
+        refresh: bool = True,
+    ) -> tuple[torch.Tensor, FusedResult]:
+        """The statistics pass and the check of :meth:`__call__` in one op (``grad_stats_check``).
+
+        On a GPU two launches instead of four (the task walk; then the rows, the total and the
+        check in one block). For statistics that are changed before the check (a GradScaler's
+        unscaling, a distributed reduction) measure first and call the object instead.
+
+        Args:
+            grads: the gradients, on one device (validated by the caller).
+            index: as :meth:`__call__`.
+            ignore: as :meth:`__call__`.
+            loss: as :meth:`__call__`.
+            loss_flags: as :meth:`__call__`.
+            refresh: as :meth:`__call__`.
+
+        Returns:
+            ``(packed, result)``: the statistics (``grad_stats``' output) and the check's result.
+        """
+        self._prepare(grads[0].device, loss, refresh)
+        packed, *out = torch.ops.gradwatch.grad_stats_check(
+            grads, self.fstate, self.istate, self.config, index, ignore, loss, loss_flags
+        )
+        return packed, FusedResult(*out)
+
+    def _prepare(self, device: torch.device, loss: torch.Tensor | None, refresh: bool) -> None:
+        """Config current, state on ``device`` and bound to the detector's tensors."""
+        if refresh and not self.refresh():
+            raise ValueError("FusedCheck: the policy set now holds a policy the op does not run")
+        if not self._bound() or self.fstate.device != device:
+            self.bind(device)
+        if loss is not None and self.detector.regression is None:
+            self.detector.regression = self._regression  # the Python detector creates it with the first loss
 
 
 def check_step(
@@ -350,8 +423,7 @@ def check_step(
     Returns:
         ``(record, factors, skip)`` as :class:`FusedResult`.
     """
-    packed = measure_unchecked(grads)
-    record, factors, skip = torch.ops.gradwatch.grad_check(packed, fstate, istate, config)
+    _, record, factors, skip = torch.ops.gradwatch.grad_stats_check(grads, fstate, istate, config)
     if apply:
         scale_unchecked(grads, factors)
     return record, factors, skip

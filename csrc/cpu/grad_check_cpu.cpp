@@ -1,4 +1,5 @@
-// CPU implementation of gradwatch::grad_check: the three phases of check.h, one after the other.
+// CPU implementations of gradwatch::grad_check (the three phases of check.h, one after the other)
+// and grad_stats_check (grad_stats, then grad_check).
 // Compiled once, with the default flags (never per CPU capability): the check is a few hundred
 // flops per parameter, nothing to vectorize.
 #include <ATen/core/Tensor.h>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "../check_op.h"
+#include "ops.h"
 
 namespace gradwatch::check {
 
@@ -59,8 +61,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_check_cpu(
   return {record_t, factors_t, skip_t};
 }
 
+// The statistics pass, then the check on its output, in one op: one dispatch less per check.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_stats_check_cpu(
+    at::TensorList tensors, at::Tensor& fstate, at::Tensor& istate, c10::ArrayRef<double> config,
+    const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& ignore,
+    const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& loss_flags) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "grad_stats_check: tensors is empty; pass at least one tensor");
+  const at::Tensor packed = cpu::grad_stats_cpu(tensors);
+  auto [record, factors, skip] = grad_check_cpu(packed, fstate, istate, config, index, ignore, loss, loss_flags);
+  return {packed, record, factors, skip};
+}
+
 }  // namespace
 
 }  // namespace gradwatch::check
 
-TORCH_LIBRARY_IMPL(gradwatch, CPU, m) { m.impl("grad_check", &gradwatch::check::grad_check_cpu); }
+TORCH_LIBRARY_IMPL(gradwatch, CPU, m) {
+  m.impl("grad_check", &gradwatch::check::grad_check_cpu);
+  m.impl("grad_stats_check", &gradwatch::check::grad_stats_check_cpu);
+}
