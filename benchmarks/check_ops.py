@@ -180,6 +180,21 @@ def run(repeats: int, quick: bool, device: str = "cpu") -> dict[str, Any]:
                     start = time.perf_counter()
                     s.decide(packed, flag)
                     alone[fused].append(time.perf_counter() - start)
+            # the fused check's two forms on the same gradients: grad_stats then grad_check, and grad_stats_check
+            fused, grads = setups[True].watch._stages.fused, [p.grad for p in setups[True].params]
+            forms: dict[str, list[float]] = {"two_ops": [], "one_op": []}
+            for _ in range(repeats):
+                for form in forms:
+                    start = time.perf_counter()
+                    if form == "two_ops":
+                        fused(torch.ops.gradwatch.grad_stats(grads))
+                    else:
+                        fused.with_stats(grads)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    forms[form].append(time.perf_counter() - start)
+            row["two_ops_us"] = 1e6 * statistics.median(forms["two_ops"])
+            row["one_op_us"] = 1e6 * statistics.median(forms["one_op"])
             row["python_ms"] = 1e3 * statistics.median(samples[False])
             row["fused_ms"] = 1e3 * statistics.median(samples[True])
             row["python_decide_us"] = 1e6 * statistics.median(alone[False])
@@ -205,6 +220,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['python_ms']:.2f} → {r['fused_ms']:.2f} | {r['python_ms'] / r['fused_ms']:.2f}x | "
             f"{r['python_decide_us']:.0f} → {r['fused_decide_us']:.0f} | "
             f"{r['python_decide_us'] / r['fused_decide_us']:.1f}x |"
+        )
+    lines += ["", "Statistics + check alone, grad_stats then grad_check → grad_stats_check (µs, median):", ""]
+    for r in results["rows"]:
+        lines.append(
+            f"- {r['workload']} {r['policy']}: {r['two_ops_us']:.0f} → {r['one_op_us']:.0f} "
+            f"({r['two_ops_us'] / r['one_op_us']:.2f}x)"
         )
     if device == "cuda":
         lines += ["", "CUDA kernels per check (Python pipeline → fused op):", ""]
