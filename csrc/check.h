@@ -180,19 +180,25 @@ C10_HOST_DEVICE inline double ema_weight(int64_t count, double ema) {
   return clamp_min(1.0 / static_cast<double>(count + 1), 1.0 - ema);
 }
 
-// RunningStats.update_ for one stream: learns x where ok; a flagged value moves only the mean;
-// from the clamp_after-th observation on, the deviation enters clamped to +-huber sd.
-C10_HOST_DEVICE inline void update_stream(const Config& c, State& s, int64_t k, double x, bool ok, bool flagged) {
-  const double mean = s.mean[k], var = s.var[k];
-  const int64_t count = s.count[k];
-  const double half = c.huber * sqrt_clamped(var);
-  double diff = ok ? x - mean : 0.0;
-  if (count >= c.clamp_after) diff = minimum(maximum(diff, -half), half);
-  const double a = ema_weight(count, c.ema);
+// RunningStats.update_ for one value: learns x where ok; a flagged value moves only the mean; from
+// the clamp_after-th observation on, the deviation enters clamped to +-huber sd. The one rule for the
+// detector's streams (update_stream) and the loss (loss_check.h).
+C10_HOST_DEVICE inline void update_running(double& mean, double& var, int64_t& count, double x, bool ok, bool flagged,
+                                           double huber, int64_t clamp_after, double ema) {
+  const double m = mean, v = var;
+  const int64_t n = count;
+  const double half = huber * sqrt_clamped(v);
+  double diff = ok ? x - m : 0.0;
+  if (n >= clamp_after) diff = minimum(maximum(diff, -half), half);
+  const double a = ema_weight(n, ema);
   const double incr = a * diff;
-  if (ok && !flagged) s.var[k] = (1.0 - a) * (var + diff * incr);
-  s.mean[k] = mean + incr;
-  s.count[k] = count + (ok ? 1 : 0);
+  if (ok && !flagged) var = (1.0 - a) * (v + diff * incr);
+  mean = m + incr;
+  count = n + (ok ? 1 : 0);
+}
+
+C10_HOST_DEVICE inline void update_stream(const Config& c, State& s, int64_t k, double x, bool ok, bool flagged) {
+  update_running(s.mean[k], s.var[k], s.count[k], x, ok, flagged, c.huber, c.clamp_after, c.ema);
 }
 
 // One stream's judgement (Detector.detect's "adaptive rules, all streams at once").

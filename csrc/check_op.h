@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "check.h"
+#include "loss_check.h"
 
 namespace gradwatch::check {
 
@@ -84,6 +85,34 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> make_outputs(const Config&
   const auto f64 = packed.options().dtype(at::kDouble);
   return {at::empty({record_size(c, n, packed.size(1))}, f64), at::empty({n}, f64),
           at::empty({}, packed.options().dtype(at::kBool))};
+}
+
+// loss_check's arguments: every tensor on the loss's device, the state and outputs of their exact
+// dtype and size (values are not read: they may live on a GPU). Returns the config.
+inline LossConfig check_loss_args(const at::Tensor& loss, const at::Tensor& mean, const at::Tensor& var,
+                                  const at::Tensor& count, const at::Tensor& packet, const at::Tensor& flags,
+                                  int64_t micro_batch, c10::ArrayRef<double> config) {
+  LossConfig c{};
+  const char* error = parse_loss_config(config.data(), static_cast<int64_t>(config.size()), c);
+  TORCH_CHECK_VALUE(error == nullptr, "loss_check: ", error, "; build it with gradwatch.fused_check.loss_config");
+  TORCH_CHECK_VALUE(loss.numel() == 1, "loss_check: loss must hold one element, got shape ", loss.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(loss.scalar_type()) && loss.scalar_type() != at::kFloat8_e4m3fn &&
+                       loss.scalar_type() != at::kFloat8_e5m2,
+                   "loss_check: loss must be float16, bfloat16, float32 or float64, got ", loss.scalar_type());
+  TORCH_CHECK_VALUE(micro_batch >= 1, "loss_check: micro_batch is ", micro_batch, "; count from 1");
+  const at::Device device = loss.device();
+  const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "loss_check: ", name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == device, "loss_check: ", name, " is on ", t.device(), " but loss is on ", device);
+    TORCH_CHECK_VALUE(t.numel() == numel, "loss_check: ", name, " has ", t.numel(), " elements; expected ", numel);
+    TORCH_CHECK_VALUE(t.is_contiguous(), "loss_check: ", name, " must be contiguous");
+  };
+  check(mean, "mean", at::kDouble, 1);
+  check(var, "var", at::kDouble, 1);
+  check(count, "count", at::kLong, 1);
+  check(packet, "packet", at::kDouble, kLossPacketWords);
+  check(flags, "flags", at::kBool, kNumKinds);
+  return c;
 }
 
 }  // namespace gradwatch::check

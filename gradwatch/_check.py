@@ -36,7 +36,7 @@ import torch
 
 from ._ops import IndexCache, grad_stats_packed, grad_stats_with_hist, measure_unchecked, scale_, scale_unchecked
 from ._policy import Decision, DecisionContext
-from ._records import StepLoss, encode_record, extras_layout
+from ._records import ObservedLoss, encode_record, extras_layout
 from ._selection import present_gradients
 from ._stepping import SkipPath
 from .detect import NUM_KINDS, Detection, nonfinite_detection
@@ -56,6 +56,11 @@ class CheckResult(NamedTuple):
     skip_path: SkipPath | None
     skip: torch.Tensor
     scaler_flag: torch.Tensor | None = None  # the GradScaler skipped the step (update ratios: no update)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, without a dispatch when it is there already (the usual case)."""
+    return t if t.device == device else t.to(device)
 
 
 class CheckPipeline:
@@ -97,7 +102,7 @@ class CheckPipeline:
         # the built-in policies run in the same op as the detector (one op per check, fused_check.py)
         self.fused = FusedCheck(self.detector, self.policy) if supports(self.policy) else None
 
-    def run(self, step: int, *, sampled: bool, loss: StepLoss | None, scaler_skipped: bool) -> CheckResult | None:
+    def run(self, step: int, *, sampled: bool, loss: ObservedLoss | None, scaler_skipped: bool) -> CheckResult | None:
         """Runs every stage for ``step``; None when no watched parameter has a gradient.
 
         Args:
@@ -193,7 +198,7 @@ class CheckPipeline:
         packed: torch.Tensor,
         index: list[int],
         scaler_flag: torch.Tensor,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
         sampled: bool,
     ) -> tuple[Detection, torch.Tensor]:
         """Stage 'detect': the step's flags, and the loss's flags (all False without a loss)."""
@@ -265,7 +270,7 @@ class CheckPipeline:
         index: list[int],
         stats: torch.Tensor | list[torch.Tensor],
         scaler_flag: torch.Tensor,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
     ) -> FusedResult:
         """Stages detect, decide and the record's encoding as one op (nothing to agree: one process).
 
@@ -277,7 +282,7 @@ class CheckPipeline:
             loss: the losses observed for this step, or None.
         """
         device = stats.device if isinstance(stats, torch.Tensor) else stats[0].device
-        observed = (None, None) if loss is None else (loss.mean.to(device), loss.flags.to(device))
+        observed = (None, None) if loss is None else tuple(_on(t, device) for t in (loss.mean, loss.flags))
         index_tensor = self._index_tensor(index, device)
         # fused_now refreshed the config for this check
         if isinstance(stats, torch.Tensor):
@@ -289,7 +294,7 @@ class CheckPipeline:
         step: int,
         names: list[str],
         fused: FusedResult,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
         log2_hist: torch.Tensor | None = None,
     ) -> None:
         """Stage 'record' of a fused check: the op's record payload, copied to the host without a sync.
@@ -309,7 +314,7 @@ class CheckPipeline:
         names: list[str],
         decision: Decision,
         seen_by: torch.Tensor | None,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
         sampled: bool,
         log2_hist: torch.Tensor | None = None,
     ) -> None:

@@ -56,7 +56,16 @@ from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detector
 from .events import AnomalyKind
 from .policies import AdaptiveClip, Clip, ClipExtras, LRBackoff, PolicySet, Raise, Rollback, Skip, Warn, Zero
 
-__all__ = ["FusedCheck", "FusedResult", "supports", "native", "check_step", "CONFIG_VERSION"]
+__all__ = [
+    "FusedCheck",
+    "FusedResult",
+    "FusedStepLoss",
+    "supports",
+    "native",
+    "check_step",
+    "loss_config",
+    "CONFIG_VERSION",
+]
 
 CONFIG_VERSION = 1
 _CONFIG_HEAD = 24
@@ -92,14 +101,16 @@ _CLIPS = (Clip, AdaptiveClip)
 _MAX_POLICIES = 16
 
 
-def _has_kernel(device_type: str) -> bool:
-    if _C is None or not hasattr(torch.ops.gradwatch, "grad_check"):
+def _has_kernel(device_type: str, op: str = "grad_check") -> bool:
+    if _C is None or not hasattr(torch.ops.gradwatch, op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("gradwatch::grad_check", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradwatch::{op}", key)
 
 
 _NATIVE = {"cpu": _has_kernel("cpu"), "cuda": _has_kernel("cuda")}
+_NATIVE_LOSS = {"cpu": _has_kernel("cpu", "loss_check"), "cuda": _has_kernel("cuda", "loss_check")}
+_LOSS_PACKET = 3 + NUM_KINDS  # StepLoss.encode's layout; the op keeps the running total after it
 
 
 def native(device: torch.device | str) -> bool:
@@ -156,6 +167,96 @@ if _C is not None and hasattr(torch.ops.gradwatch, "grad_stats_check"):
         packed = tensors[0].new_empty((n + 1, len(Stat)), dtype=torch.float64)
         f64 = packed.new_empty
         return packed, f64(_record_size(config, n, len(Stat))), f64(n), f64((), dtype=torch.bool)
+
+
+if _C is not None and hasattr(torch.ops.gradwatch, "loss_check"):
+
+    @torch.library.register_fake("gradwatch::loss_check")
+    def _loss_check_fake(
+        loss: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        count: torch.Tensor,
+        packet: torch.Tensor,
+        flags: torch.Tensor,
+        micro_batch: int,
+        config: Sequence[float],
+    ) -> None:
+        torch._check(loss.numel() == 1, lambda: "loss_check: loss must hold one element")
+        torch._check(packet.numel() == _LOSS_PACKET + 1, lambda: "loss_check: packet has the wrong size")
+
+
+def loss_config(detector: Detector) -> list[float]:
+    """``loss_check``'s config from ``detector``'s loss rule: sigma, warmup, clamp_after, huber, ema."""
+    stats = detector.loss
+    return [float(detector.loss_sigma), float(stats.warmup), float(stats.clamp_after), stats.huber, stats.ema]
+
+
+class FusedStepLoss:
+    """:class:`~gradwatch._records.StepLoss` in one op per observed loss (``loss_check``, ``csrc/loss_check.h``).
+
+    The loss is judged (a spike or a non-finite loss, :meth:`Detector.detect_loss`'s rule), the
+    detector's loss statistics are updated in place, and the step's packet (mean over its
+    micro-batches, the worst spike and its threshold, the flags) is kept on the device, ready to copy:
+    one launch per loss instead of ~60 ops. :class:`StepLoss` is the oracle (``tests/test_loss_check.py``).
+
+    Args:
+        step: the step the losses belong to.
+        detector: whose loss statistics judge and learn the losses.
+    """
+
+    def __init__(self, step: int, detector: Detector):
+        self.step = step
+        self.detector = detector
+        self.count = 0
+        self._packet: torch.Tensor | None = None
+        self._flags: torch.Tensor | None = None
+
+    @staticmethod
+    def runs(loss: torch.Tensor, detector: Detector) -> bool:
+        """Whether the op can take ``loss``: a compiled kernel for its device, the detector's loss state there."""
+        stats = detector.loss
+        on_device = stats.mean is None or stats.mean.device == loss.device
+        valid = loss.numel() == 1 and loss.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        return _NATIVE_LOSS.get(loss.device.type, False) and on_device and valid
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Judges the next micro-batch's loss and folds it into the step's (one op, no sync)."""
+        stats = self.detector.loss
+        stats._ensure(loss.device)
+        if self._packet is None:
+            self._packet = torch.empty(_LOSS_PACKET + 1, dtype=torch.float64, device=loss.device)
+            self._flags = torch.empty(NUM_KINDS, dtype=torch.bool, device=loss.device)
+        elif loss.device != self._packet.device:
+            raise ValueError(
+                f"observe_loss: this step's losses were on {self._packet.device}, this one is on {loss.device}; "
+                "pass every micro-batch's loss from one device"
+            )
+        self.count += 1
+        torch.ops.gradwatch.loss_check(
+            loss.detach(),
+            stats.mean,
+            stats.var,
+            stats.count,
+            self._packet,
+            self._flags,
+            self.count,
+            loss_config(self.detector),
+        )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The step's loss: the mean over its micro-batches (float64 scalar, on the device)."""
+        return self._packet[0]
+
+    @property
+    def flags(self) -> torch.Tensor:
+        """Bool ``[NUM_KINDS]``: the loss flags of any of the step's losses."""
+        return self._flags
+
+    def encode(self) -> torch.Tensor:
+        """:meth:`StepLoss.encode`'s vector: mean, spike value, spike threshold, flags."""
+        return self._packet[:_LOSS_PACKET]
 
 
 def _opt(value: float | None) -> float:

@@ -35,13 +35,14 @@ from ._check import CheckPipeline
 from ._diagnostics import Diagnostics
 from ._in_backward import InBackwardStats
 from ._publish import Publisher, SinkError
-from ._records import RecordQueue, StepLoss
+from ._records import ObservedLoss, RecordQueue, StepLoss
 from ._selection import Selector, UnwatchedReport, select_parameters
 from ._stepping import ScalerTap, StepControl
 from ._validate import is_positive_int, positive_int
 from .detect import Detector, DetectorConfig
 from .distributed import is_distributed, is_dtensor
 from .events import AnomalyEvent, Sink, StepRecord
+from .fused_check import FusedStepLoss
 from .policies import Policy, PolicySet, make_policy
 
 __all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
@@ -273,7 +274,7 @@ class GradWatch:
         self._records = RecordQueue(self.detector.config)
         self._handles: list[RemovableHandle] = []
         self._queued = False
-        self._loss: StepLoss | None = None  # observed for the upcoming check
+        self._loss: ObservedLoss | None = None  # observed for the upcoming check
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._in_check: int | None = None
         self._unwatched = UnwatchedReport(model)  # the optimizer's parameters that are not the model's
@@ -489,13 +490,17 @@ class GradWatch:
             return
         if late:
             self._last_checked = None
-        detection = self.detector.detect_loss(loss)
-        if late:
-            self._records.put_loss(target, StepLoss(target, detection))
-        elif self._loss is not None and self._loss.step == target:
-            self._loss.add(detection)  # another micro-batch of the same optimizer step
+        if self._loss is None or self._loss.step != target or late:
+            # one loss_check op per loss where compiled (FusedStepLoss), else the Python detector
+            kind = FusedStepLoss if FusedStepLoss.runs(loss, self.detector) else StepLoss
+            step_loss = kind(target, self.detector)
+            step_loss.observe(loss)
+            if late:
+                self._records.put_loss(target, step_loss)
+            else:
+                self._loss = step_loss
         else:
-            self._loss = StepLoss(target, detection)
+            self._loss.observe(loss)  # another micro-batch of the same optimizer step
 
     def flush(self) -> None:
         """Drains every pending record to the host now (waits for the copies); returns None."""

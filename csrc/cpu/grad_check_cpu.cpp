@@ -1,7 +1,8 @@
 // CPU implementations of gradwatch::grad_check (the three phases of check.h, one after the other)
-// and grad_stats_check (grad_stats, then grad_check).
+// and grad_stats_check (grad_stats, then grad_check), and loss_check.
 // Compiled once, with the default flags (never per CPU capability): the check is a few hundred
 // flops per parameter, nothing to vectorize.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -72,6 +73,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_stats_check_cpu(
   return {packed, record, factors, skip};
 }
 
+// One observed loss: Detector.detect_loss and StepLoss in one call (loss_check.h).
+void loss_check_cpu(const at::Tensor& loss, at::Tensor& mean, at::Tensor& var, at::Tensor& count, at::Tensor& packet,
+                    at::Tensor& flags, int64_t micro_batch, c10::ArrayRef<double> config) {
+  const LossConfig c = check_loss_args(loss, mean, var, count, packet, flags, micro_batch, config);
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "loss_check",
+                                  [&] { value = static_cast<double>(*loss.const_data_ptr<scalar_t>()); });
+  observe_loss(c, mean.data_ptr<double>(), var.data_ptr<double>(), count.data_ptr<int64_t>(), value, micro_batch,
+               packet.data_ptr<double>(), flags.data_ptr<bool>());
+}
+
 }  // namespace
 
 }  // namespace gradwatch::check
@@ -79,4 +91,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_stats_check_cpu(
 TORCH_LIBRARY_IMPL(gradwatch, CPU, m) {
   m.impl("grad_check", &gradwatch::check::grad_check_cpu);
   m.impl("grad_stats_check", &gradwatch::check::grad_stats_check_cpu);
+  m.impl("loss_check", &gradwatch::check::loss_check_cpu);
 }
