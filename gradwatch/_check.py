@@ -135,6 +135,8 @@ class CheckPipeline:
             if scaler_skipped:
                 scaler_flag = torch.ones_like(scaler_flag)
             packed = self.reduce(packed, index)
+            if hist is not None and self.has_dtensor:
+                hist = self._reducer(index).reduce_counts(hist)  # shards' counts summed: the full gradients'
             # detect, decide and the record's encoding: one op with built-in policies, else in Python
             fused = (
                 self.check_fused(index, packed, scaler_flag, loss)
@@ -187,11 +189,14 @@ class CheckPipeline:
         """
         if not is_distributed():
             return packed
+        return self._reducer(index).reduce(packed)
+
+    def _reducer(self, index: list[int]) -> ShardedStats:
         key = tuple(index)
         reducer = self._sharded.get(key)
         if reducer is None:
             reducer = self._sharded[key] = ShardedStats([self.params[i] for i in index])
-        return reducer.reduce(packed)
+        return reducer
 
     def detect(
         self,

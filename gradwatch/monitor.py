@@ -150,7 +150,8 @@ class GradWatch:
             norms of the optimizer's update and of the weights (``StepRecord.update_norms``,
             ``weight_norms``; the record of step t carries step t-1's update) and flag
             ``update_ratio_low`` / ``update_ratio_high``; keeps a copy of the watched parameters (see
-            :mod:`gradwatch.update_ratio`). Needs an optimizer. Default None (off).
+            :mod:`gradwatch.update_ratio`; FSDP2 shards are measured locally and reduced). Needs an
+            optimizer. Default None (off).
         update_ratio_floor: a ratio ``||dw|| / ||w||`` at or below it while the gradient is nonzero is
             ``update_ratio_low`` (frozen by accident). Default 1e-8.
         update_ratio_ceiling: a ratio above it (after the detector's warm-up) is ``update_ratio_high``.
@@ -159,8 +160,9 @@ class GradWatch:
             each gradient's elements by binade in the same read pass (``grad_stats(...,
             histogram=True)``); the counts travel with the step's record (no sync) as
             :attr:`StepRecord.log2_hist`, into the history (counts and fp16/bf16/fp8 underflow
-            fractions, :mod:`gradwatch.histograms`), the report and TensorBoard. Not with sharded
-            (FSDP2/DTensor) parameters. Default None: off.
+            fractions, :mod:`gradwatch.histograms`), the report and TensorBoard. With FSDP2/DTensor
+            parameters each rank counts its shards and the counts are summed over the shard groups
+            (one collective per sharding layout). Default None: off.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -247,11 +249,6 @@ class GradWatch:
         self._params: list[nn.Parameter] = [p for _, p in selected]
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
-        if self.histogram_every is not None and any(is_dtensor(p) for p in self._params):
-            raise ValueError(
-                "histogram_every: sharded (FSDP2/DTensor) parameters are not supported: each rank would count "
-                "its own shard only; leave histogram_every=None under FSDP2"
-            )
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         if baseline is not None:
             device = self._params[0].device
