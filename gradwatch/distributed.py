@@ -141,7 +141,6 @@ class ShardedStats:
             rows.index_copy_(0, layout.index, torch.stack([full[s] for s in Stat], dim=1))
         return torch.cat([rows, combine_rows(rows)[None]])
 
-
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-parameter counts of the full gradients (e.g. log2 histograms) from the local shards' counts.
 
