@@ -1,0 +1,126 @@
+"""Hostile and careless use of the fused check ops and of ``observe_loss``, each against its oracle.
+
+Every test here failed before its fix: a hand-made ``grad_check`` config whose offsets or slots
+point past what the op allocates (stray writes into memory), and micro-batch losses of mixed dtypes
+in one step (the fused loss path raised where the Python path casts).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from gradwatch import GradWatch, fused_check
+from gradwatch.detect import Detector, DetectorConfig
+from gradwatch.fused_check import FusedCheck, FusedStepLoss
+from gradwatch.policies import AdaptiveClip, Clip, PolicySet, Raise, Skip
+
+pytestmark = pytest.mark.skipif(not fused_check.native("cpu"), reason="needs the compiled CPU kernels")
+
+_HEAD = fused_check._CONFIG_HEAD
+_WORDS = fused_check._POLICY_WORDS
+
+
+def _checked() -> tuple[FusedCheck, list[torch.Tensor], torch.Tensor]:
+    """A FusedCheck with a Clip, an AdaptiveClip, a Raise and a Skip, bound to its state on the CPU."""
+    det = Detector(2, DetectorConfig(warmup=2))
+    fc = FusedCheck(det, PolicySet([Clip(1.0), AdaptiveClip(z=2.0), Raise(after=2), Skip()]))
+    grads = [torch.randn(3), torch.randn(4)]
+    packed, _ = fc.with_stats(grads)
+    return fc, grads, packed
+
+
+def _word(fc: FusedCheck, policy_type: type, field: int) -> int:
+    """Index in ``fc.config`` of word ``field`` of the (first) policy of ``policy_type``."""
+    code = fused_check._TYPES[policy_type]
+    for i in range(int(fc.config[19])):
+        if fc.config[_HEAD + _WORDS * i] == code:
+            return _HEAD + _WORDS * i + field
+    raise AssertionError(policy_type)
+
+
+def _bad_configs(fc: FusedCheck) -> dict[str, list[float]]:
+    def edit(i: int, value: float) -> list[float]:
+        config = list(fc.config)
+        config[i] = value
+        return config
+
+    return {
+        "clip extras past the record": edit(_word(fc, Clip, 2), 1000.0),
+        "adaptive clip extras overlapping the end": edit(_word(fc, AdaptiveClip, 2), fc.config[20] - 1),
+        "negative extras offset": edit(_word(fc, Clip, 2), -7.0),
+        "raise slot past the counters": edit(_word(fc, Raise, 3), 5.0),
+        "raise slot negative": edit(_word(fc, Raise, 3), -1.0),
+        "negative extras size": edit(20, -30.0),
+        "negative raise count": edit(21, -1.0),
+        "NaN parameter count": edit(1, math.nan),
+        "NaN policy count": edit(19, math.nan),
+        "fractional window": edit(4, 2.5),
+        "NaN policy type": edit(_word(fc, Skip, 0), math.nan),
+        "NaN kinds mask": edit(_word(fc, Skip, 1), math.nan),
+    }
+
+
+@pytest.mark.parametrize("op", ["grad_check", "grad_stats_check"])
+def test_a_hand_made_config_pointing_outside_the_state_is_refused(op):
+    """A config's offsets and slots index the record and the state: out of range is a ValueError, never a write."""
+    fc, grads, packed = _checked()
+    fstate, istate = fc.fstate.clone(), fc.istate.clone()
+    for name, config in _bad_configs(fc).items():
+        call = (
+            (lambda c=config: torch.ops.gradwatch.grad_check(packed, fc.fstate, fc.istate, c))
+            if op == "grad_check"
+            else (lambda c=config: torch.ops.gradwatch.grad_stats_check(grads, fc.fstate, fc.istate, c))
+        )
+        with pytest.raises(ValueError, match="config"):
+            call()
+        assert torch.equal(fc.fstate, fstate) and torch.equal(fc.istate, istate), name  # nothing written
+    # the config FusedCheck builds still runs
+    torch.ops.gradwatch.grad_check(packed, fc.fstate, fc.istate, fc.config)
+
+
+def _train_mixed_losses(monkeypatch, fused_loss: bool, losses):
+    """A watched run whose micro-batch losses are ``losses(step)``; records (step, loss, skipped, events)."""
+    if not fused_loss:
+        monkeypatch.setattr(FusedStepLoss, "runs", staticmethod(lambda loss, detector: False))
+    torch.manual_seed(0)
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(3)])
+    opt = torch.optim.SGD(params, lr=0.01)
+    watch = GradWatch(params, opt, policy="skip", warmup=3)
+    records = []
+    watch.add_sink(records.append)
+    for step in range(12):
+        for p in params:
+            p.grad = torch.randn(5)
+        for loss in losses(step):
+            watch.observe_loss(loss)
+        opt.step()
+    watch.flush()
+    monkeypatch.undo()
+    return [(r.step, r.loss, r.skipped, [(e.kind, e.value, e.threshold) for e in r.events]) for r in records]
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda step: torch.tensor(2 + step % 3),  # int64
+        lambda step: torch.tensor(True),
+        lambda step: torch.tensor(1.5 + (40.0 if step == 9 else 0.0)).to(torch.float8_e5m2),
+        lambda step: torch.tensor(1.5 + (40.0 if step == 9 else 0.0)).to(torch.float8_e4m3fn),
+    ],
+    ids=["int64", "bool", "float8_e5m2", "float8_e4m3fn"],
+)
+def test_micro_batch_losses_of_mixed_dtypes_match_the_python_path(monkeypatch, second, caplog):
+    """A float loss, then an int/bool/float8 one in the same step: the fused path casts as the Python one does."""
+    caplog.set_level(logging.ERROR, logger="gradwatch")
+
+    def losses(step):
+        return [torch.tensor(1.0 + 0.01 * step), second(step), torch.tensor(1.2, dtype=torch.bfloat16)]
+
+    fused = _train_mixed_losses(monkeypatch, True, losses)
+    python = _train_mixed_losses(monkeypatch, False, losses)
+    assert len(fused) == 12
+    assert repr(fused) == repr(python)
