@@ -15,8 +15,9 @@ import torch
 
 from gradwatch import GradWatch, fused_check
 from gradwatch.detect import Detector, DetectorConfig
+from gradwatch.events import AnomalyKind
 from gradwatch.fused_check import FusedCheck, FusedStepLoss
-from gradwatch.policies import AdaptiveClip, Clip, PolicySet, Raise, Skip
+from gradwatch.policies import AdaptiveClip, Clip, PolicySet, Raise, Skip, Warn
 
 pytestmark = pytest.mark.skipif(not fused_check.native("cpu"), reason="needs the compiled CPU kernels")
 
@@ -124,3 +125,53 @@ def test_micro_batch_losses_of_mixed_dtypes_match_the_python_path(monkeypatch, s
     python = _train_mixed_losses(monkeypatch, False, losses)
     assert len(fused) == 12
     assert repr(fused) == repr(python)
+
+
+def _skipping_run(change_at: int, change, fused: bool) -> list[tuple[int, bool]]:
+    """Ten steps with a gradient spike at step 7; ``change(skip)`` at step ``change_at``; (step, skipped)."""
+    torch.manual_seed(0)
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(3)])
+    opt = torch.optim.SGD(params, lr=0.01)
+    skip = Skip(kinds={"nonfinite"})
+    watch = GradWatch(params, opt, policy=[skip], warmup=3)
+    if not fused:
+        watch._stages.fused = None
+    records = []
+    watch.add_sink(records.append)
+    for step in range(10):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(5) * (1e4 if step == 7 and i == 1 else 1.0)
+        if step == change_at:
+            change(skip)
+        opt.step()
+    watch.flush()
+    return [(r.step, r.skipped) for r in records]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kinds_assigned_between_steps_are_checked_like_the_constructors(fused, caplog):
+    """``policy.kinds = ...`` after construction: names are taken, typos and host-only kinds refused."""
+    caplog.set_level(logging.ERROR, logger="gradwatch")
+
+    def assign(kinds):
+        def change(skip):
+            skip.kinds = kinds
+
+        return change
+
+    # names work as in the constructor, on both paths: the spike at step 7 is skipped
+    assert _skipping_run(5, assign({"nonfinite", "spike"}), fused)[7] == (7, True)
+    assert _skipping_run(5, assign("spike"), fused)[7] == (7, True)
+    # a kind found on the host after the step would never fire in decide(): refused, as by Skip(kinds=...)
+    with pytest.raises(ValueError, match=r"update_ratio_high.*found on the host after the step"):
+        _skipping_run(5, assign({"spike", "update_ratio_high"}), fused)
+    with pytest.raises(ValueError, match="not an AnomalyKind"):
+        _skipping_run(5, assign({"spkie"}), fused)  # a typo was a rule that silently never fired
+    with pytest.raises(TypeError, match="kinds must be"):
+        _skipping_run(5, assign(None), fused)
+    skip = Skip()
+    skip.kinds = {"spike"}
+    assert skip.kinds == frozenset({AnomalyKind.SPIKE})
+    warn = Warn()
+    warn.kinds = {"update_ratio_high"}  # Warn reacts on the host: any kind
+    assert warn.kinds == frozenset({AnomalyKind.UPDATE_RATIO_HIGH})
