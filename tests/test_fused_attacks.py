@@ -175,3 +175,50 @@ def test_kinds_assigned_between_steps_are_checked_like_the_constructors(fused, c
     warn = Warn()
     warn.kinds = {"update_ratio_high"}  # Warn reacts on the host: any kind
     assert warn.kinds == frozenset({AnomalyKind.UPDATE_RATIO_HIGH})
+
+
+def _resumed_from_float32(monkeypatch, fused: bool):
+    """Saves a watch's state, stores its floating tensors as float32 (a checkpoint tool's choice), resumes."""
+    if not fused:
+        monkeypatch.setattr(FusedStepLoss, "runs", staticmethod(lambda loss, detector: False))
+
+    def float32(x):
+        if isinstance(x, dict):
+            return {k: float32(v) for k, v in x.items()}
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    torch.manual_seed(0)
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(3)])
+    opt = torch.optim.SGD(params, lr=0.01)
+    records = []
+    watch = None
+    for step in range(16):
+        if step in (0, 8):
+            state = None if watch is None else float32(watch.state_dict())
+            watch = GradWatch(params, opt, policy=[Clip(4.0), Skip()], warmup=3)
+            if state is not None:
+                watch.load_state_dict(state)
+            if not fused:
+                watch._stages.fused = None
+            watch.add_sink(records.append)
+        for i, p in enumerate(params):
+            p.grad = torch.randn(5) * (1e3 if step == 12 and i == 0 else 1.0)
+        watch.observe_loss(torch.tensor(1.0 + 0.01 * step) * (20.0 if step == 13 else 1.0))
+        opt.step()
+    watch.flush()
+    monkeypatch.undo()
+    det = watch.detector
+    kinds = {r.step: sorted(e.kind.value for e in r.events) for r in records}
+    return [(r.step, r.loss, r.skipped, r.clip_factor) for r in records], kinds, det.loss.state_dict()
+
+
+def test_a_checkpoint_stored_in_float32_resumes_on_both_paths_alike(monkeypatch, caplog):
+    """Detector state whose floats a checkpoint stored as float32: loaded in the detector's dtypes, no TypeError."""
+    caplog.set_level(logging.ERROR, logger="gradwatch")
+    fused, fused_kinds, fused_loss = _resumed_from_float32(monkeypatch, True)
+    python, python_kinds, python_loss = _resumed_from_float32(monkeypatch, False)
+    assert repr(fused) == repr(python) and fused_kinds == python_kinds
+    assert fused_kinds[12] and "loss_spike" in fused_kinds[13]  # detection armed after the resume
+    for key in ("mean", "var", "count"):
+        assert fused_loss[key].dtype == (torch.int64 if key == "count" else torch.float64)
+        torch.testing.assert_close(fused_loss[key], python_loss[key], rtol=1e-12, atol=0)
