@@ -222,3 +222,40 @@ def test_a_checkpoint_stored_in_float32_resumes_on_both_paths_alike(monkeypatch,
     for key in ("mean", "var", "count"):
         assert fused_loss[key].dtype == (torch.int64 if key == "count" else torch.float64)
         torch.testing.assert_close(fused_loss[key], python_loss[key], rtol=1e-12, atol=0)
+
+
+def test_state_tensors_that_share_memory_are_refused():
+    """The in-place state must not alias another argument: a view passed twice gives neither's statistics."""
+    fc, grads, packed = _checked()
+    f, i, config = fc.fstate, fc.istate, fc.config
+    fstate, istate = f.clone(), i.clone()
+    aliased = {
+        "fstate and loss": lambda: torch.ops.gradwatch.grad_check(packed, f, i, config, None, None, f[3:4]),
+        "fstate and packed": lambda: torch.ops.gradwatch.grad_check(
+            f[: packed.numel()].view(packed.shape), f, i, config
+        ),
+        "fstate and loss ": lambda: torch.ops.gradwatch.grad_stats_check(grads, f, i, config, None, None, f[:1]),
+    }
+    for name, call in aliased.items():
+        with pytest.raises(ValueError, match=f"{name.strip()} share memory"):
+            call()
+    assert torch.equal(f, fstate) and torch.equal(i, istate)
+    torch.ops.gradwatch.grad_check(packed, f, i, config, None, None, torch.ones(1, dtype=torch.float64))
+
+    det = Detector(2, DetectorConfig(warmup=2))
+    stats = det.loss
+    stats._ensure(torch.device("cpu"))
+    packet = torch.zeros(fused_check._LOSS_PACKET + 1, dtype=torch.float64)
+    flags = torch.zeros(fused_check.NUM_KINDS, dtype=torch.bool)
+    config = fused_check.loss_config(det)
+    one = torch.tensor(1.0)
+    for name, args in {
+        "mean and var": (one, stats.mean, stats.mean, stats.count, packet, flags),
+        "mean and packet": (one, packet[5:6], stats.var, stats.count, packet, flags),
+        "packet and loss": (packet[0:1], stats.mean, stats.var, stats.count, packet, flags),
+    }.items():
+        with pytest.raises(ValueError, match=f"{name} share memory"):
+            torch.ops.gradwatch.loss_check(*args, 1, config)
+    assert stats.count.item() == 0 and not packet.any()  # nothing was learned or written
+    torch.ops.gradwatch.loss_check(stats.mean.clone(), stats.mean, stats.var, stats.count, packet, flags, 1, config)
+    assert stats.count.item() == 1
