@@ -362,9 +362,9 @@ class FusedCheck:
         self._regression: torch.Tensor | None = None
 
     def _signature(self) -> tuple[Any, ...]:
-        """What the config is built from that a user may change after construction (members, limits, kinds)."""
+        """What the config is built from that a user may change after construction (members, order, limits, kinds)."""
         return tuple(
-            (p, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
+            (p, p.priority, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
             for p in self.policy.policies
         )
 

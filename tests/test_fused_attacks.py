@@ -17,7 +17,7 @@ from gradwatch import GradWatch, fused_check
 from gradwatch.detect import Detector, DetectorConfig
 from gradwatch.events import AnomalyKind
 from gradwatch.fused_check import FusedCheck, FusedStepLoss
-from gradwatch.policies import AdaptiveClip, Clip, PolicySet, Raise, Skip, Warn
+from gradwatch.policies import AdaptiveClip, Clip, PolicySet, Raise, Skip, Warn, Zero
 
 pytestmark = pytest.mark.skipif(not fused_check.native("cpu"), reason="needs the compiled CPU kernels")
 
@@ -259,3 +259,37 @@ def test_state_tensors_that_share_memory_are_refused():
     assert stats.count.item() == 0 and not packet.any()  # nothing was learned or written
     torch.ops.gradwatch.loss_check(stats.mean.clone(), stats.mean, stats.var, stats.count, packet, flags, 1, config)
     assert stats.count.item() == 1
+
+
+def _clip_then_zero(fused: bool) -> tuple[list[tuple[int, float]], list[torch.Tensor]]:
+    """Clip and Zero; from step 5 the Clip's priority puts it before Zero; one parameter spikes at step 8."""
+    torch.manual_seed(0)
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(3)])
+    opt = torch.optim.SGD(params, lr=0.1)
+    clip = Clip(3.0)
+    watch = GradWatch(params, opt, policy=[clip, Zero()], warmup=3)
+    if not fused:
+        watch._stages.fused = None
+    records = []
+    watch.add_sink(records.append)
+    for step in range(10):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(5) * (1e3 if step == 8 and i == 0 else 1.0)
+        if step == 5:
+            clip.priority = 0  # the clip now decides before Zero: the spiking gradient counts in its norm
+        opt.step()
+    watch.flush()
+    return [(r.step, r.clip_factor) for r in records], [p.detach().clone() for p in params]
+
+
+def test_a_priority_changed_between_steps_reorders_the_fused_policies(caplog):
+    """PolicySet.decide sorts by priority at every check; the op's config follows a changed priority too."""
+    caplog.set_level(logging.ERROR, logger="gradwatch")
+    fused, fused_params = _clip_then_zero(True)
+    python, python_params = _clip_then_zero(False)
+    assert [s for s, _ in fused] == [s for s, _ in python]
+    for (step, a), (_, b) in zip(fused, python, strict=True):
+        assert a == pytest.approx(b, rel=1e-12), step
+    assert python[8][1] < 0.01  # the 1e3 gradient entered the clip's norm before Zero removed it
+    for a, b in zip(fused_params, python_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
