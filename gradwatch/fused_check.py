@@ -493,7 +493,12 @@ class FusedCheck:
 
         Returns:
             ``(packed, result)``: the statistics (``grad_stats``' output) and the check's result.
+
+        Raises:
+            ValueError: ``grads`` is empty.
         """
+        if not grads:
+            raise ValueError("FusedCheck.with_stats: grads is empty; pass at least one gradient")
         self._prepare(grads[0].device, loss, refresh)
         packed, *out = torch.ops.gradwatch.grad_stats_check(
             grads, self.fstate, self.istate, self.config, index, ignore, loss, loss_flags

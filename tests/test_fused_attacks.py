@@ -293,3 +293,10 @@ def test_a_priority_changed_between_steps_reorders_the_fused_policies(caplog):
     assert python[8][1] < 0.01  # the 1e3 gradient entered the clip's norm before Zero removed it
     for a, b in zip(fused_params, python_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_with_stats_of_no_gradients_says_so():
+    """An empty list is a ValueError naming the argument (was an IndexError from ``grads[0]``)."""
+    fc, _, _ = _checked()
+    with pytest.raises(ValueError, match="grads is empty"):
+        fc.with_stats([])
