@@ -300,3 +300,25 @@ def test_with_stats_of_no_gradients_says_so():
     fc, _, _ = _checked()
     with pytest.raises(ValueError, match="grads is empty"):
         fc.with_stats([])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_loss_of_a_step_without_gradients_is_still_reported(monkeypatch, fused, caplog):
+    """A step whose watched gradients are all missing: its observed loss was judged and learned, then dropped."""
+    caplog.set_level(logging.ERROR, logger="gradwatch")
+    if not fused:
+        monkeypatch.setattr(FusedStepLoss, "runs", staticmethod(lambda loss, detector: False))
+    torch.manual_seed(0)
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(2)])
+    opt = torch.optim.SGD(params, lr=0.01)
+    watch = GradWatch(params, opt, policy="warn", warmup=2)
+    if not fused:
+        watch._stages.fused = None
+    for step in range(8):
+        for p in params:
+            p.grad = None if step == 6 else torch.randn(5)
+        watch.observe_loss(torch.tensor(1e6 if step == 6 else 1.0 + 0.01 * step))
+        opt.step()
+    watch.flush()
+    assert [(e.step, e.kind, e.value) for e in watch.events] == [(6, AnomalyKind.LOSS_SPIKE, 1e6)]
+    assert watch.detector.loss.count.item() == 8  # every loss learned, the unreported one too (it moved the mean)
