@@ -2,13 +2,16 @@
 // the config, the state views, the outputs.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #include "check.h"
 #include "loss_check.h"
@@ -35,6 +38,28 @@ inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType d
   TORCH_CHECK_VALUE(t.is_contiguous(), "grad_check: ", name, " must be contiguous");
 }
 
+// The tensors an op writes in place must share no memory with each other nor with what it reads:
+// the kernels read and write them element by element, so an alias (a view of one passed as another)
+// gives statistics that are neither, silently. Pointers and strides only: no device read.
+using Named = std::pair<const at::Tensor*, const char*>;
+inline bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);  // TooHard: not dense (refused before)
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+}
+inline void check_separate(const char* op, std::initializer_list<Named> written, std::initializer_list<Named> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    for (auto o = w + 1; o != written.end(); ++o) {
+      TORCH_CHECK_VALUE(!overlap(*w->first, *o->first), op, ": ",
+                        w->second, " and ", o->second, " share memory; pass separate tensors");
+    }
+    for (const Named& r : read) {
+      if (r.first == nullptr) continue;
+      TORCH_CHECK_VALUE(!overlap(*w->first, *r.first), op, ": ",
+                        w->second, " and ", r.second, " share memory; pass separate tensors");
+    }
+  }
+}
+
 // Checks every argument (shapes, dtypes, devices; not values, which may live on a GPU) and
 // returns the config.
 inline Config check_args(const at::Tensor& packed, const at::Tensor& fstate, const at::Tensor& istate,
@@ -57,6 +82,10 @@ inline Config check_args(const at::Tensor& packed, const at::Tensor& fstate, con
   if (ignore.has_value()) check_tensor(*ignore, "ignore", at::kBool, 1, device);
   if (loss.has_value()) check_tensor(*loss, "loss", at::kDouble, 1, device);
   if (loss_flags.has_value()) check_tensor(*loss_flags, "loss_flags", at::kBool, kNumKinds, device);
+  const auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; };
+  check_separate("grad_check", {{&fstate, "fstate"}, {&istate, "istate"}},
+                 {{&packed, "packed"}, {opt(index), "index"}, {opt(ignore), "ignore"}, {opt(loss), "loss"},
+                  {opt(loss_flags), "loss_flags"}});
   return c;
 }
 
@@ -112,6 +141,9 @@ inline LossConfig check_loss_args(const at::Tensor& loss, const at::Tensor& mean
   check(count, "count", at::kLong, 1);
   check(packet, "packet", at::kDouble, kLossPacketWords);
   check(flags, "flags", at::kBool, kNumKinds);
+  check_separate("loss_check",
+                 {{&mean, "mean"}, {&var, "var"}, {&count, "count"}, {&packet, "packet"}, {&flags, "flags"}},
+                 {{&loss, "loss"}});
   return c;
 }
 

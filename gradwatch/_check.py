@@ -103,7 +103,7 @@ class CheckPipeline:
         self.fused = FusedCheck(self.detector, self.policy) if supports(self.policy) else None
 
     def run(self, step: int, *, sampled: bool, loss: ObservedLoss | None, scaler_skipped: bool) -> CheckResult | None:
-        """Runs every stage for ``step``; None when no watched parameter has a gradient.
+        """Runs every stage for ``step``; None when no watched parameter has a gradient (the loss still reported).
 
         Args:
             step: the step checked.
@@ -115,6 +115,8 @@ class CheckPipeline:
         if not grads:
             if self.in_backward is not None and sampled:
                 self.in_backward.discard()
+            if loss is not None:  # judged and learned when observed: its events are published alone
+                self.records.put_loss(step, loss)
             return None
         hist = None
         histogram_now = sampled and self.histogram_every is not None and step % self.histogram_every == 0

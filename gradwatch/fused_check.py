@@ -111,6 +111,7 @@ def _has_kernel(device_type: str, op: str = "grad_check") -> bool:
 _NATIVE = {"cpu": _has_kernel("cpu"), "cuda": _has_kernel("cuda")}
 _NATIVE_LOSS = {"cpu": _has_kernel("cpu", "loss_check"), "cuda": _has_kernel("cuda", "loss_check")}
 _LOSS_PACKET = 3 + NUM_KINDS  # StepLoss.encode's layout; the op keeps the running total after it
+_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what loss_check reads
 
 
 def native(device: torch.device | str) -> bool:
@@ -217,7 +218,7 @@ class FusedStepLoss:
         """Whether the op can take ``loss``: a compiled kernel for its device, the detector's loss state there."""
         stats = detector.loss
         on_device = stats.mean is None or stats.mean.device == loss.device
-        valid = loss.numel() == 1 and loss.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        valid = loss.numel() == 1 and loss.dtype in _LOSS_DTYPES
         return _NATIVE_LOSS.get(loss.device.type, False) and on_device and valid
 
     def observe(self, loss: torch.Tensor) -> None:
@@ -232,9 +233,13 @@ class FusedStepLoss:
                 f"observe_loss: this step's losses were on {self._packet.device}, this one is on {loss.device}; "
                 "pass every micro-batch's loss from one device"
             )
+        value = loss.detach()
+        if value.dtype not in _LOSS_DTYPES:
+            # an integer, bool or float8 micro-batch after a float one: Detector.detect_loss's cast
+            value = value.to(torch.float64)
         self.count += 1
         torch.ops.gradwatch.loss_check(
-            loss.detach(),
+            value,
             stats.mean,
             stats.var,
             stats.count,
@@ -357,9 +362,9 @@ class FusedCheck:
         self._regression: torch.Tensor | None = None
 
     def _signature(self) -> tuple[Any, ...]:
-        """What the config is built from that a user may change after construction (members, limits, kinds)."""
+        """What the config is built from that a user may change after construction (members, order, limits, kinds)."""
         return tuple(
-            (p, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
+            (p, p.priority, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
             for p in self.policy.policies
         )
 
@@ -488,7 +493,12 @@ class FusedCheck:
 
         Returns:
             ``(packed, result)``: the statistics (``grad_stats``' output) and the check's result.
+
+        Raises:
+            ValueError: ``grads`` is empty.
         """
+        if not grads:
+            raise ValueError("FusedCheck.with_stats: grads is empty; pass at least one gradient")
         self._prepare(grads[0].device, loss, refresh)
         packed, *out = torch.ops.gradwatch.grad_stats_check(
             grads, self.fstate, self.istate, self.config, index, ignore, loss, loss_flags
