@@ -11,10 +11,12 @@ pipelines run in the same process, interleaved call by call:
 * **Python calls**: Python-level function calls during the check (``sys.setprofile``), the host
   work between the optimizer hook and the op;
 * **time**: wall time of one check, median of the interleaved repeats, and the ratio of the two
-  pipelines (ratios from one run only: the machine is shared).
+  pipelines (ratios from one run only: the machine is shared);
+* **launches** (``--device cuda``): CUDA kernels one check runs (``torch.profiler``; copies and
+  memsets not counted), the issue's bound being 3.
 
-``python -m benchmarks.check_ops [--repeats N] [--quick] [--out DIR]`` writes ``check_ops_cpu.json``
-and ``.md`` there.
+``python -m benchmarks.check_ops [--device cpu|cuda] [--repeats N] [--quick] [--out DIR]`` writes
+``check_ops_<device>.json`` and ``.md`` there.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def top_level_ops(fn: Callable[[], Any]) -> list[str]:
     return names
 
 
+def cuda_launches(fn: Callable[[], Any]) -> list[str]:
+    """The CUDA kernels ``fn`` runs (``torch.profiler``; memory copies and memsets left out)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [
+        e.name
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+
+
 def python_calls(fn: Callable[[], Any]) -> tuple[int, int]:
     """Calls ``fn`` makes from Python: (Python functions, builtins such as torch functions); ``fn`` excluded.
 
@@ -89,9 +105,9 @@ def python_calls(fn: Callable[[], Any]) -> tuple[int, int]:
 class _Setup:
     """A monitor over parameters of the given shapes, with gradients that can be put back before each check."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], policy: str, fused: bool, seed: int = 0):
-        self.params = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in shapes])
-        self.saved = make_grads(shapes, torch.device("cpu"))
+    def __init__(self, shapes: list[tuple[int, ...]], policy: str, fused: bool, seed: int = 0, device: str = "cpu"):
+        self.params = nn.ParameterList([nn.Parameter(torch.zeros(s, device=device)) for s in shapes])
+        self.saved = make_grads(shapes, torch.device(device))
         for p, g in zip(self.params, self.saved, strict=True):
             p.grad = g.clone()
         optimizer = torch.optim.AdamW(self.params, lr=1e-3, fused=True)
@@ -107,6 +123,8 @@ class _Setup:
     def check(self) -> None:
         self.watch.check()
         self.watch.step_control.restore()  # what the optimizer's post-hook does after the step
+        if self.params[0].is_cuda:
+            torch.cuda.synchronize()  # a check's time includes its kernels
 
     def decide(self, packed: torch.Tensor, flag: torch.Tensor) -> None:
         """Detection, decision and the record's encoding alone, on given statistics (the part the op replaces)."""
@@ -128,14 +146,14 @@ def make_watch(model: nn.Module, optimizer: torch.optim.Optimizer, policy: str, 
     return watch
 
 
-def run(repeats: int, quick: bool) -> dict[str, Any]:
+def run(repeats: int, quick: bool, device: str = "cpu") -> dict[str, Any]:
     """Counts and times one check per (workload, policy, pipeline)."""
-    results: dict[str, Any] = {"repeats": repeats, "threads": torch.get_num_threads(), "rows": []}
+    results: dict[str, Any] = {"repeats": repeats, "threads": torch.get_num_threads(), "device": device, "rows": []}
     workloads = {"tiny4098": lambda: tiny_shapes(200)} if quick else WORKLOADS
     for name, shapes_fn in workloads.items():
         shapes = shapes_fn()
         for policy in POLICIES:
-            setups = {fused: _Setup(shapes, policy, fused) for fused in (False, True)}
+            setups = {fused: _Setup(shapes, policy, fused, device=device) for fused in (False, True)}
             row: dict[str, Any] = {"workload": name, "tensors": len(shapes), "policy": policy}
             for fused, s in setups.items():
                 for _ in range(3):  # warm-up: plans, caches, the op's state bound
@@ -146,10 +164,13 @@ def run(repeats: int, quick: bool) -> dict[str, Any]:
                 row[f"{key}_ops"] = len(top_level_ops(s.check))
                 s.restore()
                 row[f"{key}_calls"], row[f"{key}_c_calls"] = python_calls(s.check)
+                if device == "cuda":
+                    s.restore()
+                    row[f"{key}_kernels"] = cuda_launches(s.check)
             samples: dict[bool, list[float]] = {False: [], True: []}
             alone: dict[bool, list[float]] = {False: [], True: []}
             packed = gradwatch.grad_stats_packed([p.grad for p in setups[True].params])
-            flag = torch.zeros((), dtype=torch.bool)
+            flag = torch.zeros((), dtype=torch.bool, device=device)
             for _ in range(repeats):
                 for fused, s in setups.items():
                     s.restore()
@@ -159,6 +180,21 @@ def run(repeats: int, quick: bool) -> dict[str, Any]:
                     start = time.perf_counter()
                     s.decide(packed, flag)
                     alone[fused].append(time.perf_counter() - start)
+            # the fused check's two forms on the same gradients: grad_stats then grad_check, and grad_stats_check
+            fused, grads = setups[True].watch._stages.fused, [p.grad for p in setups[True].params]
+            forms: dict[str, list[float]] = {"two_ops": [], "one_op": []}
+            for _ in range(repeats):
+                for form in forms:
+                    start = time.perf_counter()
+                    if form == "two_ops":
+                        fused(torch.ops.gradwatch.grad_stats(grads))
+                    else:
+                        fused.with_stats(grads)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    forms[form].append(time.perf_counter() - start)
+            row["two_ops_us"] = 1e6 * statistics.median(forms["two_ops"])
+            row["one_op_us"] = 1e6 * statistics.median(forms["one_op"])
             row["python_ms"] = 1e3 * statistics.median(samples[False])
             row["fused_ms"] = 1e3 * statistics.median(samples[True])
             row["python_decide_us"] = 1e6 * statistics.median(alone[False])
@@ -169,9 +205,10 @@ def run(repeats: int, quick: bool) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as a markdown table."""
+    device = results.get("device", "cpu")
     lines = [
-        f"One check on the CPU ({results['threads']} threads; median of {results['repeats']} interleaved checks; "
-        "ops: top-level dispatcher ops, torch.profiler; calls: Python function calls, sys.setprofile):",
+        f"One check on {device} ({results['threads']} CPU threads; median of {results['repeats']} interleaved "
+        "checks; ops: top-level dispatcher ops, torch.profiler; calls: Python function calls, sys.setprofile):",
         "",
         "| gradients | policy | ops | Python calls (py / builtin) | check ms | ratio | detect+decide µs | ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -184,6 +221,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['python_decide_us']:.0f} → {r['fused_decide_us']:.0f} | "
             f"{r['python_decide_us'] / r['fused_decide_us']:.1f}x |"
         )
+    lines += ["", "Statistics + check alone, grad_stats then grad_check → grad_stats_check (µs, median):", ""]
+    for r in results["rows"]:
+        lines.append(
+            f"- {r['workload']} {r['policy']}: {r['two_ops_us']:.0f} → {r['one_op_us']:.0f} "
+            f"({r['two_ops_us'] / r['one_op_us']:.2f}x)"
+        )
+    if device == "cuda":
+        lines += ["", "CUDA kernels per check (Python pipeline → fused op):", ""]
+        for r in results["rows"]:
+            lines.append(
+                f"- {r['workload']} {r['policy']}: {len(r['python_kernels'])} → {len(r['fused_kernels'])} "
+                f"({', '.join(k.split('(')[0][-40:] for k in r['fused_kernels'])})"
+            )
     lines += [
         "",
         "Columns: Python pipeline → fused op. *check*: one whole GradWatch.check (statistics pass included, "
@@ -198,12 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="one small workload, few repeats (smoke run)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
-    results = run(3 if args.quick else args.repeats, args.quick)
+    results = run(3 if args.quick else args.repeats, args.quick, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "check_ops_cpu.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"check_ops_{args.device}.json").write_text(json.dumps(results, indent=2))
     text = markdown(results)
-    (args.out / "check_ops_cpu.md").write_text(text)
+    (args.out / f"check_ops_{args.device}.md").write_text(text)
     print(text)
 
 

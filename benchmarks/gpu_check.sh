@@ -16,7 +16,7 @@ stage() { echo "$1 rc=$2 after $(( $(date +%s) - START ))s${3:+ ($3)}" | tee -a 
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/device.txt"
+} 2>&1 | tee "$OUT/summary.txt"
 
 # Build in place for the visible GPU only (TORCH_CUDA_ARCH_LIST unset: torch picks it); fail loudly
 # if the CUDA kernels do not build. A stale build from another machine is ignored.
@@ -28,6 +28,19 @@ rc=$?
 stage build $rc "$(grep real "$OUT/build.log")"
 [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
 $PY -c "import gradwatch; assert gradwatch.native_backends()['cuda'], 'no CUDA kernels loaded'" 2>&1 | tee -a "$OUT/summary.txt"
+
+# C++ errors must reach Python as exceptions. On the first H200 two of them segfaulted (built with
+# /opt/gcc/bin/g++); the probe runs each kind in its own process. If any crashed, rebuild the CPU kernels
+# alone with the system compiler in a copy and probe again, to tell the toolchain from the code.
+{ for c in /opt/gcc/bin/g++ /usr/bin/g++; do echo "$c: $($c --version 2>/dev/null | head -1)"; done
+  ldd gradwatch/_C*.so | grep -E "stdc\+\+|gcc_s"; } >> "$OUT/summary.txt" 2>&1
+if ! timeout 60 $PY -m benchmarks.exception_probe >> "$OUT/summary.txt" 2>&1 && [ -x /usr/bin/g++ ]; then
+  rm -rf /tmp/sysgcc && mkdir /tmp/sysgcc && cp -r setup.py pyproject.toml README.md csrc gradwatch benchmarks /tmp/sysgcc/
+  ( cd /tmp/sysgcc && rm -f gradwatch/_C*.so && env -u GRADWATCH_FORCE_CUDA CXX=/usr/bin/g++ CC=/usr/bin/gcc GRADWATCH_FORCE_CPU=1 \
+    timeout 120 $PY setup.py build_ext --inplace > /tmp/sysgcc/build.log 2>&1 && echo "system g++ build:" \
+    && timeout 60 $PY -m benchmarks.exception_probe ) >> "$OUT/summary.txt" 2>&1
+  stage "exception probe with the system g++" $?
+fi
 
 # The >2^31-element test needs ~8 GB (plus its oracle's temporaries); run it where memory allows.
 FREE_GB=$($PY -c "import torch; print(torch.cuda.mem_get_info()[0] // 2**30)")
@@ -49,19 +62,23 @@ tests kernels 40 tests/test_ops.py tests/test_scale.py tests/test_build.py tests
 tests fused 45 tests/test_fused_check_cuda.py tests/test_fused_monitor.py
 tests monitor 40 tests/test_monitor.py tests/test_in_backward.py tests/test_policies.py
 
+# Benchmarks: all output into bench.log (with the test log, summary, build log and the overhead table,
+# 5 files come back: the device tool returns at most 8).
+bench() {  # bench <name> <timeout> <command...>
+  local name=$1 limit=$2; shift 2
+  echo "== $name" >> "$OUT/bench.log"
+  timeout "$limit" "$@" >> "$OUT/bench.log" 2>&1
+  stage "$name" $?
+}
 # The fused op against torch on the GPU, incl. Llama-8B-shaped bf16 gradients and host time per call.
-timeout 60 $PY -m benchmarks.op_bench --device cuda --repeats 20 --out "$OUT" > "$OUT/op_bench.log" 2>&1
-stage op_bench $?
-rm -f "$OUT/op_bench_cuda.json"  # the markdown says it all; keep under the 8-file limit
-cat "$OUT/op_bench_cuda.md" 2>/dev/null
-
+bench op_bench 60 $PY -m benchmarks.op_bench --device cuda --repeats 20 --out /tmp/op_bench
+cat /tmp/op_bench/op_bench_cuda.md >> "$OUT/bench.log" 2>/dev/null
+# One check: ops, CUDA kernels per check (issue 14's bound: 3) and time, Python pipeline against the fused op.
+bench "check ops and launches" 90 $PY -m benchmarks.check_ops --device cuda --repeats 11 --out /tmp/check_ops
 # The statistics pass with log2 histograms against without (and copy + histc per layer), on the GPU.
-timeout 30 $PY -m benchmarks.histogram_cost --device cuda --repeats 10 > "$OUT/histogram_cost.log" 2>&1
-stage "histogram cost" $? "$(tail -5 "$OUT/histogram_cost.log" | tr '\n' ' ')"
-
+bench "histogram cost" 30 $PY -m benchmarks.histogram_cost --device cuda --repeats 10
 # Monitoring overhead per step: ResNet-50 (batch 64, 224^2, bf16 autocast) and the tiny-tensor model.
 # It ran past 55 s and 170 s on the first H200 (2026-11-28) with nothing printed: last, so it cannot cost the rest.
-timeout 120 $PY -m benchmarks --device cuda --workloads resnet50 tiny_params --rounds 1 --no-progress \
-  --out "$OUT/overhead" --results-md "$OUT/RESULTS_gpu.md" > "$OUT/overhead.log" 2>&1
-stage "overhead bench" $?
-tail -30 "$OUT/overhead.log"
+bench "overhead bench" 120 $PY -m benchmarks --device cuda --workloads resnet50 tiny_params --rounds 1 \
+  --no-progress --out /tmp/overhead --results-md "$OUT/RESULTS_gpu.md"
+tail -60 "$OUT/bench.log"

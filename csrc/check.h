@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <math.h>
 
 #ifdef CPU_CAPABILITY
@@ -180,19 +181,25 @@ C10_HOST_DEVICE inline double ema_weight(int64_t count, double ema) {
   return clamp_min(1.0 / static_cast<double>(count + 1), 1.0 - ema);
 }
 
-// RunningStats.update_ for one stream: learns x where ok; a flagged value moves only the mean;
-// from the clamp_after-th observation on, the deviation enters clamped to +-huber sd.
-C10_HOST_DEVICE inline void update_stream(const Config& c, State& s, int64_t k, double x, bool ok, bool flagged) {
-  const double mean = s.mean[k], var = s.var[k];
-  const int64_t count = s.count[k];
-  const double half = c.huber * sqrt_clamped(var);
-  double diff = ok ? x - mean : 0.0;
-  if (count >= c.clamp_after) diff = minimum(maximum(diff, -half), half);
-  const double a = ema_weight(count, c.ema);
+// RunningStats.update_ for one value: learns x where ok; a flagged value moves only the mean; from
+// the clamp_after-th observation on, the deviation enters clamped to +-huber sd. The one rule for the
+// detector's streams (update_stream) and the loss (loss_check.h).
+C10_HOST_DEVICE inline void update_running(double& mean, double& var, int64_t& count, double x, bool ok, bool flagged,
+                                           double huber, int64_t clamp_after, double ema) {
+  const double m = mean, v = var;
+  const int64_t n = count;
+  const double half = huber * sqrt_clamped(v);
+  double diff = ok ? x - m : 0.0;
+  if (n >= clamp_after) diff = minimum(maximum(diff, -half), half);
+  const double a = ema_weight(n, ema);
   const double incr = a * diff;
-  if (ok && !flagged) s.var[k] = (1.0 - a) * (var + diff * incr);
-  s.mean[k] = mean + incr;
-  s.count[k] = count + (ok ? 1 : 0);
+  if (ok && !flagged) var = (1.0 - a) * (v + diff * incr);
+  mean = m + incr;
+  count = n + (ok ? 1 : 0);
+}
+
+C10_HOST_DEVICE inline void update_stream(const Config& c, State& s, int64_t k, double x, bool ok, bool flagged) {
+  update_running(s.mean[k], s.var[k], s.count[k], x, ok, flagged, c.huber, c.clamp_after, c.ema);
 }
 
 // One stream's judgement (Detector.detect's "adaptive rules, all streams at once").
@@ -430,10 +437,23 @@ C10_HOST_DEVICE inline void write_decision(const Decision& d, double* record) {
 
 }  // namespace GRADWATCH_CHECK_ISA
 
+// A whole number in [lo, hi]: the config's counts, offsets and slots are cast to integers and index
+// the state and the record, so a NaN, a fraction or an out-of-range value is refused before the cast.
+inline bool whole_in(double x, double lo, double hi) { return x >= lo && x <= hi && x == std::floor(x); }
+
 // Parses the float[] config (layout: gradwatch/fused_check.py, _config); returns an error message or null.
+// Every offset and slot the op writes through is checked against the sizes it allocates or checks
+// (the record's extras, the Raise counters): a hand-made config gets an error, never a stray write.
 inline const char* parse_config(const double* v, int64_t size, Config& c) {
   if (size < kConfigHead) return "config is too short";
   if (v[0] != kConfigVersion) return "config has an unknown version";
+  constexpr double kMaxCount = 9007199254740992.0;  // 2**53: every whole double below is exact
+  for (const int k : {1, 2, 3, 4, 5}) {
+    if (!whole_in(v[k], 0.0, kMaxCount)) return "config has a negative or fractional count (parameters, window...)";
+  }
+  if (!whole_in(v[19], 0.0, kMaxPolicies)) return "config has too many policies (at most 16)";
+  if (!whole_in(v[20], 0.0, 3.0 * kMaxPolicies)) return "config has a bad extras size (0 to 3 per policy)";
+  if (!whole_in(v[21], 0.0, kMaxPolicies)) return "config has a bad Raise count (0 to 16)";
   c.num_params = static_cast<int64_t>(v[1]);
   c.warmup = static_cast<int64_t>(v[2]);
   c.clamp_after = static_cast<int64_t>(v[3]);
@@ -460,9 +480,17 @@ inline const char* parse_config(const double* v, int64_t size, Config& c) {
   if (size != kConfigHead + kPolicyWords * c.num_policies) return "config size does not match its policy count";
   for (int i = 0; i < c.num_policies; ++i) {
     const double* w = v + kConfigHead + kPolicyWords * i;
+    if (!whole_in(w[0], kPolicyZero, kPolicyAdaptiveClip)) return "config has an unknown policy type";
+    if (!whole_in(w[1], 0.0, (1 << kNumKinds) - 1)) return "config has a bad kinds mask";
+    if (!whole_in(w[2], -1.0, 3.0 * kMaxPolicies) || !whole_in(w[3], -1.0, kMaxPolicies)) {
+      return "config has a bad extras offset or Raise slot";
+    }
     c.policies[i] = PolicySpec{static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
                                static_cast<int>(w[3]), w[4], w[5]};
-    if (c.policies[i].type < kPolicyZero || c.policies[i].type > kPolicyAdaptiveClip) return "config has an unknown policy type";
+    const PolicySpec& p = c.policies[i];
+    const bool clips = p.type == kPolicyClip || p.type == kPolicyAdaptiveClip;
+    if (clips && p.extras >= 0 && p.extras + 3 > c.num_extras) return "config has a clip's extras past the record's";
+    if (p.type == kPolicyRaise && (p.slot < 0 || p.slot >= c.num_raise)) return "config has a Raise slot out of range";
   }
   return nullptr;
 }

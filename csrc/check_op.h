@@ -2,15 +2,19 @@
 // the config, the state views, the outputs.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #include "check.h"
+#include "loss_check.h"
 
 namespace gradwatch::check {
 
@@ -32,6 +36,28 @@ inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType d
   TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "grad_check: ", name, " has ", t.numel(),
                     " elements; expected ", numel);
   TORCH_CHECK_VALUE(t.is_contiguous(), "grad_check: ", name, " must be contiguous");
+}
+
+// The tensors an op writes in place must share no memory with each other nor with what it reads:
+// the kernels read and write them element by element, so an alias (a view of one passed as another)
+// gives statistics that are neither, silently. Pointers and strides only: no device read.
+using Named = std::pair<const at::Tensor*, const char*>;
+inline bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);  // TooHard: not dense (refused before)
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+}
+inline void check_separate(const char* op, std::initializer_list<Named> written, std::initializer_list<Named> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    for (auto o = w + 1; o != written.end(); ++o) {
+      TORCH_CHECK_VALUE(!overlap(*w->first, *o->first), op, ": ",
+                        w->second, " and ", o->second, " share memory; pass separate tensors");
+    }
+    for (const Named& r : read) {
+      if (r.first == nullptr) continue;
+      TORCH_CHECK_VALUE(!overlap(*w->first, *r.first), op, ": ",
+                        w->second, " and ", r.second, " share memory; pass separate tensors");
+    }
+  }
 }
 
 // Checks every argument (shapes, dtypes, devices; not values, which may live on a GPU) and
@@ -56,6 +82,10 @@ inline Config check_args(const at::Tensor& packed, const at::Tensor& fstate, con
   if (ignore.has_value()) check_tensor(*ignore, "ignore", at::kBool, 1, device);
   if (loss.has_value()) check_tensor(*loss, "loss", at::kDouble, 1, device);
   if (loss_flags.has_value()) check_tensor(*loss_flags, "loss_flags", at::kBool, kNumKinds, device);
+  const auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; };
+  check_separate("grad_check", {{&fstate, "fstate"}, {&istate, "istate"}},
+                 {{&packed, "packed"}, {opt(index), "index"}, {opt(ignore), "ignore"}, {opt(loss), "loss"},
+                  {opt(loss_flags), "loss_flags"}});
   return c;
 }
 
@@ -84,6 +114,37 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> make_outputs(const Config&
   const auto f64 = packed.options().dtype(at::kDouble);
   return {at::empty({record_size(c, n, packed.size(1))}, f64), at::empty({n}, f64),
           at::empty({}, packed.options().dtype(at::kBool))};
+}
+
+// loss_check's arguments: every tensor on the loss's device, the state and outputs of their exact
+// dtype and size (values are not read: they may live on a GPU). Returns the config.
+inline LossConfig check_loss_args(const at::Tensor& loss, const at::Tensor& mean, const at::Tensor& var,
+                                  const at::Tensor& count, const at::Tensor& packet, const at::Tensor& flags,
+                                  int64_t micro_batch, c10::ArrayRef<double> config) {
+  LossConfig c{};
+  const char* error = parse_loss_config(config.data(), static_cast<int64_t>(config.size()), c);
+  TORCH_CHECK_VALUE(error == nullptr, "loss_check: ", error, "; build it with gradwatch.fused_check.loss_config");
+  TORCH_CHECK_VALUE(loss.numel() == 1, "loss_check: loss must hold one element, got shape ", loss.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(loss.scalar_type()) && loss.scalar_type() != at::kFloat8_e4m3fn &&
+                       loss.scalar_type() != at::kFloat8_e5m2,
+                   "loss_check: loss must be float16, bfloat16, float32 or float64, got ", loss.scalar_type());
+  TORCH_CHECK_VALUE(micro_batch >= 1, "loss_check: micro_batch is ", micro_batch, "; count from 1");
+  const at::Device device = loss.device();
+  const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "loss_check: ", name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == device, "loss_check: ", name, " is on ", t.device(), " but loss is on ", device);
+    TORCH_CHECK_VALUE(t.numel() == numel, "loss_check: ", name, " has ", t.numel(), " elements; expected ", numel);
+    TORCH_CHECK_VALUE(t.is_contiguous(), "loss_check: ", name, " must be contiguous");
+  };
+  check(mean, "mean", at::kDouble, 1);
+  check(var, "var", at::kDouble, 1);
+  check(count, "count", at::kLong, 1);
+  check(packet, "packet", at::kDouble, kLossPacketWords);
+  check(flags, "flags", at::kBool, kNumKinds);
+  check_separate("loss_check",
+                 {{&mean, "mean"}, {&var, "var"}, {&count, "count"}, {&packet, "packet"}, {&flags, "flags"}},
+                 {{&loss, "loss"}});
+  return c;
 }
 
 }  // namespace gradwatch::check

@@ -29,6 +29,19 @@ TORCH_LIBRARY(gradwatch, m) {
   m.def(
       "grad_check(Tensor packed, Tensor(a!) fstate, Tensor(b!) istate, float[] config, Tensor? index=None, "
       "Tensor? ignore=None, Tensor? loss=None, Tensor? loss_flags=None) -> (Tensor, Tensor, Tensor)");
+  // grad_stats_check is grad_stats then grad_check in one op (on CUDA: the task walk, then the
+  // rows, row N and the check in one block: two launches). Returns (packed, record, factors, skip).
+  m.def(
+      "grad_stats_check(Tensor[] tensors, Tensor(a!) fstate, Tensor(b!) istate, float[] config, "
+      "Tensor? index=None, Tensor? ignore=None, Tensor? loss=None, Tensor? loss_flags=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // loss_check judges one observed loss and folds it into its step's loss packet, in place: the
+  // loss's running statistics (mean, var float64 [1], count int64 [1]), packet float64 [12]
+  // (_records.encode_loss's layout, then the running total) and flags bool [8]; micro_batch counts
+  // the step's losses from 1 (1 resets the packet). Math: loss_check.h.
+  m.def(
+      "loss_check(Tensor loss, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, Tensor(d!) packet, "
+      "Tensor(e!) flags, int micro_batch, float[] config) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -36,7 +36,7 @@ import torch
 
 from ._ops import IndexCache, grad_stats_packed, grad_stats_with_hist, measure_unchecked, scale_, scale_unchecked
 from ._policy import Decision, DecisionContext
-from ._records import StepLoss, encode_record, extras_layout
+from ._records import ObservedLoss, encode_record, extras_layout
 from ._selection import present_gradients
 from ._stepping import SkipPath
 from .detect import NUM_KINDS, Detection, nonfinite_detection
@@ -56,6 +56,11 @@ class CheckResult(NamedTuple):
     skip_path: SkipPath | None
     skip: torch.Tensor
     scaler_flag: torch.Tensor | None = None  # the GradScaler skipped the step (update ratios: no update)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, without a dispatch when it is there already (the usual case)."""
+    return t if t.device == device else t.to(device)
 
 
 class CheckPipeline:
@@ -97,8 +102,8 @@ class CheckPipeline:
         # the built-in policies run in the same op as the detector (one op per check, fused_check.py)
         self.fused = FusedCheck(self.detector, self.policy) if supports(self.policy) else None
 
-    def run(self, step: int, *, sampled: bool, loss: StepLoss | None, scaler_skipped: bool) -> CheckResult | None:
-        """Runs every stage for ``step``; None when no watched parameter has a gradient.
+    def run(self, step: int, *, sampled: bool, loss: ObservedLoss | None, scaler_skipped: bool) -> CheckResult | None:
+        """Runs every stage for ``step``; None when no watched parameter has a gradient (the loss still reported).
 
         Args:
             step: the step checked.
@@ -110,24 +115,36 @@ class CheckPipeline:
         if not grads:
             if self.in_backward is not None and sampled:
                 self.in_backward.discard()
+            if loss is not None:  # judged and learned when observed: its events are published alone
+                self.records.put_loss(step, loss)
             return None
         hist = None
-        if sampled and self.histogram_every is not None and step % self.histogram_every == 0:
-            if self.in_backward is not None:
-                self.in_backward.discard()  # the histograms need the whole read: measured now
-            packed, hist = grad_stats_with_hist(grads)  # statistics and log2 histograms, one pass
-        else:
-            # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
-            packed = self.measure(grads) if sampled else grad_stats_packed(grads)
-        packed, scaler_flag = self.step_control.unscale(packed)
-        if scaler_skipped:
-            scaler_flag = torch.ones_like(scaler_flag)
-        packed = self.reduce(packed, index)
+        histogram_now = sampled and self.histogram_every is not None and step % self.histogram_every == 0
         names = [self.param_names[i] for i in index]
-        # detect, decide and the record's encoding: one op with built-in policies, else in Python
-        fused = (
-            self.check_fused(index, packed, scaler_flag, loss) if sampled and self.fused_now(packed.device) else None
-        )
+        if sampled and not histogram_now and self.stats_reach_check_unchanged(grads):
+            # measure, detect, decide and encode: one grad_stats_check op (two launches on a GPU)
+            scaler_flag = self.step_control.scaler_skipped(grads[0].device, scaler_skipped)
+            fused = self.check_fused(index, grads, scaler_flag, loss)
+        else:
+            if histogram_now:
+                if self.in_backward is not None:
+                    self.in_backward.discard()  # the histograms need the whole read: measured now
+                packed, hist = grad_stats_with_hist(grads)  # statistics and log2 histograms, one pass
+            else:
+                # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
+                packed = self.measure(grads) if sampled else grad_stats_packed(grads)
+            packed, scaler_flag = self.step_control.unscale(packed)
+            if scaler_skipped:
+                scaler_flag = torch.ones_like(scaler_flag)
+            packed = self.reduce(packed, index)
+            if hist is not None and self.has_dtensor:
+                hist = self._reducer(index).reduce_counts(hist)  # shards' counts summed: the full gradients'
+            # detect, decide and the record's encoding: one op with built-in policies, else in Python
+            fused = (
+                self.check_fused(index, packed, scaler_flag, loss)
+                if sampled and self.fused_now(packed.device)
+                else None
+            )
         if fused is None:
             detection, loss_flags = self.detect(packed, index, scaler_flag, loss, sampled)
             ctx = DecisionContext(step, packed, detection, names, scaler_flag, loss_flags)
@@ -174,18 +191,21 @@ class CheckPipeline:
         """
         if not is_distributed():
             return packed
+        return self._reducer(index).reduce(packed)
+
+    def _reducer(self, index: list[int]) -> ShardedStats:
         key = tuple(index)
         reducer = self._sharded.get(key)
         if reducer is None:
             reducer = self._sharded[key] = ShardedStats([self.params[i] for i in index])
-        return reducer.reduce(packed)
+        return reducer
 
     def detect(
         self,
         packed: torch.Tensor,
         index: list[int],
         scaler_flag: torch.Tensor,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
         sampled: bool,
     ) -> tuple[Detection, torch.Tensor]:
         """Stage 'detect': the step's flags, and the loss's flags (all False without a loss)."""
@@ -238,20 +258,50 @@ class CheckPipeline:
             return False
         return self.fused.refresh()  # a policy changed into one the op does not run: Python path
 
+    def stats_reach_check_unchanged(self, grads: list[torch.Tensor]) -> bool:
+        """Whether measure and the fused check can be one ``grad_stats_check`` op this step.
+
+        They can when the statistics would reach the check as measured: one device, no
+        in-backward measurement, no GradScaler unscaling and no distributed reduction between.
+        """
+        return (
+            self.one_device
+            and self.in_backward is None
+            and not self.has_dtensor
+            and not self.step_control.scales_gradients()
+            and self.fused_now(grads[0].device)
+        )
+
     def check_fused(
-        self, index: list[int], packed: torch.Tensor, scaler_flag: torch.Tensor, loss: StepLoss | None
+        self,
+        index: list[int],
+        stats: torch.Tensor | list[torch.Tensor],
+        scaler_flag: torch.Tensor,
+        loss: ObservedLoss | None,
     ) -> FusedResult:
-        """Stages detect, decide and the record's encoding as one ``grad_check`` op (nothing to agree: one process)."""
-        device = packed.device
-        observed = (None, None) if loss is None else (loss.mean.to(device), loss.flags.to(device))
-        return self.fused(packed, self._index_tensor(index, device), scaler_flag, *observed)
+        """Stages detect, decide and the record's encoding as one op (nothing to agree: one process).
+
+        Args:
+            index: which watched parameters the gradients are.
+            stats: the packed statistics (``grad_check``), or the gradients themselves
+                (``grad_stats_check``: measured in the same op).
+            scaler_flag: the GradScaler skipped this step by itself.
+            loss: the losses observed for this step, or None.
+        """
+        device = stats.device if isinstance(stats, torch.Tensor) else stats[0].device
+        observed = (None, None) if loss is None else tuple(_on(t, device) for t in (loss.mean, loss.flags))
+        index_tensor = self._index_tensor(index, device)
+        # fused_now refreshed the config for this check
+        if isinstance(stats, torch.Tensor):
+            return self.fused(stats, index_tensor, scaler_flag, *observed, refresh=False)
+        return self.fused.with_stats(stats, index_tensor, scaler_flag, *observed, refresh=False)[1]
 
     def record_fused(
         self,
         step: int,
         names: list[str],
         fused: FusedResult,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
         log2_hist: torch.Tensor | None = None,
     ) -> None:
         """Stage 'record' of a fused check: the op's record payload, copied to the host without a sync.
@@ -271,7 +321,7 @@ class CheckPipeline:
         names: list[str],
         decision: Decision,
         seen_by: torch.Tensor | None,
-        loss: StepLoss | None,
+        loss: ObservedLoss | None,
         sampled: bool,
         log2_hist: torch.Tensor | None = None,
     ) -> None:

@@ -91,7 +91,9 @@ def load_detector_state(det: Detector, state: Mapping[str, Any], device: torch.d
         det.loss = RunningStats(1, ema=det.config.ema, warmup=det.config.warmup, huber=det.config.huber)
     for key in ("window", "window_count", "early_max", "regression"):
         value = state.get(key)
-        setattr(det, key, None if value is None else (value.clone() if device is None else value.to(device)))
+        # copies in the detector's dtypes, whatever the checkpoint stored (the fused check binds these)
+        dtype = torch.int64 if key == "window_count" else torch.float64
+        setattr(det, key, None if value is None else value.to(device=device, dtype=dtype, copy=True))
     if det.early_max is None and det.norms.count is not None:
         # Version 1: a stream already observed has lost its early reference, so the rule stays off.
         count = det.norms.count[det.num_params : det.num_params + 1]

@@ -124,8 +124,6 @@ class Diagnostics:
                 )
             if optimizer is None:
                 raise ValueError("update_ratio_every needs the optimizer whose updates it measures; pass optimizer=")
-            if has_dtensor:
-                raise ValueError("update_ratio_every does not support DTensor (FSDP2) parameters yet; leave it None")
             for label, value in (
                 ("update_ratio_floor", update_ratio_floor),
                 ("update_ratio_ceiling", update_ratio_ceiling),

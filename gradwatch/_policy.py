@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
-from .detect import Detection, kind_mask
+from .detect import KINDS, Detection, kind_mask
 from .events import AnomalyEvent, AnomalyKind, StepRecord
 
 HARMFUL_KINDS: frozenset[AnomalyKind] = frozenset(
@@ -33,6 +33,9 @@ PARAM_KINDS: frozenset[AnomalyKind] = frozenset(
     {AnomalyKind.NONFINITE, AnomalyKind.NORM_LIMIT, AnomalyKind.SPIKE, AnomalyKind.VANISHING}
 )
 """Kinds detected per parameter."""
+
+
+_DEVICE_KINDS = frozenset(KINDS)  # the flags the detector (and the fused op) computes before the step
 
 
 def _kinds(
@@ -172,6 +175,33 @@ class Policy:
         default: frozenset[AnomalyKind] = HARMFUL_KINDS,
     ):
         self.kinds = _kinds(kinds, default, type(self).__name__)
+
+    @property
+    def kinds(self) -> frozenset[AnomalyKind]:
+        """The anomaly kinds this policy reacts to.
+
+        May be changed between steps (the next check follows); names are accepted and checked as
+        in the constructor: an unknown name, or a kind found on the host after the step for a
+        policy that decides on the device, is a ValueError rather than a rule that never fires.
+        """
+        return self._kinds
+
+    @kinds.setter
+    def kinds(self, kinds: Iterable[AnomalyKind | str] | AnomalyKind | str) -> None:
+        owner = type(self).__name__
+        if kinds is None:
+            raise TypeError(f"{owner}: kinds must be anomaly kinds (names or AnomalyKind), got None")
+        checked = _kinds(kinds, frozenset(), owner)
+        # decide() sees the device flags only: a kind found on the host after the step would never fire
+        if type(self).decide is not Policy.decide and not checked <= _DEVICE_KINDS:
+            later = sorted(k.value for k in checked - _DEVICE_KINDS)
+            raise ValueError(
+                f"{owner}: kinds contains {later}, found on the host after the step (diagnostics: "
+                f"where a NaN started, update ratios, rank attribution), so a policy that decides on the device "
+                f"before the step cannot act on them; react to them with Warn or a sink, and give "
+                f"{owner} some of {sorted(k.value for k in _DEVICE_KINDS)}"
+            )
+        self._kinds = checked
 
     def attach(self, host: PolicyHost) -> None:
         """Called once by the monitor before the first step."""

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,10 +35,19 @@ from ._flags import PARAM_EVENT_KINDS, STEP_EVENT_KINDS, loss_event_value, param
 from ._host_copy import HostCopies
 from ._layout import Stat
 from ._reference import LOG2_HIST_BINS
-from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detection, DetectorConfig, LossDetection
+from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detection, Detector, DetectorConfig
 from .events import AnomalyEvent, AnomalyKind
 
-__all__ = ["Head", "HostRecord", "LossPacket", "RecordQueue", "StepLoss", "encode_record", "extras_layout"]
+__all__ = [
+    "Head",
+    "HostRecord",
+    "LossPacket",
+    "ObservedLoss",
+    "RecordQueue",
+    "StepLoss",
+    "encode_record",
+    "extras_layout",
+]
 
 
 class Head(IntEnum):
@@ -235,37 +244,67 @@ def decode_record(
     )
 
 
+class ObservedLoss(Protocol):
+    """What the monitor keeps of one step's observed losses (:class:`StepLoss`, or its fused twin).
+
+    Attributes:
+        step: the step the losses belong to.
+        count: how many were observed.
+        mean: float64 scalar on the device, their mean.
+        flags: bool ``[NUM_KINDS]`` on the device, the loss flags of any of them.
+    """
+
+    step: int
+    count: int
+
+    @property
+    def mean(self) -> torch.Tensor: ...
+
+    @property
+    def flags(self) -> torch.Tensor: ...
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Judges the next micro-batch's loss and folds it into the step's."""
+
+    def encode(self) -> torch.Tensor:
+        """The step's losses as one float64 vector (:meth:`StepLoss.encode`'s layout)."""
+
+
 class StepLoss:
     """The losses observed for one step (one per micro-batch under accumulation), on the device.
 
     Each micro-batch's loss is judged on its own when observed (a spike in any micro-batch is
-    flagged); the step's loss is their mean. Everything stays on the device: no sync.
+    flagged); the step's loss is their mean. Everything stays on the device: no sync. This is the
+    Python form (the oracle); :class:`~gradwatch.fused_check.FusedStepLoss` does the same in one op
+    per loss, with the same interface.
 
     Args:
         step: the step the losses belong to.
-        first: the first micro-batch's :class:`~gradwatch.detect.LossDetection`.
+        detector: judges each loss (:meth:`~gradwatch.detect.Detector.detect_loss`).
     """
 
     _SPIKE = KIND_INDEX[AnomalyKind.LOSS_SPIKE]
 
-    def __init__(self, step: int, first: LossDetection):
+    def __init__(self, step: int, detector: Detector):
         self.step = step
-        self.count = 1
-        self.total = first.value
-        self.flags = first.flags
-        spike = first.flags[self._SPIKE]
-        # the worst spiking micro-batch: its loss and threshold are what a spike event reports
-        self.peak, self.peak_threshold, self.any_spike = first.value, first.threshold, spike
+        self.detector = detector
+        self.count = 0
 
-    def add(self, detection: LossDetection) -> None:
-        """Adds the next micro-batch's detection."""
+    def observe(self, loss: torch.Tensor) -> None:
+        """Judges the next micro-batch's loss and folds it into the step's."""
+        detection = self.detector.detect_loss(loss)
         spike = detection.flags[self._SPIKE]
-        worse = spike & (~self.any_spike | (detection.value > self.peak))
-        self.peak = torch.where(worse, detection.value, self.peak)
-        self.peak_threshold = torch.where(worse, detection.threshold, self.peak_threshold)
-        self.any_spike = self.any_spike | spike
-        self.flags = self.flags | detection.flags
-        self.total = self.total + detection.value
+        if self.count == 0:
+            self.total, self.flags = detection.value, detection.flags
+            # the worst spiking micro-batch: its loss and threshold are what a spike event reports
+            self.peak, self.peak_threshold, self.any_spike = detection.value, detection.threshold, spike
+        else:
+            worse = spike & (~self.any_spike | (detection.value > self.peak))
+            self.peak = torch.where(worse, detection.value, self.peak)
+            self.peak_threshold = torch.where(worse, detection.threshold, self.peak_threshold)
+            self.any_spike = self.any_spike | spike
+            self.flags = self.flags | detection.flags
+            self.total = self.total + detection.value
         self.count += 1
 
     @property
@@ -273,15 +312,14 @@ class StepLoss:
         """The step's loss: the mean over its micro-batches (float64 scalar, on the device)."""
         return self.total / self.count
 
-
-def encode_loss(loss: StepLoss) -> torch.Tensor:
-    """A step's loss as one float64 vector: mean, spike value, spike threshold, flags [NUM_KINDS]."""
-    head = torch.stack([loss.mean, loss.peak, loss.peak_threshold])
-    return torch.cat([head, loss.flags.to(torch.float64)])
+    def encode(self) -> torch.Tensor:
+        """The step's losses as one float64 vector: mean, spike value, spike threshold, flags [NUM_KINDS]."""
+        head = torch.stack([self.mean, self.peak, self.peak_threshold])
+        return torch.cat([head, self.flags.to(torch.float64)])
 
 
 def decode_loss(host: torch.Tensor, step: int) -> LossPacket:
-    """The inverse of :func:`encode_loss`, with the flags turned into events.
+    """The inverse of :meth:`StepLoss.encode`, with the flags turned into events.
 
     A spike event reports the worst spiking micro-batch's loss; a non-finite one the step's mean.
     """
@@ -355,9 +393,9 @@ class RecordQueue:
         host, event = self._to_host(payload)
         self._pending.append(_Pending("record", step, host, event, names, extras_layout, sampled))
 
-    def put_loss(self, step: int, loss: StepLoss) -> None:
+    def put_loss(self, step: int, loss: ObservedLoss) -> None:
         """Starts the copy of a step's losses to the host."""
-        host, event = self._to_host(encode_loss(loss))
+        host, event = self._to_host(loss.encode())
         self._pending.append(_Pending("loss", step, host, event))
 
     def drain(

@@ -37,6 +37,7 @@ class RunningStats:
     """
 
     _KEYS = ("mean", "var", "count")
+    _DTYPES = {"mean": torch.float64, "var": torch.float64, "count": torch.int64}
 
     def __init__(self, size: int, *, ema: float, warmup: int, huber: float = 3.0, clamp_after: int | None = None):
         self.size, self.ema, self.warmup, self.huber = size, ema, warmup, huber
@@ -102,11 +103,15 @@ class RunningStats:
         return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in self._KEYS}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor | None], device: torch.device | None = None) -> None:
-        """Restores :meth:`state_dict` output, optionally onto ``device``."""
+        """Restores :meth:`state_dict` output, optionally onto ``device``.
+
+        The tensors are copied in their own dtypes (float64 mean and var, int64 count), whatever a
+        checkpoint stored them in: the fused ops update them in place and take those dtypes only.
+        """
         for key in self._KEYS:
             value = state[key]
             if value is not None:
                 if value.shape != (self.size,):
                     raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}; expected ({self.size},)")
-                value = value.clone() if device is None else value.to(device, copy=True)
+                value = value.to(device=device, dtype=self._DTYPES[key], copy=True)
             setattr(self, key, value)

@@ -106,6 +106,27 @@ class StepControl:
         stashed = self.shared.stashed
         return [stashed[id(p)][1] if p.grad is None and id(p) in stashed else p.grad for p in params]
 
+    def scales_gradients(self) -> bool:
+        """Whether the gradients carry a GradScaler's scale, which :meth:`unscale` removes from the statistics."""
+        return self.optimizer is not None and isinstance(getattr(self.optimizer, "grad_scale", None), torch.Tensor)
+
+    def scaler_skipped(self, device: torch.device, skipped_on_host: bool = False) -> torch.Tensor:
+        """A bool scalar on ``device``: True when the GradScaler skips this step by itself.
+
+        Args:
+            device: where the flag is needed.
+            skipped_on_host: the scaler already skipped the step without calling the optimizer.
+        """
+        flag = self._false.get(device)
+        if flag is None:  # read-only, made once per device: one op less per check
+            flag = self._false[device] = torch.zeros((), dtype=torch.bool, device=device)
+        if skipped_on_host:
+            return torch.ones_like(flag)
+        found_inf = self.shared.scaler_found_inf() if self.shared is not None else None
+        if isinstance(found_inf, torch.Tensor):
+            return found_inf.to(device).reshape(()) > 0
+        return flag
+
     def unscale(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Removes a GradScaler's scale from the statistics; flags the scaler's own inf-steps.
 
@@ -116,21 +137,11 @@ class StepControl:
             ``(packed, scaler_skipped)``: the statistics of the unscaled gradients, and a bool
             scalar that is True when the GradScaler skips this step by itself (``found_inf``).
         """
-        device = packed.device
-        scaler_skipped = self._false.get(device)
-        if scaler_skipped is None:  # read-only, made once per device: one op less per check
-            scaler_skipped = self._false[device] = torch.zeros((), dtype=torch.bool, device=device)
-        if self.optimizer is None:
-            return packed, scaler_skipped
-        scale = getattr(self.optimizer, "grad_scale", None)
-        if isinstance(scale, torch.Tensor):
-            inv = scale.to(device, torch.float64).reciprocal()
+        if self.scales_gradients():
+            inv = self.optimizer.grad_scale.to(packed.device, torch.float64).reciprocal()
             # norm and max|g| scale with the gradients; the non-finite count does not
             packed = torch.cat([packed[:, : Stat.NONFINITE] * inv, packed[:, Stat.NONFINITE :]], dim=1)
-        found_inf = self.shared.scaler_found_inf() if self.shared is not None else None
-        if isinstance(found_inf, torch.Tensor):
-            scaler_skipped = found_inf.to(device).reshape(()) > 0
-        return packed, scaler_skipped
+        return packed, self.scaler_skipped(packed.device)
 
     def skip_path(self, can_skip: bool) -> SkipPath | None:
         """How a skip decision reaches the optimizer this step (None: there is none to make).

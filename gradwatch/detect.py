@@ -67,7 +67,9 @@ Design, and the numbers behind it (healthy runs of the benchmark models, ``bench
 Cost: one pass of elementwise ops over ``2 n + 2`` streams, a constant number of ops whatever the
 number of parameters: 137 dispatched aten ops per :meth:`Detector.detect` with the default rules
 (194 when the loss is passed), 143 with the fixed rules on (98 and 106 before issue 10's changes),
-71 per :meth:`detect_loss` (68 before); on a GPU each is one small launch.
+71 per :meth:`detect_loss` (68 before); on a GPU each is one small launch. The monitor runs these
+rules as one compiled op where it can (``grad_stats_check`` and ``loss_check``, ``csrc/check.h`` and
+``csrc/loss_check.h``); this class is their oracle and the path for user-written policies.
 """
 
 from __future__ import annotations

@@ -141,6 +141,27 @@ class ShardedStats:
             rows.index_copy_(0, layout.index, torch.stack([full[s] for s in Stat], dim=1))
         return torch.cat([rows, combine_rows(rows)[None]])
 
+    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-parameter counts of the full gradients (e.g. log2 histograms) from the local shards' counts.
+
+        Args:
+            counts: ``[N, ...]`` per-parameter counts of the local shards, rows as the parameters.
+
+        Returns:
+            ``counts`` with the rows of sharded parameters summed over their shard groups (one
+            collective per sharding layout and mesh dim); identical on every rank of the group.
+        """
+        if not self._layouts:
+            return counts
+        counts = counts.clone()
+        for layout in self._layouts:
+            index = torch.tensor(layout.rows, device=counts.device)
+            part = counts.index_select(0, index)
+            for group in layout.groups:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            counts.index_copy_(0, index, part)
+        return counts
+
 
 def agree(decisions: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Makes ``decisions`` identical on all ranks by taking the element-wise max, in place.

@@ -11,6 +11,12 @@ decides what the built-in policies decide, in one call: on the CPU one dispatche
 * ``factors``: float64 ``[n]``, what ``scale_`` multiplies each gradient by;
 * ``skip``: bool scalar, whether the optimizer step must not happen.
 
+``torch.ops.gradwatch.grad_stats_check(tensors, fstate, istate, config, ...)`` is ``grad_stats`` and
+``grad_check`` in one op, returning ``(packed, record, factors, skip)``: on a GPU the statistics' task
+walk and then one block that combines the rows, the total and runs the check (two launches; with
+``scale_`` a clipped step is three). The monitor uses it whenever the statistics reach the check
+unchanged (no GradScaler unscaling, no distributed reduction, no in-backward measuring).
+
 :class:`FusedCheck` is the bridge to the Python objects, which stay the readable oracle
 (``tests/test_fused_check.py`` drives both on the same streams): it packs the
 :class:`~gradwatch.detect.DetectorConfig` and the policies into the op's ``float[]`` config and
@@ -44,12 +50,22 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._ops import _C, measure_unchecked, scale_unchecked
+from ._layout import Stat
+from ._ops import _C, scale_unchecked
 from .detect import KIND_INDEX, KINDS, NUM_KINDS, Detector
 from .events import AnomalyKind
 from .policies import AdaptiveClip, Clip, ClipExtras, LRBackoff, PolicySet, Raise, Rollback, Skip, Warn, Zero
 
-__all__ = ["FusedCheck", "FusedResult", "supports", "native", "check_step", "CONFIG_VERSION"]
+__all__ = [
+    "FusedCheck",
+    "FusedResult",
+    "FusedStepLoss",
+    "supports",
+    "native",
+    "check_step",
+    "loss_config",
+    "CONFIG_VERSION",
+]
 
 CONFIG_VERSION = 1
 _CONFIG_HEAD = 24
@@ -85,14 +101,17 @@ _CLIPS = (Clip, AdaptiveClip)
 _MAX_POLICIES = 16
 
 
-def _has_kernel(device_type: str) -> bool:
-    if _C is None or not hasattr(torch.ops.gradwatch, "grad_check"):
+def _has_kernel(device_type: str, op: str = "grad_check") -> bool:
+    if _C is None or not hasattr(torch.ops.gradwatch, op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("gradwatch::grad_check", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradwatch::{op}", key)
 
 
 _NATIVE = {"cpu": _has_kernel("cpu"), "cuda": _has_kernel("cuda")}
+_NATIVE_LOSS = {"cpu": _has_kernel("cpu", "loss_check"), "cuda": _has_kernel("cuda", "loss_check")}
+_LOSS_PACKET = 3 + NUM_KINDS  # StepLoss.encode's layout; the op keeps the running total after it
+_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what loss_check reads
 
 
 def native(device: torch.device | str) -> bool:
@@ -104,6 +123,11 @@ def supports(policy: PolicySet) -> bool:
     """Whether every member of ``policy`` is a built-in policy the op runs (not a subclass)."""
     on_device = [p for p in policy.policies if _TYPES.get(type(p), 0) is not None]
     return all(type(p) in _TYPES for p in policy.policies) and len(on_device) <= _MAX_POLICIES
+
+
+def _record_size(config: Sequence[float], n: int, columns: int) -> int:
+    """Length of the op's record payload (``record_size`` in ``csrc/check.h``)."""
+    return _HEAD_SIZE + 2 * NUM_KINDS + int(config[20]) + n * (columns + _DETECT_COLUMNS + NUM_KINDS)
 
 
 if _C is not None and hasattr(torch.ops.gradwatch, "grad_check"):
@@ -122,8 +146,122 @@ if _C is not None and hasattr(torch.ops.gradwatch, "grad_check"):
         torch._check(packed.dim() == 2, lambda: "grad_check: packed must be [n + 1, columns]")
         torch._check(packed.dtype == torch.float64, lambda: "grad_check: packed must be float64")
         n, columns = packed.shape[0] - 1, packed.shape[1]
-        size = _HEAD_SIZE + 2 * NUM_KINDS + int(config[20]) + n * (columns + _DETECT_COLUMNS + NUM_KINDS)
+        size = _record_size(config, n, columns)
         return packed.new_empty(size), packed.new_empty(n), packed.new_empty((), dtype=torch.bool)
+
+
+if _C is not None and hasattr(torch.ops.gradwatch, "grad_stats_check"):
+
+    @torch.library.register_fake("gradwatch::grad_stats_check")
+    def _grad_stats_check_fake(
+        tensors: Sequence[torch.Tensor],
+        fstate: torch.Tensor,
+        istate: torch.Tensor,
+        config: Sequence[float],
+        index: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        loss_flags: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch._check(len(tensors) > 0, lambda: "grad_stats_check: tensors is empty; pass at least one tensor")
+        n = len(tensors)
+        packed = tensors[0].new_empty((n + 1, len(Stat)), dtype=torch.float64)
+        f64 = packed.new_empty
+        return packed, f64(_record_size(config, n, len(Stat))), f64(n), f64((), dtype=torch.bool)
+
+
+if _C is not None and hasattr(torch.ops.gradwatch, "loss_check"):
+
+    @torch.library.register_fake("gradwatch::loss_check")
+    def _loss_check_fake(
+        loss: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        count: torch.Tensor,
+        packet: torch.Tensor,
+        flags: torch.Tensor,
+        micro_batch: int,
+        config: Sequence[float],
+    ) -> None:
+        torch._check(loss.numel() == 1, lambda: "loss_check: loss must hold one element")
+        torch._check(packet.numel() == _LOSS_PACKET + 1, lambda: "loss_check: packet has the wrong size")
+
+
+def loss_config(detector: Detector) -> list[float]:
+    """``loss_check``'s config from ``detector``'s loss rule: sigma, warmup, clamp_after, huber, ema."""
+    stats = detector.loss
+    return [float(detector.loss_sigma), float(stats.warmup), float(stats.clamp_after), stats.huber, stats.ema]
+
+
+class FusedStepLoss:
+    """:class:`~gradwatch._records.StepLoss` in one op per observed loss (``loss_check``, ``csrc/loss_check.h``).
+
+    The loss is judged (a spike or a non-finite loss, :meth:`Detector.detect_loss`'s rule), the
+    detector's loss statistics are updated in place, and the step's packet (mean over its
+    micro-batches, the worst spike and its threshold, the flags) is kept on the device, ready to copy:
+    one launch per loss instead of ~60 ops. :class:`StepLoss` is the oracle (``tests/test_loss_check.py``).
+
+    Args:
+        step: the step the losses belong to.
+        detector: whose loss statistics judge and learn the losses.
+    """
+
+    def __init__(self, step: int, detector: Detector):
+        self.step = step
+        self.detector = detector
+        self.count = 0
+        self._packet: torch.Tensor | None = None
+        self._flags: torch.Tensor | None = None
+
+    @staticmethod
+    def runs(loss: torch.Tensor, detector: Detector) -> bool:
+        """Whether the op can take ``loss``: a compiled kernel for its device, the detector's loss state there."""
+        stats = detector.loss
+        on_device = stats.mean is None or stats.mean.device == loss.device
+        valid = loss.numel() == 1 and loss.dtype in _LOSS_DTYPES
+        return _NATIVE_LOSS.get(loss.device.type, False) and on_device and valid
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Judges the next micro-batch's loss and folds it into the step's (one op, no sync)."""
+        stats = self.detector.loss
+        stats._ensure(loss.device)
+        if self._packet is None:
+            self._packet = torch.empty(_LOSS_PACKET + 1, dtype=torch.float64, device=loss.device)
+            self._flags = torch.empty(NUM_KINDS, dtype=torch.bool, device=loss.device)
+        elif loss.device != self._packet.device:
+            raise ValueError(
+                f"observe_loss: this step's losses were on {self._packet.device}, this one is on {loss.device}; "
+                "pass every micro-batch's loss from one device"
+            )
+        value = loss.detach()
+        if value.dtype not in _LOSS_DTYPES:
+            # an integer, bool or float8 micro-batch after a float one: Detector.detect_loss's cast
+            value = value.to(torch.float64)
+        self.count += 1
+        torch.ops.gradwatch.loss_check(
+            value,
+            stats.mean,
+            stats.var,
+            stats.count,
+            self._packet,
+            self._flags,
+            self.count,
+            loss_config(self.detector),
+        )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The step's loss: the mean over its micro-batches (float64 scalar, on the device)."""
+        return self._packet[0]
+
+    @property
+    def flags(self) -> torch.Tensor:
+        """Bool ``[NUM_KINDS]``: the loss flags of any of the step's losses."""
+        return self._flags
+
+    def encode(self) -> torch.Tensor:
+        """:meth:`StepLoss.encode`'s vector: mean, spike value, spike threshold, flags."""
+        return self._packet[:_LOSS_PACKET]
 
 
 def _opt(value: float | None) -> float:
@@ -224,9 +362,9 @@ class FusedCheck:
         self._regression: torch.Tensor | None = None
 
     def _signature(self) -> tuple[Any, ...]:
-        """What the config is built from that a user may change after construction (members, limits, kinds)."""
+        """What the config is built from that a user may change after construction (members, order, limits, kinds)."""
         return tuple(
-            (p, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
+            (p, p.priority, p.kinds, getattr(p, "max_norm", None), getattr(p, "z", None), getattr(p, "after", None))
             for p in self.policy.policies
         )
 
@@ -309,6 +447,8 @@ class FusedCheck:
         ignore: torch.Tensor | None = None,
         loss: torch.Tensor | None = None,
         loss_flags: torch.Tensor | None = None,
+        *,
+        refresh: bool = True,
     ) -> FusedResult:
         """Checks one step: the detector's and the policies' work on ``packed``, in one op.
 
@@ -318,17 +458,61 @@ class FusedCheck:
             ignore: bool scalar; True: a GradScaler's own skip (nothing flagged or learned).
             loss: float64 scalar, the step's loss (the total norm is also judged given it).
             loss_flags: bool ``[NUM_KINDS]``, the flags of the step's observed losses.
+            refresh: follow policies changed since the last call (False: the caller just called
+                :meth:`refresh`).
         """
-        if not self.refresh():
-            raise ValueError("FusedCheck: the policy set now holds a policy the op does not run")
-        if not self._bound() or self.fstate.device != packed.device:
-            self.bind(packed.device)
-        if loss is not None and self.detector.regression is None:
-            self.detector.regression = self._regression  # the Python detector creates it with the first loss
+        self._prepare(packed.device, loss, refresh)
         out = torch.ops.gradwatch.grad_check(
             packed, self.fstate, self.istate, self.config, index, ignore, loss, loss_flags
         )
         return FusedResult(*out)
+
+    def with_stats(
+        self,
+        grads: list[torch.Tensor],
+        index: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        loss_flags: torch.Tensor | None = None,
+        *,
+        refresh: bool = True,
+    ) -> tuple[torch.Tensor, FusedResult]:
+        """The statistics pass and the check of :meth:`__call__` in one op (``grad_stats_check``).
+
+        On a GPU two launches instead of four (the task walk; then the rows, the total and the
+        check in one block). For statistics that are changed before the check (a GradScaler's
+        unscaling, a distributed reduction) measure first and call the object instead.
+
+        Args:
+            grads: the gradients, on one device (validated by the caller).
+            index: as :meth:`__call__`.
+            ignore: as :meth:`__call__`.
+            loss: as :meth:`__call__`.
+            loss_flags: as :meth:`__call__`.
+            refresh: as :meth:`__call__`.
+
+        Returns:
+            ``(packed, result)``: the statistics (``grad_stats``' output) and the check's result.
+
+        Raises:
+            ValueError: ``grads`` is empty.
+        """
+        if not grads:
+            raise ValueError("FusedCheck.with_stats: grads is empty; pass at least one gradient")
+        self._prepare(grads[0].device, loss, refresh)
+        packed, *out = torch.ops.gradwatch.grad_stats_check(
+            grads, self.fstate, self.istate, self.config, index, ignore, loss, loss_flags
+        )
+        return packed, FusedResult(*out)
+
+    def _prepare(self, device: torch.device, loss: torch.Tensor | None, refresh: bool) -> None:
+        """Config current, state on ``device`` and bound to the detector's tensors."""
+        if refresh and not self.refresh():
+            raise ValueError("FusedCheck: the policy set now holds a policy the op does not run")
+        if not self._bound() or self.fstate.device != device:
+            self.bind(device)
+        if loss is not None and self.detector.regression is None:
+            self.detector.regression = self._regression  # the Python detector creates it with the first loss
 
 
 def check_step(
@@ -350,8 +534,7 @@ def check_step(
     Returns:
         ``(record, factors, skip)`` as :class:`FusedResult`.
     """
-    packed = measure_unchecked(grads)
-    record, factors, skip = torch.ops.gradwatch.grad_check(packed, fstate, istate, config)
+    _, record, factors, skip = torch.ops.gradwatch.grad_stats_check(grads, fstate, istate, config)
     if apply:
         scale_unchecked(grads, factors)
     return record, factors, skip

@@ -35,13 +35,14 @@ from ._check import CheckPipeline
 from ._diagnostics import Diagnostics
 from ._in_backward import InBackwardStats
 from ._publish import Publisher, SinkError
-from ._records import RecordQueue, StepLoss
+from ._records import ObservedLoss, RecordQueue, StepLoss
 from ._selection import Selector, UnwatchedReport, select_parameters
 from ._stepping import ScalerTap, StepControl
 from ._validate import is_positive_int, positive_int
 from .detect import Detector, DetectorConfig
 from .distributed import is_distributed, is_dtensor
 from .events import AnomalyEvent, Sink, StepRecord
+from .fused_check import FusedStepLoss
 from .policies import Policy, PolicySet, make_policy
 
 __all__ = ["GradWatch", "SinkError"]  # GradientMonitor: see gradient_monitor.py (still importable from here)
@@ -149,7 +150,8 @@ class GradWatch:
             norms of the optimizer's update and of the weights (``StepRecord.update_norms``,
             ``weight_norms``; the record of step t carries step t-1's update) and flag
             ``update_ratio_low`` / ``update_ratio_high``; keeps a copy of the watched parameters (see
-            :mod:`gradwatch.update_ratio`). Needs an optimizer. Default None (off).
+            :mod:`gradwatch.update_ratio`; FSDP2 shards are measured locally and reduced). Needs an
+            optimizer. Default None (off).
         update_ratio_floor: a ratio ``||dw|| / ||w||`` at or below it while the gradient is nonzero is
             ``update_ratio_low`` (frozen by accident). Default 1e-8.
         update_ratio_ceiling: a ratio above it (after the detector's warm-up) is ``update_ratio_high``.
@@ -158,8 +160,9 @@ class GradWatch:
             each gradient's elements by binade in the same read pass (``grad_stats(...,
             histogram=True)``); the counts travel with the step's record (no sync) as
             :attr:`StepRecord.log2_hist`, into the history (counts and fp16/bf16/fp8 underflow
-            fractions, :mod:`gradwatch.histograms`), the report and TensorBoard. Not with sharded
-            (FSDP2/DTensor) parameters. Default None: off.
+            fractions, :mod:`gradwatch.histograms`), the report and TensorBoard. With FSDP2/DTensor
+            parameters each rank counts its shards and the counts are summed over the shard groups
+            (one collective per sharding layout). Default None: off.
         **detector_options: :class:`~gradwatch.detect.DetectorConfig` fields (``sigma``,
             ``warmup``, ``ema``, ``max_norm``, ``max_total_norm``, ``rolling_limit``, ...).
 
@@ -246,11 +249,6 @@ class GradWatch:
         self._params: list[nn.Parameter] = [p for _, p in selected]
         self._in_backward = self._make_in_backward(measure_in_backward)
         self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
-        if self.histogram_every is not None and any(is_dtensor(p) for p in self._params):
-            raise ValueError(
-                "histogram_every: sharded (FSDP2/DTensor) parameters are not supported: each rank would count "
-                "its own shard only; leave histogram_every=None under FSDP2"
-            )
         self.detector = Detector(len(self._params), DetectorConfig.from_options(detector_options))
         if baseline is not None:
             device = self._params[0].device
@@ -273,7 +271,7 @@ class GradWatch:
         self._records = RecordQueue(self.detector.config)
         self._handles: list[RemovableHandle] = []
         self._queued = False
-        self._loss: StepLoss | None = None  # observed for the upcoming check
+        self._loss: ObservedLoss | None = None  # observed for the upcoming check
         self._last_checked: int | None = None  # backward mode: the step whose check already ran
         self._in_check: int | None = None
         self._unwatched = UnwatchedReport(model)  # the optimizer's parameters that are not the model's
@@ -489,13 +487,17 @@ class GradWatch:
             return
         if late:
             self._last_checked = None
-        detection = self.detector.detect_loss(loss)
-        if late:
-            self._records.put_loss(target, StepLoss(target, detection))
-        elif self._loss is not None and self._loss.step == target:
-            self._loss.add(detection)  # another micro-batch of the same optimizer step
+        if self._loss is None or self._loss.step != target or late:
+            # one loss_check op per loss where compiled (FusedStepLoss), else the Python detector
+            kind = FusedStepLoss if FusedStepLoss.runs(loss, self.detector) else StepLoss
+            step_loss = kind(target, self.detector)
+            step_loss.observe(loss)
+            if late:
+                self._records.put_loss(target, step_loss)
+            else:
+                self._loss = step_loss
         else:
-            self._loss = StepLoss(target, detection)
+            self._loss.observe(loss)  # another micro-batch of the same optimizer step
 
     def flush(self) -> None:
         """Drains every pending record to the host now (waits for the copies); returns None."""

@@ -33,6 +33,7 @@ import torch
 
 from ._host_copy import HostCopies, HostCopy
 from ._ops import grad_stats_packed
+from .distributed import ShardedStats, is_dtensor, local_gradient
 from .events import AnomalyEvent, AnomalyKind, update_ratio
 
 __all__ = ["UpdateRatios", "UpdateNorms", "ratio_events", "DEFAULT_FLOOR", "DEFAULT_CEILING"]
@@ -63,10 +64,12 @@ class UpdateRatios:
     """Fused per-parameter update and weight norms across one optimizer step, no sync.
 
     Args:
-        params: the parameters to measure (dense, floating or complex, not DTensors).
+        params: the parameters to measure (dense, floating or complex; FSDP2/DTensor parameters are
+            measured shard by shard and the norms reduced over their shard groups, one collective
+            pair per :meth:`measure`).
 
     Raises:
-        ValueError: ``params`` is empty or holds a DTensor or a sparse tensor.
+        ValueError: ``params`` is empty or holds a sparse tensor.
 
     Example:
         >>> import torch
@@ -81,15 +84,15 @@ class UpdateRatios:
     """
 
     def __init__(self, params: Sequence[torch.Tensor]):
-        self.params = [p.detach() for p in params]
-        if not self.params:
+        if not params:
             raise ValueError("UpdateRatios: no parameters to measure")
-        for i, p in enumerate(self.params):
-            if p.is_sparse or type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor"):
-                raise ValueError(
-                    f"UpdateRatios: parameter {i} is {'sparse' if p.is_sparse else 'a DTensor'}; update ratios "
-                    "measure dense, unsharded parameters (pass update_ratio_every=None under FSDP2)"
-                )
+        for i, p in enumerate(params):
+            if p.is_sparse:
+                raise ValueError(f"UpdateRatios: parameter {i} is sparse; update ratios measure dense parameters")
+        # FSDP2/DTensor: each rank measures its shards, and the norms are reduced over the shard groups
+        # (update and weight rows alike: the parameters twice)
+        self._sharded = ShardedStats([*params, *params]) if any(is_dtensor(p) for p in params) else None
+        self.params = [local_gradient(p.detach()) for p in params]
         self._buffers: list[torch.Tensor] | None = None
         self.snapshot_taken = False
         self._pending: dict[int, HostCopy] = {}
@@ -112,7 +115,10 @@ class UpdateRatios:
         torch._foreach_sub_(self._buffers, self.params)
         self.snapshot_taken = False
         tensors = [_measurable(t) for t in (*self._buffers, *self.params)]
-        return grad_stats_packed(tensors)[:-1, 0]
+        packed = grad_stats_packed(tensors)
+        if self._sharded is not None:
+            packed = self._sharded.reduce(packed)
+        return packed[:-1, 0]
 
     def cancel(self) -> None:
         """Forgets the snapshot (the step it was taken for never ran)."""

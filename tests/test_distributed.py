@@ -294,3 +294,44 @@ def _raise_on_all_ranks(rank: int, world: int) -> None:
 
 def test_raise_raises_on_all_ranks():
     run_ranks(_raise_on_all_ranks)
+
+
+def _fsdp2_histograms_and_update_ratios(rank: int, world: int) -> None:
+    import gradwatch
+    from gradwatch._reference import log2_hist_reference
+
+    model = _sharded_model(world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    watch = gradwatch.GradWatch(
+        model, opt, sinks=[records.append], log_rank=None, histogram_every=2, update_ratio_every=2
+    )
+    hist_oracle, update_oracle = {}, {}
+    for step in range(5):
+        model(rank_batch(rank + 10 * step)).square().mean().backward()
+        if step == 2 and rank == 1:
+            local_gradient(model[0].weight.grad).view(-1)[5] = 0.0  # a zero in one rank's shard only
+        hist_oracle[step] = log2_hist_reference([p.grad.full_tensor() for p in model.parameters()])
+        before = _full_params(model)
+        opt.step()
+        opt.zero_grad()
+        after = _full_params(model)
+        update_oracle[step] = [
+            (float(torch.linalg.vector_norm((a - b).double())), float(torch.linalg.vector_norm(a.double())))
+            for a, b in zip(after, before, strict=True)
+        ]
+    watch.flush()
+    measured = {r.step: r for r in records}
+    for step in (0, 2, 4):  # histogram steps: the full gradients' counts, not this rank's shard's
+        got = measured[step].log2_hist
+        assert torch.equal(got, hist_oracle[step]), (rank, step)
+        assert int(got.sum()) == sum(p.numel() for p in model.parameters())
+    for step in (2, 4):  # the record of step t carries step t-1's update (gradwatch/update_ratio.py)
+        r = measured[step]
+        want = update_oracle[step - 1]
+        assert r.update_norms == pytest.approx([u for u, _ in want], rel=1e-5)
+        assert r.weight_norms == pytest.approx([w for _, w in want], rel=1e-5)
+
+
+def test_fsdp2_histograms_and_update_ratios_describe_full_parameters():
+    run_ranks(_fsdp2_histograms_and_update_ratios)

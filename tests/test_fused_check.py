@@ -337,3 +337,95 @@ def test_opcheck_and_compile_fullgraph():
         assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads, strict=True))
     assert torch.equal(fused.fstate, f2) and torch.equal(fused.istate, i2)
     assert int(fused.istate[2 * 2 + 2]) == 6  # window count: the state advanced in place under compile
+
+
+def _gradient_stream(seed: int, n: int, steps: int, device: str):
+    """Real gradients per step (several dtypes and sizes) with spikes, NaN, Inf, vanishing and missing ones."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(7,), (33, 5), (1000,), (4, 4, 3), (2,), (300, 2)][:n] + [(17,)] * max(0, n - 6)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    for t in range(steps):
+        grads = []
+        for i, size in enumerate(sizes):
+            x = torch.randn(size, generator=g, dtype=torch.float64) * (1e-3 * (1 + i)) * (1 + 0.05 * (t % 5))
+            if t in (30, 61) and i == t % n:
+                x = x * 1e4  # a spike in one parameter
+            if t == 45:
+                x = x * 300.0  # every parameter at once
+            if t == 70 and i == 2:
+                x.view(-1)[3] = math.nan
+            if t == 71 and i == 0:
+                x.view(-1)[0] = math.inf
+            if 80 <= t < 84 and i == 1:
+                x = x * 1e-9  # vanishing
+            grads.append(x.to(device, dtypes[i % len(dtypes)]))
+        missing = t % 11 == 4  # some gradients absent: a subset of rows and an index
+        index = [i for i in range(n) if i != t % n] if missing else None
+        yield t, grads if index is None else [grads[i] for i in index], index
+
+
+def _stats_then_check_equals_one_op(policy_name, device="cpu", seed=0, n=6, steps=100, with_loss=True):
+    """grad_stats_check against grad_stats + grad_check, each on its own state: equal bits at every step."""
+    two, one = (Detector(n, DetectorConfig(warmup=8)) for _ in range(2))
+    fused_two = FusedCheck(two, make_policy(POLICIES[policy_name]()))
+    fused_one = FusedCheck(one, make_policy(POLICIES[policy_name]()))
+    flags_seen = 0
+    for t, grads, index in _gradient_stream(seed, n, steps, device):
+        index_t = None if index is None else torch.tensor(index, device=device)
+        ignore = torch.tensor(t % 17 == 5, device=device)
+        loss = loss_flags = None
+        if with_loss:
+            loss = torch.tensor(0.5 + 0.01 * (t % 7) if t != 75 else math.nan, dtype=torch.float64, device=device)
+            loss_flags = torch.zeros(NUM_KINDS, dtype=torch.bool, device=device)
+            loss_flags[KIND_INDEX[AnomalyKind.LOSS_NONFINITE]] = t == 75
+        packed = torch.ops.gradwatch.grad_stats(grads)
+        want = fused_two(packed, index_t, ignore, loss, loss_flags)
+        got_packed, got = fused_one.with_stats(grads, index_t, ignore, loss, loss_flags)
+        where = f"step {t}"
+        assert got_packed.device == packed.device and torch.equal(got_packed.nan_to_num(7.0), packed.nan_to_num(7.0))
+        for a, b in zip(got, want, strict=True):
+            assert a.device == b.device and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), where
+        assert torch.equal(fused_one.fstate.nan_to_num(7.0), fused_two.fstate.nan_to_num(7.0)), where
+        assert torch.equal(fused_one.istate, fused_two.istate), where
+        flags_seen += int(want.record[Head.SKIP].item() != 0) + int(want.record[Head.CLIP_FACTOR].item() != 1.0)
+    return flags_seen
+
+
+@pytest.mark.parametrize("policy_name", ["composite", "clip", "skip", "warn"])
+def test_stats_and_check_in_one_op_equal_the_two_ops(policy_name):
+    acted = _stats_then_check_equals_one_op(policy_name)
+    if policy_name != "warn":
+        assert acted > 0, "the faults must make the policies act"
+
+
+def test_stats_and_check_errors_name_the_bad_argument():
+    det = Detector(2)
+    fused = FusedCheck(det, make_policy("warn"))
+    grads = [torch.ones(4), torch.ones(3)]
+    fused.with_stats(grads)
+    op = torch.ops.gradwatch.grad_stats_check
+    with pytest.raises(ValueError, match="tensors is empty"):
+        op([], fused.fstate, fused.istate, fused.config)
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype"):
+        op([torch.ones(4), torch.ones(3, dtype=torch.int64)], fused.fstate, fused.istate, fused.config)
+    with pytest.raises(ValueError, match="pass index"):
+        op(grads[:1], fused.fstate, fused.istate, fused.config)
+    with pytest.raises(ValueError, match="fstate has"):
+        op(grads, fused.fstate[1:], fused.istate, fused.config)
+    with pytest.raises(ValueError, match="config"):
+        op(grads, fused.fstate, fused.istate, fused.config[:-1] + [0.0, 0.0])
+    before = fused.istate.clone()
+    with pytest.raises(IndexError, match=r"index\[0\] is 7"):
+        op(grads[:1], fused.fstate, fused.istate, fused.config, torch.tensor([7]))
+    assert torch.equal(fused.istate, before)  # refused before the state moved
+
+
+def test_stats_and_check_opcheck():
+    grads = [torch.randn(5, 3), torch.randn(7, dtype=torch.bfloat16)]
+    fused = FusedCheck(Detector(2, warmup=3), make_policy(["skip", Clip(0.5)]))
+    fused.with_stats(grads)  # binds the state
+    torch.library.opcheck(
+        torch.ops.gradwatch.grad_stats_check.default,
+        (grads, fused.fstate.clone(), fused.istate.clone(), fused.config),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

@@ -176,9 +176,30 @@ def test_a_check_is_at_most_12_top_level_ops_whatever_the_number_of_parameters(p
                 ops = top_level_ops(watch.check)
             watch.step_control.restore()
         counts[n] = ops
-        assert "gradwatch::grad_check" in ops
+        # statistics and check in one op (grad_stats_check), not grad_stats then grad_check
+        assert ops.count("gradwatch::grad_stats_check") == 1, ops
+        assert "gradwatch::grad_check" not in ops and "gradwatch::grad_stats" not in ops, ops
     assert len(counts[8]) <= 12, counts[8]
     assert sorted(counts[8]) == sorted(counts[300])  # constant in the number of parameters
+
+
+def test_scaled_gradients_are_unscaled_between_the_two_ops():
+    """With a GradScaler's scale on the optimizer the statistics change before the check: two ops, unscaled values."""
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(10)) for _ in range(3)])
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    opt.grad_scale = torch.tensor(1024.0)  # what GradScaler.step sets on a fused optimizer
+    watch = GradWatch(params, opt, policy="clip", attach=False, max_norm=1e6)
+    records = []
+    watch.add_sink(records.append)
+    grads = [torch.randn(10) for _ in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g * 1024.0
+    ops = top_level_ops(watch.check)
+    watch.flush()
+    assert "gradwatch::grad_stats" in ops and "gradwatch::grad_check" in ops, ops
+    assert "gradwatch::grad_stats_check" not in ops, ops
+    want = [torch.linalg.vector_norm(g.double()).item() for g in grads]
+    assert records[-1].norms == pytest.approx(want, rel=1e-6)  # unscaled: 1024x off otherwise
 
 
 def test_a_policy_changed_between_steps_is_followed():

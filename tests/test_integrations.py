@@ -213,3 +213,34 @@ def test_lightning_honours_log_every_n_steps_and_logs_the_step_loss(tmp_path):
         assert metrics["gradwatch/loss"] == pytest.approx(history.steps[step].loss, rel=1e-6)
     assert logged[9]["gradwatch/skipped"] == 1.0 and logged[9]["gradwatch/anomalies"] >= 1.0  # step 6's
     assert logged[4]["gradwatch/skipped"] == logged[14]["gradwatch/skipped"] == 0.0
+
+
+def test_tensorboard_update_ratios_per_layer_against_the_parameters(tmp_path):
+    """update_ratio/{layer} = ||w_after - w_before|| / ||w_after|| over the layer's weight and bias (plain torch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = TensorBoardSink(tmp_path / "tb", every=4)  # ratios are logged on their steps whatever `every` says
+    oracle, records = {}, []
+    with GradWatch(model, optimizer, sinks=[sink, records.append], update_ratio_every=3) as watch:
+        for step in range(7):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).square().mean().backward()
+            before = [p.detach().double().clone() for p in model.parameters()]
+            optimizer.step()
+            after = [p.detach().double() for p in model.parameters()]
+            for layer, idx in (("0", (0, 1)), ("2", (2, 3))):
+                du = math.sqrt(sum(float((after[i] - before[i]).square().sum()) for i in idx))
+                w = math.sqrt(sum(float(after[i].square().sum()) for i in idx))
+                oracle[(layer, step)] = du / w
+        watch.flush()
+    sink.close()
+    acc = load(tmp_path / "tb")
+    measured = [r.step for r in records if r.update_norms is not None]
+    assert measured == [3, 6]
+    for layer in ("0", "2"):
+        events = acc.Scalars(f"gradwatch/update_ratio/{layer}")
+        assert [e.step for e in events] == measured
+        for e in events:  # measured at the check after the optimizer step (gradwatch/update_ratio.py)
+            assert e.value == pytest.approx(oracle[(layer, e.step - 1)], rel=1e-4), (layer, e.step)
+    assert [e.step for e in acc.Scalars("gradwatch/total_norm")] == [0, 3, 4, 6]  # every=4, and 3 and 6

@@ -606,10 +606,19 @@ def test_cuda_monitored_step_has_no_sync():
 
 def test_one_fused_measurement_per_check(monkeypatch):
     import gradwatch._check as monitor_module  # the check's stages (measure) live in _check.py
+    from gradwatch.fused_check import FusedCheck
 
     calls = []
-    real = monitor_module.measure_unchecked  # the monitor's one entry to the fused op
+    # the monitor's two entries to a statistics pass: measure_unchecked, and the fused check op
+    # that measures too (FusedCheck.with_stats, used with the built-in policies)
+    real = monitor_module.measure_unchecked
     monkeypatch.setattr(monitor_module, "measure_unchecked", lambda ts: calls.append(len(ts)) or real(ts))
+    real_with_stats = FusedCheck.with_stats
+    monkeypatch.setattr(
+        FusedCheck,
+        "with_stats",
+        lambda self, grads, *a, **kw: calls.append(len(grads)) or real_with_stats(self, grads, *a, **kw),
+    )
     model = small_cnn()
     monitor = gradwatch.GradientMonitor(model)
     monitor.register_hooks()

@@ -218,3 +218,41 @@ def test_rollback_promotes_only_healthy_snapshots():
         with torch.no_grad():
             host.model.weight.add_(1.0)
     assert policy.rollbacks == 1 and policy.healthy[0] == 6
+
+
+HOST_KINDS = sorted(
+    {"nonfinite_origin", "spike_origin", "forward_nonfinite", "update_ratio_low", "update_ratio_high"}
+    | {"rank_nonfinite", "rank_outlier", "replica_divergence"}
+)
+
+
+@pytest.mark.parametrize("kind", HOST_KINDS)
+@pytest.mark.parametrize("policy", ["Skip", "Zero", "Raise", "Rollback"])  # the ones that take kinds
+def test_device_policies_refuse_kinds_found_after_the_step(policy, kind):
+    """Such a kind never reaches decide(): silently never acting would be worse than refusing."""
+    import gradwatch.policies as policies
+
+    cls = getattr(policies, policy)
+    with pytest.raises(ValueError, match=rf"{policy}: kinds contains \['{kind}'\], found on the host after the step"):
+        cls(kinds={kind, "nonfinite"})
+    cls(kinds={"nonfinite"})  # device kinds are fine
+
+
+@pytest.mark.parametrize("kind", HOST_KINDS)
+def test_warn_and_user_policies_without_decide_take_any_kind(kind):
+    from gradwatch.policies import Policy, Warn
+
+    class OnRecordOnly(Policy):
+        name = "mine"
+
+    assert AnomalyKind(kind) in Warn(kinds={kind}).kinds
+    assert AnomalyKind(kind) in OnRecordOnly(kinds={kind}).kinds
+
+    class Decides(Policy):
+        name = "decides"
+
+        def decide(self, ctx, decision):
+            pass
+
+    with pytest.raises(ValueError, match="Decides: kinds contains"):
+        Decides(kinds={kind})

@@ -1,6 +1,8 @@
-// CPU implementation of gradwatch::grad_check: the three phases of check.h, one after the other.
+// CPU implementations of gradwatch::grad_check (the three phases of check.h, one after the other)
+// and grad_stats_check (grad_stats, then grad_check), and loss_check.
 // Compiled once, with the default flags (never per CPU capability): the check is a few hundred
 // flops per parameter, nothing to vectorize.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -8,6 +10,7 @@
 #include <vector>
 
 #include "../check_op.h"
+#include "ops.h"
 
 namespace gradwatch::check {
 
@@ -59,8 +62,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_check_cpu(
   return {record_t, factors_t, skip_t};
 }
 
+// The statistics pass, then the check on its output, in one op: one dispatch less per check.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_stats_check_cpu(
+    at::TensorList tensors, at::Tensor& fstate, at::Tensor& istate, c10::ArrayRef<double> config,
+    const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& ignore,
+    const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& loss_flags) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "grad_stats_check: tensors is empty; pass at least one tensor");
+  const at::Tensor packed = cpu::grad_stats_cpu(tensors);
+  auto [record, factors, skip] = grad_check_cpu(packed, fstate, istate, config, index, ignore, loss, loss_flags);
+  return {packed, record, factors, skip};
+}
+
+// One observed loss: Detector.detect_loss and StepLoss in one call (loss_check.h).
+void loss_check_cpu(const at::Tensor& loss, at::Tensor& mean, at::Tensor& var, at::Tensor& count, at::Tensor& packet,
+                    at::Tensor& flags, int64_t micro_batch, c10::ArrayRef<double> config) {
+  const LossConfig c = check_loss_args(loss, mean, var, count, packet, flags, micro_batch, config);
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "loss_check",
+                                  [&] { value = static_cast<double>(*loss.const_data_ptr<scalar_t>()); });
+  observe_loss(c, mean.data_ptr<double>(), var.data_ptr<double>(), count.data_ptr<int64_t>(), value, micro_batch,
+               packet.data_ptr<double>(), flags.data_ptr<bool>());
+}
+
 }  // namespace
 
 }  // namespace gradwatch::check
 
-TORCH_LIBRARY_IMPL(gradwatch, CPU, m) { m.impl("grad_check", &gradwatch::check::grad_check_cpu); }
+TORCH_LIBRARY_IMPL(gradwatch, CPU, m) {
+  m.impl("grad_check", &gradwatch::check::grad_check_cpu);
+  m.impl("grad_stats_check", &gradwatch::check::grad_stats_check_cpu);
+  m.impl("loss_check", &gradwatch::check::loss_check_cpu);
+}

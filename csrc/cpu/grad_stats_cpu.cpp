@@ -22,6 +22,7 @@
 #include "../stats.h"
 #include "../tensor_list.h"
 #include "kernels.h"
+#include "ops.h"
 
 namespace gradwatch::cpu {
 
@@ -134,8 +135,6 @@ at::Tensor stats_pass(at::TensorList tensors, int64_t* hist_rows) {
   return out;
 }
 
-at::Tensor grad_stats_cpu(at::TensorList tensors) { return stats_pass(tensors, nullptr); }
-
 std::tuple<at::Tensor, at::Tensor> grad_stats_hist_cpu(at::TensorList tensors) {
   TORCH_CHECK_VALUE(!tensors.empty(), "grad_stats_hist: tensors is empty; pass at least one tensor");
   at::Tensor hist = at::zeros({static_cast<int64_t>(tensors.size()), kHistBins}, at::TensorOptions().dtype(at::kLong));
@@ -196,6 +195,8 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& factors) {
 }
 
 }  // namespace
+
+at::Tensor grad_stats_cpu(at::TensorList tensors) { return stats_pass(tensors, nullptr); }
 
 std::string selected_capability() { return selected().name; }
 

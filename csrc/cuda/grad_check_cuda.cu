@@ -1,10 +1,6 @@
-// CUDA implementation of gradwatch::grad_check: the three phases of ../check.h in one block.
-// One launch per check, after grad_stats' three: thread 0 judges the step (total norm, residual,
-// early reference, rolling window), every thread then judges its parameters (threads stride over
-// the rows, and keep the same rows in every later loop, so a row's flags and factor are only ever
-// touched by one thread), the flag bits are OR-ed in shared memory, and the policies run in
-// decision order, a clip's sum of squares reduced in a fixed tree (bit-reproducible). The state is
-// updated in place; nothing is read back to the host, so the launch can be captured in a CUDA graph.
+// CUDA implementation of gradwatch::grad_check: one launch of one block running check_block.cuh
+// on statistics already computed (grad_stats_check runs the same block inside its combine kernel).
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,74 +11,14 @@
 #include <tuple>
 
 #include "../check_op.h"
+#include "check_block.cuh"
 
 namespace gradwatch::check {
 namespace {
 
-constexpr int kCheckThreads = 256;
-
-// Sum of one value per thread in a fixed order (warp shuffles, then the warps' sums by warp 0).
-__device__ double block_sum(double v, double* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  double total = 0.0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kCheckThreads / 32; ++w) total += scratch[w];
-  }
-  __syncthreads();
-  return total;  // valid in thread 0
-}
-
 __global__ void __launch_bounds__(kCheckThreads) grad_check_kernel(const Config c, const Inputs in, State s,
                                                                    double* record, double* factors, bool* skip) {
-  __shared__ StepInfo info;
-  __shared__ int any;
-  __shared__ double coef;
-  __shared__ double scratch[kCheckThreads / 32];
-  __shared__ Decision d;
-  const int64_t tid = threadIdx.x;
-  if (tid == 0) {
-    info = judge_step(c, in, s, record);
-    any = info.flags | loss_bits(in);
-    d = Decision{false, false, 1.0};
-  }
-  __syncthreads();
-  int mine = 0;
-  for (int64_t i = tid; i < in.n; i += kCheckThreads) {
-    CUDA_KERNEL_ASSERT(in.index == nullptr || (in.index[i] >= 0 && in.index[i] < c.num_params));
-    mine |= judge_param(c, in, info, s, i, record);
-    factors[i] = 1.0;
-  }
-  atomicOr(&any, mine);  // OR is order-free: the result does not depend on scheduling
-  __syncthreads();
-  double* extras = record + kHeadSize + 2 * kNumKinds;
-  for (int k = 0; k < c.num_policies; ++k) {
-    const PolicySpec& p = c.policies[k];
-    if (p.type == kPolicyZero) {
-      for (int64_t i = tid; i < in.n; i += kCheckThreads) {
-        factors[i] = zero_factor(p, info, param_flags(c, in, record, i), factors[i]);
-      }
-    } else if (p.type == kPolicyClip || p.type == kPolicyAdaptiveClip) {
-      double part = 0.0;
-      for (int64_t i = tid; i < in.n; i += kCheckThreads) part += clip_term(in, i, factors[i]);
-      const double sumsq = block_sum(part, scratch);
-      if (tid == 0) {
-        coef = clip_coef(p, info, sumsq, extras);
-        d.clip_factor *= coef;
-      }
-      __syncthreads();
-      for (int64_t i = tid; i < in.n; i += kCheckThreads) factors[i] *= coef;
-      __syncthreads();  // coef is rewritten by the next clip
-    } else if (tid == 0) {
-      gate(p, info, any, s, d);
-    }
-  }
-  if (tid == 0) {
-    write_decision(d, record);
-    *skip = d.skip;
-  }
+  check_block(c, in, s, record, factors, skip);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_check_cuda(
@@ -101,7 +37,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_check_cuda(
   return {record, factors, skip};
 }
 
+template <typename T>
+__global__ void loss_check_kernel(const LossConfig c, const T* loss, double* mean, double* var, int64_t* count,
+                                  int64_t micro_batch, double* packet, bool* flags) {
+  observe_loss(c, mean, var, count, static_cast<double>(*loss), micro_batch, packet, flags);
+}
+
+// One observed loss: one thread of one launch (loss_check.h), nothing read back.
+void loss_check_cuda(const at::Tensor& loss, at::Tensor& mean, at::Tensor& var, at::Tensor& count, at::Tensor& packet,
+                     at::Tensor& flags, int64_t micro_batch, c10::ArrayRef<double> config) {
+  const LossConfig c = check_loss_args(loss, mean, var, count, packet, flags, micro_batch, config);
+  const c10::cuda::CUDAGuard guard(loss.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(loss.device().index());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "loss_check", [&] {
+    loss_check_kernel<scalar_t><<<1, 1, 0, stream>>>(c, loss.const_data_ptr<scalar_t>(), mean.data_ptr<double>(),
+                                                     var.data_ptr<double>(), count.data_ptr<int64_t>(), micro_batch,
+                                                     packet.data_ptr<double>(), flags.data_ptr<bool>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace gradwatch::check
 
-TORCH_LIBRARY_IMPL(gradwatch, CUDA, m) { m.impl("grad_check", &gradwatch::check::grad_check_cuda); }
+TORCH_LIBRARY_IMPL(gradwatch, CUDA, m) {
+  m.impl("grad_check", &gradwatch::check::grad_check_cuda);
+  m.impl("loss_check", &gradwatch::check::loss_check_cuda);
+}

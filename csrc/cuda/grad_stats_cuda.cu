@@ -2,7 +2,8 @@
 // The plan (../plan.h, unit-tested on the CPU) cuts every tensor into tasks; one task walk runs a
 // functor per task, a whole block for a large chunk, a warp per task in a pack of small tensors.
 // grad_stats: per-task partials (StatsOp), then per-tensor rows (a warp per tensor) and the total
-// row (one block), all combined in a fixed order (no atomics: bit-reproducible, and a tensor's row
+// row (one block); grad_stats_check: the same task walk, then the rows, row N and the check
+// (check_block.cuh) in one block, one launch. All combined in a fixed order (no atomics: bit-reproducible, and a tensor's row
 // does not depend on the other tensors in the list). The per-element math and the combine are the
 // CPU kernel's (../stats.h), overflow-safe scaled pass included. Nothing is read back to the host.
 #include <ATen/ATen.h>
@@ -26,6 +27,8 @@
 #include "../plan.h"
 #include "../stats.h"
 #include "../tensor_list.h"
+#include "../check_op.h"
+#include "check_block.cuh"
 
 namespace gradwatch::cuda {
 namespace {
@@ -280,15 +283,11 @@ struct StatsOp {
   }
 };
 
-// Row i of the output from tensor i's task partials: a warp per tensor, lanes striding over the
-// tasks in order, then a fixed tree (parallel within a tensor: 8k chunks of an embedding are
-// 256 per lane, not 8k on one thread).
-__global__ void __launch_bounds__(kThreads) tensor_rows_kernel(const int64_t* table_base, plan::Shape shape,
-                                                                const Partial* partials, Partial* per_tensor,
-                                                                double* out) {
-  const plan::Table table = plan::view(table_base, shape);
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (i >= shape.n) return;  // whole warps leave together
+// Row i of the output from tensor i's task partials, by one warp: lanes striding over the tasks in
+// order, then a fixed tree (parallel within a tensor: 8k chunks of an embedding are 256 per lane,
+// not 8k on one thread).
+__device__ inline void tensor_row(const plan::Table& table, int64_t i, const Partial* partials, Partial* per_tensor,
+                                  double* out) {
   const int lane = threadIdx.x % 32;
   Partial s{};
   for (int64_t t = table.tensor_task_begin[i] + lane; t < table.tensor_task_begin[i + 1]; t += 32) {
@@ -301,35 +300,69 @@ __global__ void __launch_bounds__(kThreads) tensor_rows_kernel(const int64_t* ta
   }
 }
 
-constexpr int kTotalThreads = 512;
+__global__ void __launch_bounds__(kThreads) tensor_rows_kernel(const int64_t* table_base, plan::Shape shape,
+                                                                const Partial* partials, Partial* per_tensor,
+                                                                double* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= shape.n) return;  // whole warps leave together
+  tensor_row(plan::view(table_base, shape), i, partials, per_tensor, out);
+}
 
-// Row N: all tensors' partials, threads striding in order, then a fixed tree.
-__global__ void __launch_bounds__(kTotalThreads) total_row_kernel(const Partial* per_tensor, int64_t n, double* out) {
+// The block size of the total row, and of grad_stats_check's combine kernel, which also runs the
+// check block: one size, so that row N is the same bits from grad_stats and grad_stats_check.
+constexpr int kTotalThreads = check::kCheckThreads;
+
+// Row N: all tensors' partials, threads striding in order, then a fixed tree. Every thread of a
+// kTotalThreads block calls it.
+__device__ inline void total_row(const Partial* per_tensor, int64_t n, double* out) {
   Partial s{};
   for (int64_t i = threadIdx.x; i < n; i += kTotalThreads) s = combine(s, per_tensor[i]);
   s = block_reduce<kTotalThreads>(s);
   if (threadIdx.x == 0) write_row(out + kNumStats * n, s);
 }
 
-// The statistics (float64 [N + 1, kNumStats]) and, when `hist` is defined (int64 [N, kHistBins],
-// zeroed), each tensor's log2 histogram added to it, in one task walk.
-at::Tensor stats_pass(at::TensorList tensors, const at::Tensor& hist) {
-  std::vector<at::Tensor> copies;
-  const std::vector<FlatTensor> flat = flat_inputs(tensors, hist.defined() ? "grad_stats_hist" : "grad_stats", copies);
-  const at::Device device = tensors[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+__global__ void __launch_bounds__(kTotalThreads) total_row_kernel(const Partial* per_tensor, int64_t n, double* out) {
+  total_row(per_tensor, n, out);
+}
+
+// grad_stats_check after the task walk: every row, row N and the whole check in one block, one
+// launch (instead of grad_stats' two and grad_check's one). The rows are the same code, so the same
+// bits, as tensor_rows_kernel's; __syncthreads makes each phase's global writes visible to the next.
+__global__ void __launch_bounds__(kTotalThreads)
+    rows_and_check_kernel(const int64_t* table_base, plan::Shape shape, const Partial* partials, Partial* per_tensor,
+                          double* out, const check::Config c, const check::Inputs in, check::State s, double* record,
+                          double* factors, bool* skip) {
+  const plan::Table table = plan::view(table_base, shape);
+  for (int64_t i = threadIdx.x / 32; i < shape.n; i += kTotalThreads / 32) {  // warp-uniform
+    tensor_row(table, i, partials, per_tensor, out);
+  }
+  __syncthreads();
+  total_row(per_tensor, shape.n, out);
+  __syncthreads();
+  check::check_block(c, in, s, record, factors, skip);
+}
+
+// The task walk of the statistics into `out` (float64 [N + 1, kNumStats]): each task's partial, and,
+// when `hist` is defined (int64 [N, kHistBins], zeroed), each tensor's log2 histogram added to it.
+// The caller holds a CUDAGuard for the tensors' device and launches the combine.
+struct TaskWalk {
+  DevicePlan dp;
+  at::Tensor scratch;  // keeps partials and per_tensor alive until the combine is enqueued
+  Partial* partials;
+  Partial* per_tensor;
+  cudaStream_t stream;
+};
+
+TaskWalk walk_tasks(const std::vector<FlatTensor>& flat, const at::Tensor& hist, const at::Device& device) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   std::vector<plan::Input> inputs;
   inputs.reserve(flat.size());
   for (const FlatTensor& f : flat) inputs.push_back(plan::Input{reinterpret_cast<uintptr_t>(f.data), f.numel, f.dtype, -1});
-  const DevicePlan dp = plan_cache().get(inputs, {}, device, stream);
-  const int64_t n = dp.shape.n;
-  const auto doubles = at::TensorOptions().dtype(at::kDouble).device(device);
+  DevicePlan dp = plan_cache().get(inputs, {}, device, stream);
   static_assert(sizeof(Partial) == 4 * sizeof(double));
-  at::Tensor scratch = at::empty({std::max<int64_t>(dp.shape.num_tasks + n, 1), 4}, doubles);
+  at::Tensor scratch = at::empty({std::max<int64_t>(dp.shape.num_tasks + dp.shape.n, 1), 4},
+                                 at::TensorOptions().dtype(at::kDouble).device(device));
   auto* partials = reinterpret_cast<Partial*>(scratch.data_ptr<double>());
-  Partial* per_tensor = partials + dp.shape.num_tasks;
-  at::Tensor out = at::empty({n + 1, kNumStats}, doubles);
   const int64_t* table = dp.table.const_data_ptr<int64_t>();
   if (dp.shape.num_blocks > 0) {
     if (hist.defined()) {
@@ -341,12 +374,51 @@ at::Tensor stats_pass(at::TensorList tensors, const at::Tensor& hist) {
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  tensor_rows_kernel<<<(n + kWarps - 1) / kWarps, kThreads, 0, stream>>>(table, dp.shape, partials, per_tensor,
-                                                                        out.data_ptr<double>());
+  return TaskWalk{dp, scratch, partials, partials + dp.shape.num_tasks, stream};
+}
+
+at::Tensor empty_stats(int64_t n, const at::Device& device) {
+  return at::empty({n + 1, kNumStats}, at::TensorOptions().dtype(at::kDouble).device(device));
+}
+
+// The statistics (float64 [N + 1, kNumStats]) and, when `hist` is defined, the log2 histograms.
+at::Tensor stats_pass(at::TensorList tensors, const at::Tensor& hist) {
+  std::vector<at::Tensor> copies;
+  const std::vector<FlatTensor> flat = flat_inputs(tensors, hist.defined() ? "grad_stats_hist" : "grad_stats", copies);
+  const at::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const TaskWalk w = walk_tasks(flat, hist, device);
+  const int64_t n = w.dp.shape.n;
+  at::Tensor out = empty_stats(n, device);
+  tensor_rows_kernel<<<(n + kWarps - 1) / kWarps, kThreads, 0, w.stream>>>(
+      w.dp.table.const_data_ptr<int64_t>(), w.dp.shape, w.partials, w.per_tensor, out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  total_row_kernel<<<1, kTotalThreads, 0, stream>>>(per_tensor, n, out.data_ptr<double>());
+  total_row_kernel<<<1, kTotalThreads, 0, w.stream>>>(w.per_tensor, n, out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// grad_stats then grad_check in two launches: the task walk, then rows_and_check_kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_stats_check_cuda(
+    at::TensorList tensors, at::Tensor& fstate, at::Tensor& istate, c10::ArrayRef<double> config,
+    const c10::optional<at::Tensor>& index, const c10::optional<at::Tensor>& ignore,
+    const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& loss_flags) {
+  std::vector<at::Tensor> copies;
+  const std::vector<FlatTensor> flat = flat_inputs(tensors, "grad_stats_check", copies);
+  const at::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor out = empty_stats(static_cast<int64_t>(tensors.size()), device);
+  // every argument checked before anything is launched (the values only on the device)
+  const check::Config c = check::check_args(out, fstate, istate, config, index, ignore, loss, loss_flags);
+  const check::Inputs in = check::input_views(out, index, ignore, loss, loss_flags);
+  const check::State s = check::state_views(c, fstate, istate);
+  auto [record, factors, skip] = check::make_outputs(c, out);
+  const TaskWalk w = walk_tasks(flat, at::Tensor(), device);
+  rows_and_check_kernel<<<1, kTotalThreads, 0, w.stream>>>(
+      w.dp.table.const_data_ptr<int64_t>(), w.dp.shape, w.partials, w.per_tensor, out.data_ptr<double>(), c, in, s,
+      record.data_ptr<double>(), factors.data_ptr<double>(), skip.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, record, factors, skip};
 }
 
 at::Tensor grad_stats_cuda(at::TensorList tensors) { return stats_pass(tensors, at::Tensor()); }
@@ -423,5 +495,6 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& factors) {
 TORCH_LIBRARY_IMPL(gradwatch, CUDA, m) {
   m.impl("grad_stats", &gradwatch::cuda::grad_stats_cuda);
   m.impl("grad_stats_hist", &gradwatch::cuda::grad_stats_hist_cuda);
+  m.impl("grad_stats_check", &gradwatch::cuda::grad_stats_check_cuda);
   m.impl("scale_", &gradwatch::cuda::scale_cuda);
 }

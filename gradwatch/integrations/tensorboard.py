@@ -15,7 +15,7 @@ import os
 from typing import Any, Literal
 
 from .._validate import is_positive_int
-from ..events import StepRecord
+from ..events import StepRecord, update_ratio
 from ..layers import LayerNorms, layer_of
 
 __all__ = ["TensorBoardSink"]
@@ -39,6 +39,9 @@ class TensorBoardSink:
     * ``{prefix}/total_norm``, ``{prefix}/clip_factor``, ``{prefix}/skipped``, ``{prefix}/anomalies``
       (events this step), and ``{prefix}/loss`` when a loss was observed;
     * ``{prefix}/norm/{layer}``: the gradient norm of each layer (``per_layer=True``);
+    * ``{prefix}/update_ratio/{layer}``: on the steps ``GradWatch(update_ratio_every=N)`` measures,
+      each layer's ``||dw|| / ||w||`` across the optimizer step, update and weight norms combined
+      over the layer's parameters (``per_layer=True``; logged whatever ``every`` says);
     * ``{prefix}/layer_norms`` and ``{prefix}/log10_layer_norms``: histograms over the layers of
       their finite norms (``histograms=True``);
     * ``{prefix}/log2_abs_grad/{layer}``: on the steps ``GradWatch(histogram_every=N)`` counts
@@ -54,7 +57,7 @@ class TensorBoardSink:
         histograms: log the histograms.
         group: ``"layer"`` combines a module's parameters (weight, bias) into one norm, in
             quadrature; ``"param"`` logs every parameter.
-        every: log every ``every``-th step; steps with anomalies are always logged.
+        every: log every ``every``-th step; steps with anomalies or update ratios are always logged.
 
     Raises:
         ImportError: tensorboard is not installed.
@@ -90,7 +93,7 @@ class TensorBoardSink:
 
     def __call__(self, record: StepRecord) -> None:
         """Log one step."""
-        if record.step % self.every and not record.events:
+        if record.step % self.every and not record.events and record.update_norms is None:
             return
         w, p, step = self.writer, self.prefix, record.step
         w.add_scalar(f"{p}/total_norm", record.total_norm, step)
@@ -105,6 +108,8 @@ class TensorBoardSink:
         if self.per_layer:
             for layer, norm in norms.items():
                 w.add_scalar(f"{p}/norm/{layer}", norm, step)
+            if record.update_norms is not None and record.weight_norms is not None:
+                self._update_ratios(record)
         if self.histograms and record.log2_hist is not None:
             self._log2_histograms(record)
         if self.histograms:
@@ -116,6 +121,15 @@ class TensorBoardSink:
                 positive = finite[finite > 0]
                 if positive.size:
                     w.add_histogram(f"{p}/log10_layer_norms", np.log10(positive), step)
+
+    def _update_ratios(self, record: StepRecord) -> None:
+        # a layer's ratio from its parameters' update and weight norms, each combined in quadrature
+        updates = self._layer_norms(record.names, record.update_norms)
+        weights = self._layer_norms(record.names, record.weight_norms)
+        for layer, update in updates.items():
+            ratio = update_ratio(update, weights.get(layer))
+            if ratio is not None:
+                self.writer.add_scalar(f"{self.prefix}/update_ratio/{layer}", ratio, record.step)
 
     def _log2_histograms(self, record: StepRecord) -> None:
         from ..histograms import tensorboard_histogram
