@@ -121,9 +121,10 @@ class CheckPipeline:
         hist = None
         histogram_now = sampled and self.histogram_every is not None and step % self.histogram_every == 0
         names = [self.param_names[i] for i in index]
+        # the statistics land on the first gradient's device (measure gathers the rows there)
+        scaler_flag = self.step_control.scaler_skipped(grads[0].device, scaler_skipped)
         if sampled and not histogram_now and self.stats_reach_check_unchanged(grads):
             # measure, detect, decide and encode: one grad_stats_check op (two launches on a GPU)
-            scaler_flag = self.step_control.scaler_skipped(grads[0].device, scaler_skipped)
             fused = self.check_fused(index, grads, scaler_flag, loss)
         else:
             if histogram_now:
@@ -133,10 +134,7 @@ class CheckPipeline:
             else:
                 # a guarded step: the fused pass only (in-backward buckets are filled for sampled steps)
                 packed = self.measure(grads) if sampled else grad_stats_packed(grads)
-            packed, scaler_flag = self.step_control.unscale(packed)
-            if scaler_skipped:
-                scaler_flag = torch.ones_like(scaler_flag)
-            packed = self.reduce(packed, index)
+            packed = self.reduce(self.step_control.unscale(packed), index)
             if hist is not None and self.has_dtensor:
                 hist = self._reducer(index).reduce_counts(hist)  # shards' counts summed: the full gradients'
             # detect, decide and the record's encoding: one op with built-in policies, else in Python

@@ -127,21 +127,17 @@ class StepControl:
             return found_inf.to(device).reshape(()) > 0
         return flag
 
-    def unscale(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Removes a GradScaler's scale from the statistics; flags the scaler's own inf-steps.
+    def unscale(self, packed: torch.Tensor) -> torch.Tensor:
+        """The statistics of the unscaled gradients: a GradScaler's scale removed (``packed`` itself without one).
 
         Args:
             packed: float64 ``[n + 1, len(Stat)]`` statistics of the (possibly scaled) gradients.
-
-        Returns:
-            ``(packed, scaler_skipped)``: the statistics of the unscaled gradients, and a bool
-            scalar that is True when the GradScaler skips this step by itself (``found_inf``).
         """
-        if self.scales_gradients():
-            inv = self.optimizer.grad_scale.to(packed.device, torch.float64).reciprocal()
-            # norm and max|g| scale with the gradients; the non-finite count does not
-            packed = torch.cat([packed[:, : Stat.NONFINITE] * inv, packed[:, Stat.NONFINITE :]], dim=1)
-        return packed, self.scaler_skipped(packed.device)
+        if not self.scales_gradients():
+            return packed
+        inv = self.optimizer.grad_scale.to(packed.device, torch.float64).reciprocal()
+        # norm and max|g| scale with the gradients; the non-finite count does not
+        return torch.cat([packed[:, : Stat.NONFINITE] * inv, packed[:, Stat.NONFINITE :]], dim=1)
 
     def skip_path(self, can_skip: bool) -> SkipPath | None:
         """How a skip decision reaches the optimizer this step (None: there is none to make).
