@@ -29,13 +29,15 @@ inline int64_t num_streams(const Config& c) { return 2 * c.num_params + 2; }
 inline int64_t fstate_size(const Config& c) { return 2 * num_streams(c) + 5 + c.rolling_window; }
 inline int64_t istate_size(const Config& c) { return num_streams(c) + 1 + c.num_raise; }
 
-inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
-                         const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "grad_check: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, "grad_check: ", name, " is on ", t.device(), " but packed is on ", device);
-  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "grad_check: ", name, " has ", t.numel(),
-                    " elements; expected ", numel);
-  TORCH_CHECK_VALUE(t.is_contiguous(), "grad_check: ", name, " must be contiguous");
+// One tensor argument of `op`: its dtype, its device (that of `anchor`, the argument the others
+// follow), its element count (numel < 0: any) and a contiguous layout.
+inline void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
+                         const at::Device& device, const char* anchor) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", anchor, " is on ", device);
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, op, ": ", name, " has ", t.numel(), " elements; expected ",
+                    numel);
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // The tensors an op writes in place must share no memory with each other nor with what it reads:
@@ -70,18 +72,21 @@ inline Config check_args(const at::Tensor& packed, const at::Tensor& fstate, con
   const at::Device device = packed.device();
   TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) >= 2 && packed.size(1) >= 3,
                     "grad_check: packed must have shape [n + 1, >= 3] with n >= 1, got ", packed.sizes());
-  check_tensor(packed, "packed", at::kDouble, -1, device);
+  const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+    check_tensor("grad_check", t, name, dtype, numel, device, "packed");
+  };
+  check(packed, "packed", at::kDouble, -1);
   const int64_t n = packed.size(0) - 1;
   TORCH_CHECK_VALUE(index.has_value() || n == c.num_params, "grad_check: packed has ", n,
                     " parameter rows but the detector watches ", c.num_params, "; pass index");
   TORCH_CHECK_VALUE(n <= c.num_params, "grad_check: packed has ", n, " parameter rows, more than the ",
                     c.num_params, " watched");
-  check_tensor(fstate, "fstate", at::kDouble, fstate_size(c), device);
-  check_tensor(istate, "istate", at::kLong, istate_size(c), device);
-  if (index.has_value()) check_tensor(*index, "index", at::kLong, n, device);
-  if (ignore.has_value()) check_tensor(*ignore, "ignore", at::kBool, 1, device);
-  if (loss.has_value()) check_tensor(*loss, "loss", at::kDouble, 1, device);
-  if (loss_flags.has_value()) check_tensor(*loss_flags, "loss_flags", at::kBool, kNumKinds, device);
+  check(fstate, "fstate", at::kDouble, fstate_size(c));
+  check(istate, "istate", at::kLong, istate_size(c));
+  if (index.has_value()) check(*index, "index", at::kLong, n);
+  if (ignore.has_value()) check(*ignore, "ignore", at::kBool, 1);
+  if (loss.has_value()) check(*loss, "loss", at::kDouble, 1);
+  if (loss_flags.has_value()) check(*loss_flags, "loss_flags", at::kBool, kNumKinds);
   const auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; };
   check_separate("grad_check", {{&fstate, "fstate"}, {&istate, "istate"}},
                  {{&packed, "packed"}, {opt(index), "index"}, {opt(ignore), "ignore"}, {opt(loss), "loss"},
@@ -131,10 +136,7 @@ inline LossConfig check_loss_args(const at::Tensor& loss, const at::Tensor& mean
   TORCH_CHECK_VALUE(micro_batch >= 1, "loss_check: micro_batch is ", micro_batch, "; count from 1");
   const at::Device device = loss.device();
   const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "loss_check: ", name, " must be ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == device, "loss_check: ", name, " is on ", t.device(), " but loss is on ", device);
-    TORCH_CHECK_VALUE(t.numel() == numel, "loss_check: ", name, " has ", t.numel(), " elements; expected ", numel);
-    TORCH_CHECK_VALUE(t.is_contiguous(), "loss_check: ", name, " must be contiguous");
+    check_tensor("loss_check", t, name, dtype, numel, device, "loss");
   };
   check(mean, "mean", at::kDouble, 1);
   check(var, "var", at::kDouble, 1);

@@ -71,6 +71,12 @@ class _ReduceGroup:
     groups: list[dist.ProcessGroup]  # process groups of the sharded mesh dims
     index: torch.Tensor | None = None  # rows as a device tensor, made once
 
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """``rows`` as an index tensor on ``device`` (made once per device change)."""
+        if self.index is None or self.index.device != device:
+            self.index = torch.tensor(self.rows, device=device)
+        return self.index
+
 
 class ShardedStats:
     """Turns statistics of local gradient shards into statistics of the full gradients.
@@ -124,9 +130,7 @@ class ShardedStats:
             return packed
         rows = packed[:-1].clone()
         for layout in self._layouts:
-            if layout.index is None or layout.index.device != rows.device:
-                layout.index = torch.tensor(layout.rows, device=rows.device)
-            part = rows.index_select(0, layout.index)
+            part = rows.index_select(0, layout.index_on(rows.device))
             # NaN in MAX is implementation-defined in collectives: carry "has NaN" as a count instead.
             norm, max_abs, nonfinite = part[:, Stat.NORM], part[:, Stat.MAX_ABS], part[:, Stat.NONFINITE]
             has_nan = torch.isnan(max_abs)
@@ -155,7 +159,7 @@ class ShardedStats:
             return counts
         counts = counts.clone()
         for layout in self._layouts:
-            index = torch.tensor(layout.rows, device=counts.device)
+            index = layout.index_on(counts.device)
             part = counts.index_select(0, index)
             for group in layout.groups:
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
