@@ -217,6 +217,42 @@ def test_window_edges_and_outsiders_in_every_slot(dtype, device):
     check(window_stress(dtype, device))
 
 
+def count_stress(dtype, device, seed=0):
+    """Long runs that load the window's counters: every element of a chunk in one binade (one
+    slot's count reaches the chunk's length), each slot of the window in turn and in a repeating
+    pattern (every counter width and carry in use), lengths on and around the block (64) and group
+    (8 blocks) boundaries, a window move in the middle of a group, and zeros between full blocks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def binade(e, n):
+        mant = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+        return sign * mant * torch.pow(2.0, torch.as_tensor(e, dtype=torch.float64).expand(n))
+
+    one_binade = binade(-7, 32768 * 2 + 100)
+    cycle = binade(torch.arange(-20, -4).repeat(4200), 16 * 4200)  # 16 binades, one per slot, in turn
+    skewed = binade(torch.randint(-20, -4, (40_000,), generator=g), 40_000)
+    skewed[::3] = binade(-19, skewed[::3].numel())  # one slot holds a third of the chunk
+    tensors = [one_binade, cycle, skewed]
+    for blocks in (1, 7, 8, 9, 15, 16, 17, 120, 121, 511, 512):
+        for extra in (-1, 0, 1, 63):
+            n = 64 * blocks + extra
+            tensors.append(binade(torch.randint(-12, -2, (n,), generator=g), n))
+    moved = binade(torch.randint(-30, -18, (64 * 21,), generator=g), 64 * 21)
+    moved[64 * 11 : 64 * 12] = binade(torch.randint(-6, 2, (64,), generator=g), 64)  # block 11 moves it
+    zeros_between = binade(torch.randint(-10, 0, (64 * 40,), generator=g), 64 * 40)
+    zeros_between[64 * 3 : 64 * 9] = 0.0
+    zeros_between[64 * 20 + 5 :: 7] = 0.0
+    tensors += [moved, zeros_between]
+    return [t.to(dtype).to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_counts_of_long_runs_and_group_boundaries(dtype, device):
+    native(device)
+    check(count_stress(dtype, device))
+
+
 def test_grad_stats_wrapper_histogram_flag(device):
     native(device)
     grads = [spread(1000, torch.float32, device, seed=1), spread(10, torch.bfloat16, device, seed=2)]
@@ -271,12 +307,13 @@ def test_every_cpu_capability(capability):
         pytest.skip("extension not built")
     code = (
         "import torch, gradwatch\n"
-        "from tests.test_log2_hist import spread, check, gradient_like, window_stress, DTYPES\n"
+        "from tests.test_log2_hist import spread, check, gradient_like, window_stress, count_stress, DTYPES\n"
         "print(gradwatch.cpu_kernel_capability())\n"
         "for dt in DTYPES:\n"
         "    check([spread(n, dt, 'cpu', seed=n) for n in (0, 5, 64, 1000, 32768 + 77, 70_001)])\n"
         "    check(gradient_like(dt, 'cpu', seed=1))\n"
         "    check(window_stress(dt, 'cpu', seed=2))\n"
+        "    check(count_stress(dt, 'cpu', seed=3))\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -587,37 +587,41 @@ struct FloatFieldCounts : FieldTables {
 };
 
 #ifdef GRADWATCH_HIST_LOOKUP
-// bfloat16 with AVX-512, read as loaded instead of widened: the exponent field is bits 7..14 of the
-// element, so a 32-bit lane holds two of them, its even element's field at bit 7 and its odd one's
-// at bit 23. Each goes through the float32 window's lookups (vpermd by the field's low 4 bits; a
-// 16-bit vpermw lookup would need 4 tables per 32 elements and is 2 uops on some cores), so a lane
-// takes two increments per vector: spilled every 6 vectors. Zeros are not masked off: they land in
-// the slot of the fields that are 0 mod 16, and are taken back from there at drain, counted from the
-// 16-bit nonzero mask that the running minimum needs anyway. Outsiders are found per block from the
-// running 16-bit minimum of the nonzero |x| bits and the block's maximum, counted one by one and
-// taken back out of the window's tables, as in FloatFieldCounts.
-struct BFloat16FieldCounts : FieldTables {
+// bfloat16 with AVX-512, counted as loaded: 32 elements per vector, each exponent field at bits 7..14
+// of its 16-bit lane. The window's 16 fields [base, base + 16) are counted as bits: an element
+// becomes 1 << (field - base) in its lane (a variable shift, which shifts the bit out for fields
+// outside the window, zeros included, so those count nothing). Every 8 blocks, the 16 vectors of bits
+// are summed by position with carry-save adders (Harley-Seal) into bit-sliced running counts of
+// weight 1, 2, 4 and 8 per slot, and the carry out (weight 16) into 4-bit counters, 4 slots apart in
+// each lane. That is about 10 vector ops per block of 64 elements where 16 nibble counters per element
+// (FloatFieldCounts' lookups) take ~27. Outsiders (nonzero elements outside the window: far below the
+// chunk's largest, subnormal, NaN, Inf) are found per block from its min and max 16-bit |x| bits
+// (the max is the statistics' max too) and counted one by one; a block with zeros takes that path
+// as well and finds nothing to count. Zeros are the elements that went through the window uncounted.
+struct BFloat16BitCounts : FieldTables {
   static constexpr int kSlots = 16;
-  static constexpr int kSpillEvery = 12;  // increments per lane (2 per vector); a nibble holds 15
-  static constexpr int kWidenEvery = 16;  // spills; a byte holds 255 >= 16 * 12
+  static constexpr int kGroup = 8;        // blocks (2 vectors each) per carry-save sum
+  static constexpr int kNibbleSpill = 15; // groups; a 4-bit counter holds 15
   static constexpr int kMoveAbove = 8;    // elements outside the window in one block that move it
   static constexpr int kMaxMoves = 8;     // per chunk
   static constexpr bool kBlockMax = true;
   static constexpr bool kRaw = true;      // add_raw takes the loaded bfloat16 vectors
-  isa::IVec bytes[4];                     // as FloatFieldCounts
-  isa::IVec sums[kSlots];
   int moves = 0;
+  int groups = 0;                         // into `nibbles` since their last spill
+  int64_t outside_total = 0;              // elements counted one by one since the window's reset
+  __m512i bits[2 * kGroup];               // the current group's vectors of slot bits
+  __m512i nibbles[4];                     // 4-bit counters of 16s: nibble k of vector j counts slot 4k + j
+  uint32_t sixteens[kSlots];              // spilled nibbles: per slot, 16s since the window's reset
   // Named members, not arrays: the compiler then keeps them in registers.
   struct Window {
-    __m512i lo, hi;              // as FloatFieldCounts: nibble i of lo counts slot i, of hi slot 8 + i
-    __m512i table_lo, table_hi;  // entry j: the increment of slot (j - base) & 15
-    __m512i low;                 // running min of nonzero 16-bit |x| bits since the last outsider
-    __m512i bottom, top;         // 16-bit |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
-    __m512i high;                // running max of 16-bit |x| bits: the statistics' max (max_abs)
-    int base, pending, spills;
-    bool placed;    // by the chunk's first block with a normal element
-    bool counted;   // a block went through the window since its last reset
-    int64_t zeros;  // since the last drain, all counted in the window at slot (0 - base) & 15
+    __m512i ones, twos, fours, eights;  // bit s of a lane: slot s's count, bit-sliced by weight 1, 2, 4, 8
+    __m512i base_field;                 // base in every 16-bit lane
+    __m512i bottom, top;                // 16-bit |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
+    __m512i high;                       // running max of 16-bit |x| bits: the statistics' max (max_abs)
+    int base;
+    int buffered;     // blocks in `bits`
+    int64_t blocks;   // through the window since its reset
+    bool placed;      // by the chunk's first block with a normal element
   };
 
   void clear(Window& w) {
@@ -629,23 +633,25 @@ struct BFloat16FieldCounts : FieldTables {
   }
   void reset_window(Window& w, int base) {
     w.base = base;
-    alignas(64) uint32_t lo[kSlots], hi[kSlots];
-    for (int j = 0; j < kSlots; ++j) {
-      const int slot = (j - base) & (kSlots - 1);
-      lo[j] = slot < 8 ? 1u << (4 * slot) : 0u;
-      hi[j] = slot < 8 ? 0u : 1u << (4 * (slot - 8));
-    }
-    w.table_lo = _mm512_load_si512(lo);
-    w.table_hi = _mm512_load_si512(hi);
-    w.lo = w.hi = _mm512_setzero_si512();
-    w.low = _mm512_set1_epi32(-1);
+    w.base_field = _mm512_set1_epi16(static_cast<int16_t>(base));
     w.bottom = _mm512_set1_epi16(static_cast<int16_t>(base << 7));
     w.top = _mm512_set1_epi16(static_cast<int16_t>((base + kSlots) << 7));
-    w.pending = w.spills = 0;
-    w.counted = false;
-    w.zeros = 0;
-    for (auto& b : bytes) b = _mm512_setzero_si512();
-    for (auto& s : sums) s = _mm512_setzero_si512();
+    w.ones = w.twos = w.fours = w.eights = _mm512_setzero_si512();
+    w.buffered = 0;
+    w.blocks = 0;
+    outside_total = 0;
+    groups = 0;
+    for (auto& n : nibbles) n = _mm512_setzero_si512();
+    std::memset(sixteens, 0, sizeof sixteens);
+  }
+  // sum + a + b = new sum + 2 * carry, bit by bit (a full adder per bit: parity and majority).
+  static inline void add_carry_save(__m512i& sum, __m512i& carry, __m512i a, __m512i b) {
+    carry = _mm512_ternarylogic_epi32(sum, a, b, 0xe8);
+    sum = _mm512_ternarylogic_epi32(sum, a, b, 0x96);
+  }
+  // 1 << (field - base) in each element's lane, 0 outside the window.
+  static inline __m512i slot_bits(const Window& w, __m512i v) {
+    return _mm512_sllv_epi16(_mm512_set1_epi16(1), _mm512_sub_epi16(_mm512_srli_epi16(v, 7), w.base_field));
   }
   static inline __mmask32 outside(__m512i v, const Window& w) {  // nonzero and not in [bottom, top)
     return _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(v, v), v, w.bottom) |
@@ -655,31 +661,22 @@ struct BFloat16FieldCounts : FieldTables {
   // One block of the statistics loop: two vectors of 32 magnitudes (load_raw; their max is kept
   // for max_abs).
   inline void add_raw(Window& w, __m512i r0, __m512i r1) {
-    const __m512i v[2] = {r0, r1};
-    const __m512i high = _mm512_max_epu16(v[0], v[1]);
+    const __m512i high = _mm512_max_epu16(r0, r1);
     w.high = _mm512_max_epu16(w.high, high);
     if (!w.placed) [[unlikely]] place(w, high);
-#pragma GCC unroll 2
-    for (int k = 0; k < 2; ++k) {
-      const __mmask32 nz = _mm512_test_epi16_mask(v[k], v[k]);
-      w.zeros += 32 - __builtin_popcount(_cvtmask32_u32(nz));
-      const __m512i even = _mm512_srli_epi32(v[k], 7), odd = _mm512_srli_epi32(v[k], 23);
-      w.lo = _mm512_add_epi32(w.lo, _mm512_add_epi32(_mm512_permutexvar_epi32(even, w.table_lo),
-                                                     _mm512_permutexvar_epi32(odd, w.table_lo)));
-      w.hi = _mm512_add_epi32(w.hi, _mm512_add_epi32(_mm512_permutexvar_epi32(even, w.table_hi),
-                                                     _mm512_permutexvar_epi32(odd, w.table_hi)));
-      w.low = _mm512_mask_min_epu16(w.low, nz, w.low, v[k]);
-    }
-    w.pending += 4;
-    w.counted = true;
-    if (w.pending >= kSpillEvery) spill(w);
-    if (!_kortestz_mask32_u8(_mm512_cmplt_epu16_mask(w.low, w.bottom), _mm512_cmpge_epu16_mask(high, w.top)))
+    bits[2 * w.buffered] = slot_bits(w, r0);
+    bits[2 * w.buffered + 1] = slot_bits(w, r1);
+    ++w.blocks;
+    if (++w.buffered == kGroup) add_group(w);
+    const __m512i low = _mm512_min_epu16(r0, r1);
+    if (!_kortestz_mask32_u8(_mm512_cmplt_epu16_mask(low, w.bottom), _mm512_cmpge_epu16_mask(high, w.top)))
         [[unlikely]] {
+      const __mmask32 o0 = outside(r0, w), o1 = outside(r1, w);
+      if ((o0 | o1) == 0) return;  // zeros only
       alignas(64) uint16_t values[64];
-      _mm512_store_si512(values, v[0]);
-      _mm512_store_si512(values + 32, v[1]);
-      const int new_base = add_outside(values, outside(v[0], w), outside(v[1], w), w.base);
-      w.low = _mm512_set1_epi32(-1);
+      _mm512_store_si512(values, r0);
+      _mm512_store_si512(values + 32, r1);
+      const int new_base = add_outside(values, o0, o1, w.base);
       if (new_base != 0) {
         drain(w);
         reset_window(w, new_base);
@@ -687,53 +684,87 @@ struct BFloat16FieldCounts : FieldTables {
       }
     }
   }
+  // The group's 16 vectors of bits into the running counts (15 carry-save adders).
+  inline void add_group(Window& w) {
+    __m512i twos_a, twos_b, fours_a, fours_b, eights_a, eights_b, carry16;
+    add_carry_save(w.ones, twos_a, bits[0], bits[1]);
+    add_carry_save(w.ones, twos_b, bits[2], bits[3]);
+    add_carry_save(w.twos, fours_a, twos_a, twos_b);
+    add_carry_save(w.ones, twos_a, bits[4], bits[5]);
+    add_carry_save(w.ones, twos_b, bits[6], bits[7]);
+    add_carry_save(w.twos, fours_b, twos_a, twos_b);
+    add_carry_save(w.fours, eights_a, fours_a, fours_b);
+    add_carry_save(w.ones, twos_a, bits[8], bits[9]);
+    add_carry_save(w.ones, twos_b, bits[10], bits[11]);
+    add_carry_save(w.twos, fours_a, twos_a, twos_b);
+    add_carry_save(w.ones, twos_a, bits[12], bits[13]);
+    add_carry_save(w.ones, twos_b, bits[14], bits[15]);
+    add_carry_save(w.twos, fours_b, twos_a, twos_b);
+    add_carry_save(w.fours, eights_b, fours_a, fours_b);
+    add_carry_save(w.eights, carry16, eights_a, eights_b);
+    const __m512i every4 = _mm512_set1_epi16(0x1111);
+    nibbles[0] = _mm512_add_epi16(nibbles[0], _mm512_and_si512(carry16, every4));
+    nibbles[1] = _mm512_add_epi16(nibbles[1], _mm512_and_si512(_mm512_srli_epi16(carry16, 1), every4));
+    nibbles[2] = _mm512_add_epi16(nibbles[2], _mm512_and_si512(_mm512_srli_epi16(carry16, 2), every4));
+    nibbles[3] = _mm512_add_epi16(nibbles[3], _mm512_and_si512(_mm512_srli_epi16(carry16, 3), every4));
+    w.buffered = 0;
+    if (++groups == kNibbleSpill) spill_nibbles();
+  }
+  // The 4-bit counters into `sixteens` (a sum over the lanes per nibble position).
+  void spill_nibbles() {
+    const __m512i ones16 = _mm512_set1_epi16(1);
+    for (int j = 0; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        const __m512i field = _mm512_and_si512(_mm512_srli_epi16(nibbles[j], 4 * k), _mm512_set1_epi16(0xf));
+        sixteens[4 * k + j] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_madd_epi16(field, ones16)));
+      }
+      nibbles[j] = _mm512_setzero_si512();
+    }
+    groups = 0;
+  }
   // The max |x| of the blocks so far, as float32 lanes.
   Vectorized<float> max_abs(const Window& w) const {
     Vectorized<float> even, odd;
     widen_bf16(w.high, even, odd);
     return at::vec::clamp_min(even, odd);
   }
-  inline void spill(Window& w) {
-    bytes[0] = isa::add_bytes(bytes[0], isa::low_nibbles(w.lo));   // slots 0, 2, 4, 6
-    bytes[1] = isa::add_bytes(bytes[1], isa::high_nibbles(w.lo));  // slots 1, 3, 5, 7
-    bytes[2] = isa::add_bytes(bytes[2], isa::low_nibbles(w.hi));   // slots 8, 10, 12, 14
-    bytes[3] = isa::add_bytes(bytes[3], isa::high_nibbles(w.hi));  // slots 9, 11, 13, 15
-    w.lo = w.hi = _mm512_setzero_si512();
-    w.pending = 0;
-    if (++w.spills >= kWidenEvery) widen(w);
-  }
-  void widen(Window& w) {
-    for (int k = 0; k < 4; ++k) {
-      for (int j = 0; j < 4; ++j) {  // byte j of group k holds slot 8 * (k / 2) + 2 * j + k % 2
-        isa::IVec& sum = sums[8 * (k / 2) + 2 * j + k % 2];
-        sum = isa::add(sum, isa::byte_at(bytes[k], j));
-      }
-      bytes[k] = isa::set1(0);
-    }
-    w.spills = 0;
-  }
-  void drain(Window& w) {
-    spill(w);
-    widen(w);
-    const int zero_slot = -w.base & (kSlots - 1);
+  // counts[s] += (the number of lanes of v with bit s set) << weight_log2.
+  static void count_bits(__m512i v, int weight_log2, uint32_t* counts) {
     for (int s = 0; s < kSlots; ++s) {
-      const int64_t c = isa::sum(sums[s]) - (s == zero_slot ? w.zeros : 0);
-      t[0][w.base + s] += static_cast<uint32_t>(c);
+      counts[s] += static_cast<uint32_t>(__builtin_popcount(_cvtmask32_u32(_mm512_test_epi16_mask(v, _mm512_set1_epi16(1 << s)))))
+                   << weight_log2;
     }
-    t[0][0] += static_cast<uint32_t>(w.zeros);
   }
-  // As FloatFieldCounts::add_outside, on the 16-bit |x| bits of one block.
+  // The window's counts into the tables (before it moves, and at the end of the chunk).
+  void drain(Window& w) {
+    for (int k = 2 * w.buffered; k < 2 * kGroup; ++k) bits[k] = _mm512_setzero_si512();
+    add_group(w);  // the group's blocks so far (the rest are zeros, which count nothing)
+    spill_nibbles();
+    uint32_t counts[kSlots];
+    for (int s = 0; s < kSlots; ++s) counts[s] = sixteens[s] << 4;
+    count_bits(w.ones, 0, counts);
+    count_bits(w.twos, 1, counts);
+    count_bits(w.fours, 2, counts);
+    count_bits(w.eights, 3, counts);
+    int64_t in_window = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      t[0][w.base + s] += counts[s];
+      in_window += counts[s];
+    }
+    t[0][0] += static_cast<uint32_t>(64 * w.blocks - in_window - outside_total);
+  }
+  // Counts one block's elements outside the window one by one (16-bit |x| bits); returns the
+  // window's new base when the block had many of them (0 to keep it).
   __attribute__((noinline)) int add_outside(const uint16_t* values, uint32_t o0, uint32_t o1, int base) {
     const uint32_t outside[2] = {o0, o1};
     int count = 0;
     for (int k = 0; k < 2; ++k) {
       for (uint32_t m = outside[k]; m != 0; m &= m - 1) {
-        const uint32_t v = values[32 * k + __builtin_ctz(m)];
-        ++t[count & 3][key_of_bits(v << 16)];
-        --t[count & 3][base + ((static_cast<int>(v >> 7) - base) & (kSlots - 1))];
+        ++t[count & 3][key_of_bits(static_cast<uint32_t>(values[32 * k + __builtin_ctz(m)]) << 16)];
         ++count;
       }
     }
+    outside_total += count;
     if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
     int top = 0;  // the block's largest exponent field of a normal finite element
     for (int k = 0; k < 64; ++k) {
@@ -748,7 +779,7 @@ struct BFloat16FieldCounts : FieldTables {
     const int field = static_cast<int>(static_cast<uint32_t>(_mm512_reduce_max_epu32(wide)) >> 7);
     const int base = base_below(field);
     if (field >= 1 && field <= 254 && base != w.base) {
-      if (w.counted) drain(w);  // blocks of zeros and subnormals before this one
+      if (w.blocks != 0) drain(w);  // blocks of zeros and subnormals before this one
       reset_window(w, base);
     }
     w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
@@ -791,7 +822,7 @@ struct DoubleBinCounts {
 };
 
 #ifdef GRADWATCH_HIST_LOOKUP
-using BFloat16Counts = BFloat16FieldCounts;
+using BFloat16Counts = BFloat16BitCounts;
 #else
 using BFloat16Counts = FloatFieldCounts;
 #endif
