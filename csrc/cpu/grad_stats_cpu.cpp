@@ -71,10 +71,10 @@ std::vector<Chunk> split_into_chunks(const std::vector<FlatTensor>& inputs, int6
   return chunks;
 }
 
-// Runs fn(chunk index) for every chunk, in one at::parallel_for whose tasks hold about the same
-// number of elements (not chunks: a bias is a chunk too), each task a contiguous chunk range.
+// Runs fn(begin, end) for contiguous chunk ranges covering every chunk, in one at::parallel_for
+// whose tasks hold about the same number of elements (not chunks: a bias is a chunk too).
 template <typename F>
-void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements, const F& fn) {
+void parallel_over_chunk_ranges(const std::vector<Chunk>& chunks, int64_t total_elements, const F& fn) {
   const int64_t num_tasks =
       std::clamp<int64_t>(total_elements / kMinElementsPerTask, 1, std::max<int64_t>(1, at::get_num_threads()));
   std::vector<int64_t> bounds{0};
@@ -88,9 +88,15 @@ void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elemen
   bounds.resize(num_tasks + 1, static_cast<int64_t>(chunks.size()));
   bounds.back() = static_cast<int64_t>(chunks.size());
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      for (int64_t c = bounds[task]; c < bounds[task + 1]; ++c) fn(c);
-    }
+    for (int64_t task = begin; task < end; ++task) fn(bounds[task], bounds[task + 1]);
+  });
+}
+
+// Runs fn(chunk index) for every chunk, as above.
+template <typename F>
+void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements, const F& fn) {
+  parallel_over_chunk_ranges(chunks, total_elements, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c);
   });
 }
 
@@ -111,11 +117,18 @@ at::Tensor stats_pass(at::TensorList tensors, int64_t* hist_rows) {
       partials[c] = table.stats[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, chunk.length);
     });
   } else {
-    parallel_over_chunks(chunks, total_elements, [&](int64_t c) {
-      const Chunk& chunk = chunks[c];
-      const FlatTensor& in = inputs[chunk.tensor];
-      partials[c] = table.stats_hist[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size,
-                                                                 chunk.length, hist_rows + chunk.tensor * kHistBins);
+    // A task's consecutive chunks of one tensor are one run: one histogram, counted and added to the
+    // tensor's row once (a run that is the whole tensor is the row's only writer).
+    parallel_over_chunk_ranges(chunks, total_elements, [&](int64_t begin, int64_t end) {
+      for (int64_t first = begin, last = begin; first < end; first = last) {
+        int64_t length = 0;
+        for (; last < end && chunks[last].tensor == chunks[first].tensor; ++last) length += chunks[last].length;
+        const Chunk& chunk = chunks[first];
+        const FlatTensor& in = inputs[chunk.tensor];
+        table.stats_hist[static_cast<int>(in.dtype)](in.data + chunk.offset * in.element_size, length, kChunk,
+                                                     partials.data() + first, hist_rows + chunk.tensor * kHistBins,
+                                                     length == in.numel);
+      }
     });
   }
 

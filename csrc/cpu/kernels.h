@@ -19,15 +19,19 @@ using gradwatch::ScaleFactor;
 // Statistics of one contiguous run of elements (a chunk), exact even where float32 (float64)
 // squares overflow or underflow: see needs_scaled_pass in stats.h.
 using ChunkStatsFn = Partial (*)(const void* data, int64_t n);
-// The same statistics, and the chunk's log2 magnitude histogram (hist.h) added to hist_row (the
-// tensor's int64 [kHistBins] row; atomically: a tensor's chunks may run on several threads).
-using ChunkStatsHistFn = Partial (*)(const void* data, int64_t n, int64_t* hist_row);
+// The same statistics for each of a run of consecutive chunks of one tensor (n elements cut into
+// chunks of `chunk`, the last one shorter: partials[k] is chunk k's, exactly what ChunkStatsFn gives
+// it), and the run's log2 magnitude histogram (hist.h) added to hist_row, the tensor's int64
+// [kHistBins] row: atomically, as a tensor's runs may be on several threads, unless `whole_tensor`
+// (the run is the tensor: nothing else writes the row).
+using RunStatsHistFn = void (*)(const void* data, int64_t n, int64_t chunk, Partial* partials, int64_t* hist_row,
+                                bool whole_tensor);
 // data[i] = scale_value(data[i], factor) for i < n (mode kSkip never reaches the kernel).
 using ScaleFn = void (*)(void* data, int64_t n, const ScaleFactor& factor);
 
 struct KernelTable {
   ChunkStatsFn stats[kNumDtypes];
-  ChunkStatsHistFn stats_hist[kNumDtypes];
+  RunStatsHistFn stats_hist[kNumDtypes];
   ScaleFn scale[kNumDtypes];
 };
 

@@ -245,6 +245,12 @@ inline int64_t sum(IVec v) {
 }  // namespace isa
 #endif
 
+// row[bin] += count: atomically unless the caller's run is the whole tensor (the row's only writer).
+inline void add_to_row(int64_t* row, int bin, int64_t count, bool whole_tensor) {
+  if (whole_tensor) row[bin] += count;
+  else std::atomic_ref<int64_t>(row[bin]).fetch_add(count, std::memory_order_relaxed);
+}
+
 // The scalar part: counts per exponent field in four interleaved tables, and the flush into a row.
 struct FieldTables {
   uint32_t t[4][257];  // counts modulo 2^32: the lookup window's take-backs may wrap one table
@@ -268,8 +274,8 @@ struct FieldTables {
   static int base_below(int top) { return std::clamp(top - (16 - 3), 1, 254 - 16); }
   // The tables into the tensor's row; float32 subnormals (slot 256) binned by a rescan of the chunk.
   template <typename T>
-  void flush_tables(const T* x, int64_t n, int64_t* row) {
-    // Summed modulo 2^32: exact, as a chunk holds fewer elements (a take-back may wrap one table).
+  void flush_tables(const T* x, int64_t n, int64_t* row, bool whole_tensor) {
+    // Summed modulo 2^32: exact, as a run holds fewer elements (kMaxCountedRun; a take-back may wrap one table).
     // Vectorized sums and a test per 16 fields: a chunk's counts sit in a few dozen fields.
     alignas(64) uint32_t counts[256];
     for (int field = 0; field < 256; ++field) counts[field] = t[0][field] + t[1][field] + t[2][field] + t[3][field];
@@ -281,7 +287,7 @@ struct FieldTables {
         if (counts[field] == 0) continue;
         const int bin = field == 0 ? gradwatch::kHistZero : field == 255 ? gradwatch::kHistNonfinite
                                                                           : field + gradwatch::kFloatFieldToBin;
-        std::atomic_ref<int64_t>(row[bin]).fetch_add(counts[field], std::memory_order_relaxed);
+        add_to_row(row, bin, counts[field], whole_tensor);
       }
     }
     if (static_cast<uint32_t>(t[0][256] + t[1][256] + t[2][256] + t[3][256]) == 0) return;
@@ -291,7 +297,7 @@ struct FieldTables {
       if (key(v) == 256) ++sub[gradwatch::log2_bin(v)];
     }
     for (int bin = 0; bin < gradwatch::kHistBins; ++bin) {
-      if (sub[bin] != 0) std::atomic_ref<int64_t>(row[bin]).fetch_add(sub[bin], std::memory_order_relaxed);
+      if (sub[bin] != 0) add_to_row(row, bin, sub[bin], whole_tensor);
     }
   }
 };
@@ -575,14 +581,19 @@ struct FloatFieldCounts : FieldTables {
 #endif
 #endif
 
+  void start_chunk(Window&) {
+#ifdef GRADWATCH_HIST_WINDOW
+    moves = 0;
+#endif
+  }
   template <typename T>
-  void flush(Window& w, const T* x, int64_t n, int64_t* row) {
+  void flush(Window& w, const T* x, int64_t n, int64_t* row, bool whole_tensor) {
 #ifdef GRADWATCH_HIST_WINDOW
     drain(w);
 #else
     (void)w;
 #endif
-    flush_tables(x, n, row);
+    flush_tables(x, n, row, whole_tensor);
   }
 };
 
@@ -784,10 +795,14 @@ struct BFloat16BitCounts : FieldTables {
     }
     w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
   }
+  void start_chunk(Window& w) {
+    moves = 0;
+    w.high = _mm512_setzero_si512();  // max_abs is the chunk's
+  }
   template <typename T>
-  void flush(Window& w, const T* x, int64_t n, int64_t* row) {
+  void flush(Window& w, const T* x, int64_t n, int64_t* row, bool whole_tensor) {
     drain(w);
-    flush_tables(x, n, row);
+    flush_tables(x, n, row, whole_tensor);
   }
 };
 #endif
@@ -800,6 +815,7 @@ struct DoubleBinCounts {
   static constexpr bool kRaw = false;
 
   void clear(Window&) { std::memset(t, 0, sizeof t); }
+  void start_chunk(Window&) {}
   inline void add_vectors(Window&, const Vectorized<double>& a, const Vectorized<double>& b,
                           const Vectorized<double>& c, const Vectorized<double>& d) {
     constexpr int64_t kW = Vectorized<double>::size();
@@ -814,9 +830,9 @@ struct DoubleBinCounts {
     for (int64_t k = 0; k < count; ++k) ++t[gradwatch::log2_bin(v[k])];
   }
   template <typename T>
-  void flush(Window&, const T*, int64_t, int64_t* row) {
+  void flush(Window&, const T*, int64_t, int64_t* row, bool whole_tensor) {
     for (int bin = 0; bin < gradwatch::kHistBins; ++bin) {
-      if (t[bin] != 0) std::atomic_ref<int64_t>(row[bin]).fetch_add(t[bin], std::memory_order_relaxed);
+      if (t[bin] != 0) add_to_row(row, bin, t[bin], whole_tensor);
     }
   }
 };
@@ -830,20 +846,19 @@ template <typename T>
 using ChunkHist = std::conditional_t<std::is_same_v<T, double>, DoubleBinCounts,
                                      std::conditional_t<std::is_same_v<T, c10::BFloat16>, BFloat16Counts, FloatFieldCounts>>;
 
-// Statistics of a chunk and, when kHist, its log2 histogram added to hist_row, in the same read:
-// the histogram reads each block of elements right after the vector loads (from L1), so memory is
+// Statistics of a chunk and, when kHist, its elements counted into `hist`, in the same read: the
+// histogram reads each block of elements right after the vector loads (from L1), so memory is
 // streamed once. kHist is a template parameter: the statistics-only path is the code it always was.
 template <typename T, bool kHist>
-Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
+Partial chunk_stats_impl(const T* x, int64_t n, [[maybe_unused]] ChunkHist<T>* hist,
+                         [[maybe_unused]] typename ChunkHist<T>::Window* window) {
   using V = AccVec<T>;
   // Each float32 lane sums 16 squares before the partial is folded into float64: this keeps
   // the result within ~1e-7 of a float64 reference where one float32 accumulator drifts.
   constexpr int64_t kStep = 2 * kPair<T>;
   constexpr int64_t kFold = 16 * kStep;
-  [[maybe_unused]] ChunkHist<T> hist;  // counters in memory
-  [[maybe_unused]] typename ChunkHist<T>::Window window;  // its hot part, in registers
   [[maybe_unused]] acc_t<T> widened[kPair<T>];  // the tail's elements as float32, for the histogram
-  if constexpr (kHist) hist.clear(window);
+  if constexpr (kHist) hist->start_chunk(*window);
 
   double sumsq = 0.0;
   V m0(0), m1(0), m2(0), m3(0);
@@ -862,15 +877,15 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
       s3 = at::vec::fmadd(d, d, s3);
       // max without NaN handling: a NaN makes the sum NaN and sends the chunk to exact_stats.
       if constexpr (kHist && ChunkHist<T>::kRaw) {
-        hist.add_raw(window, load_raw(x + i), load_raw(x + i + kPair<T>));  // the max too: max_abs below
+        hist->add_raw(*window, load_raw(x + i), load_raw(x + i + kPair<T>));  // the max too: max_abs below
       } else if constexpr (kHist && ChunkHist<T>::kBlockMax) {
-        m0 = at::vec::clamp_min(m0, hist.add_block(window, a, b, c, d));  // the block's max |x|
+        m0 = at::vec::clamp_min(m0, hist->add_block(*window, a, b, c, d));  // the block's max |x|
       } else {
         m0 = at::vec::clamp_min(m0, magnitude<T>(a));
         m1 = at::vec::clamp_min(m1, magnitude<T>(b));
         m2 = at::vec::clamp_min(m2, magnitude<T>(c));
         m3 = at::vec::clamp_min(m3, magnitude<T>(d));
-        if constexpr (kHist) hist.add_vectors(window, a, b, c, d);
+        if constexpr (kHist) hist->add_vectors(*window, a, b, c, d);
       }
     }
     for (; i < fold_end; i += kPair<T>) {
@@ -883,13 +898,12 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
       if constexpr (kHist) {  // only the `count` real elements: missing lanes read as zero
         a.store(widened);
         b.store(widened + V::size());
-        hist.add_run(widened, count);
+        hist->add_run(widened, count);
       }
     }
     sumsq += sum_lanes((s0 + s1) + (s2 + s3));
   }
-  if constexpr (kHist && ChunkHist<T>::kRaw) m1 = at::vec::clamp_min(m1, hist.max_abs(window));
-  if constexpr (kHist) hist.flush(window, x, n, hist_row);
+  if constexpr (kHist && ChunkHist<T>::kRaw) m1 = at::vec::clamp_min(m1, hist->max_abs(*window));
   Partial s{};
   if (std::isfinite(sumsq)) {  // no NaN or Inf (they would make it so): the fast max is exact
     s.sumsq = sumsq;
@@ -902,12 +916,30 @@ Partial chunk_stats_impl(const T* x, int64_t n, int64_t* hist_row) {
 
 template <typename T>
 Partial chunk_stats(const void* data, int64_t n) {
-  return chunk_stats_impl<T, false>(static_cast<const T*>(data), n, nullptr);
+  return chunk_stats_impl<T, false>(static_cast<const T*>(data), n, nullptr, nullptr);
 }
 
+// A run's counters hold up to 2^32 - 1 per field (FieldTables): longer runs are flushed in parts.
+constexpr int64_t kMaxCountedRun = int64_t{1} << 30;
+
+// The statistics of each chunk of a run, and the run's histogram counted in one set of counters,
+// flushed into the tensor's row once: the per-chunk costs of a histogram (clearing its counters,
+// draining the window, adding to the row) are paid per run, not per chunk.
 template <typename T>
-Partial chunk_stats_hist(const void* data, int64_t n, int64_t* hist_row) {
-  return chunk_stats_impl<T, true>(static_cast<const T*>(data), n, hist_row);
+void run_stats_hist(const void* data, int64_t n, int64_t chunk, Partial* partials, int64_t* hist_row,
+                    bool whole_tensor) {
+  const T* x = static_cast<const T*>(data);
+  ChunkHist<T> hist;                      // counters in memory
+  typename ChunkHist<T>::Window window;   // its hot part, in registers
+  const int64_t part = std::max(chunk, kMaxCountedRun / chunk * chunk);
+  for (int64_t begin = 0; begin < n; begin += part) {
+    const int64_t end = std::min(n, begin + part);
+    hist.clear(window);
+    for (int64_t offset = begin; offset < end; offset += chunk) {
+      *partials++ = chunk_stats_impl<T, true>(x + offset, std::min(chunk, end - offset), &hist, &window);
+    }
+    hist.flush(window, x + begin, end - begin, hist_row, whole_tensor && end - begin == n);
+  }
 }
 
 template <typename T>
@@ -939,8 +971,8 @@ void scale(void* data, int64_t n, const ScaleFactor& factor) {
 const KernelTable& kernel_table() {
   static const KernelTable table{
       {&chunk_stats<float>, &chunk_stats<double>, &chunk_stats<c10::Half>, &chunk_stats<c10::BFloat16>},
-      {&chunk_stats_hist<float>, &chunk_stats_hist<double>, &chunk_stats_hist<c10::Half>,
-       &chunk_stats_hist<c10::BFloat16>},
+      {&run_stats_hist<float>, &run_stats_hist<double>, &run_stats_hist<c10::Half>,
+       &run_stats_hist<c10::BFloat16>},
       {&scale<float>, &scale<double>, &scale<c10::Half>, &scale<c10::BFloat16>}};
   return table;
 }
