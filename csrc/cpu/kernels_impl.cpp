@@ -607,22 +607,25 @@ struct FloatFieldCounts : FieldTables {
 // each lane. That is about 10 vector ops per block of 64 elements where 16 nibble counters per element
 // (FloatFieldCounts' lookups) take ~27. Outsiders (nonzero elements outside the window: far below the
 // chunk's largest, subnormal, NaN, Inf) are found per block from its min and max 16-bit |x| bits
-// (the max is the statistics' max too) and counted one by one; a block with zeros takes that path
-// as well and finds nothing to count. Zeros are the elements that went through the window uncounted.
+// (the max is the statistics' max too) and counted one by one in the tables; a block with zeros takes
+// that path as well and finds nothing to count. Zeros are the elements that went through the window
+// uncounted. A chunk's last < 64 elements go through the window too, as a block padded with zeros.
 struct BFloat16BitCounts : FieldTables {
   static constexpr int kSlots = 16;
-  static constexpr int kGroup = 8;        // blocks (2 vectors each) per carry-save sum
-  static constexpr int kNibbleSpill = 15; // groups; a 4-bit counter holds 15
-  static constexpr int kMoveAbove = 8;    // elements outside the window in one block that move it
-  static constexpr int kMaxMoves = 8;     // per chunk
+  static constexpr int kGroup = 8;         // blocks (2 vectors each) per carry-save sum
+  static constexpr int kNibbleSpill = 15;  // groups; a 4-bit counter holds 15
+  static constexpr int kMoveAbove = 8;     // elements outside the window in one block that move it
+  static constexpr int kMaxMoves = 8;      // per chunk
   static constexpr bool kBlockMax = true;
-  static constexpr bool kRaw = true;      // add_raw takes the loaded bfloat16 vectors
+  static constexpr bool kRaw = true;       // add_raw takes the loaded bfloat16 vectors
   int moves = 0;
-  int groups = 0;                         // into `nibbles` since their last spill
-  int64_t outside_total = 0;              // elements counted one by one since the window's reset
-  __m512i bits[2 * kGroup];               // the current group's vectors of slot bits
-  __m512i nibbles[4];                     // 4-bit counters of 16s: nibble k of vector j counts slot 4k + j
-  uint32_t sixteens[kSlots];              // spilled nibbles: per slot, 16s since the window's reset
+  int groups = 0;                          // into `nibbles` since their last spill
+  bool tables_used = false;                // cleared on first use: most runs never need them
+  int64_t outside_total = 0;               // elements counted one by one since the window's reset
+  int64_t padding = 0;                     // padded zeros among the window's elements since its reset
+  __m512i bits[2 * kGroup];                // the current group's vectors of slot bits
+  __m512i nibbles[4];                      // 4-bit counters: nibble k of vector j counts slot 4k + j
+  uint32_t slot_counts[kSlots];            // spilled counters: per slot, since the window's reset
   // Named members, not arrays: the compiler then keeps them in registers.
   struct Window {
     __m512i ones, twos, fours, eights;  // bit s of a lane: slot s's count, bit-sliced by weight 1, 2, 4, 8
@@ -630,17 +633,20 @@ struct BFloat16BitCounts : FieldTables {
     __m512i bottom, top;                // 16-bit |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
     __m512i high;                       // running max of 16-bit |x| bits: the statistics' max (max_abs)
     int base;
-    int buffered;     // blocks in `bits`
-    int64_t blocks;   // through the window since its reset
-    bool placed;      // by the chunk's first block with a normal element
+    int buffered;    // blocks in `bits`
+    int64_t blocks;  // through the window since its reset
+    bool placed;     // by the run's first block with a normal element
   };
 
   void clear(Window& w) {
-    clear_tables();
+    tables_used = false;
     reset_window(w, 127 - 20);
     moves = 0;
     w.placed = false;
-    w.high = _mm512_setzero_si512();
+  }
+  void start_chunk(Window& w) {
+    moves = 0;
+    w.high = _mm512_setzero_si512();  // max_abs is the chunk's
   }
   void reset_window(Window& w, int base) {
     w.base = base;
@@ -651,9 +657,14 @@ struct BFloat16BitCounts : FieldTables {
     w.buffered = 0;
     w.blocks = 0;
     outside_total = 0;
+    padding = 0;
     groups = 0;
     for (auto& n : nibbles) n = _mm512_setzero_si512();
-    std::memset(sixteens, 0, sizeof sixteens);
+    std::memset(slot_counts, 0, sizeof slot_counts);
+  }
+  void use_tables() {
+    if (!tables_used) clear_tables();
+    tables_used = true;
   }
   // sum + a + b = new sum + 2 * carry, bit by bit (a full adder per bit: parity and majority).
   static inline void add_carry_save(__m512i& sum, __m512i& carry, __m512i a, __m512i b) {
@@ -695,6 +706,15 @@ struct BFloat16BitCounts : FieldTables {
       }
     }
   }
+  // The chunk's last count < 64 elements, as a block whose missing elements read as zeros.
+  void add_tail(Window& w, const c10::BFloat16* p, int64_t count) {
+    const auto mask = [](int64_t k) { return static_cast<__mmask32>(k >= 32 ? ~0u : (1u << k) - 1); };
+    const __m512i abs = _mm512_set1_epi16(0x7fff);
+    const __m512i r0 = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask(count), p), abs);
+    const __m512i r1 = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask(count - 32 < 0 ? 0 : count - 32), p + 32), abs);
+    add_raw(w, r0, r1);
+    padding += 64 - count;
+  }
   // The group's 16 vectors of bits into the running counts (15 carry-save adders).
   inline void add_group(Window& w) {
     __m512i twos_a, twos_b, fours_a, fours_b, eights_a, eights_b, carry16;
@@ -714,59 +734,85 @@ struct BFloat16BitCounts : FieldTables {
     add_carry_save(w.fours, eights_b, fours_a, fours_b);
     add_carry_save(w.eights, carry16, eights_a, eights_b);
     const __m512i every4 = _mm512_set1_epi16(0x1111);
-    nibbles[0] = _mm512_add_epi16(nibbles[0], _mm512_and_si512(carry16, every4));
-    nibbles[1] = _mm512_add_epi16(nibbles[1], _mm512_and_si512(_mm512_srli_epi16(carry16, 1), every4));
-    nibbles[2] = _mm512_add_epi16(nibbles[2], _mm512_and_si512(_mm512_srli_epi16(carry16, 2), every4));
-    nibbles[3] = _mm512_add_epi16(nibbles[3], _mm512_and_si512(_mm512_srli_epi16(carry16, 3), every4));
-    w.buffered = 0;
-    if (++groups == kNibbleSpill) spill_nibbles();
-  }
-  // The 4-bit counters into `sixteens` (a sum over the lanes per nibble position).
-  void spill_nibbles() {
-    const __m512i ones16 = _mm512_set1_epi16(1);
     for (int j = 0; j < 4; ++j) {
-      for (int k = 0; k < 4; ++k) {
-        const __m512i field = _mm512_and_si512(_mm512_srli_epi16(nibbles[j], 4 * k), _mm512_set1_epi16(0xf));
-        sixteens[4 * k + j] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_madd_epi16(field, ones16)));
-      }
+      nibbles[j] = _mm512_add_epi16(nibbles[j], _mm512_and_si512(_mm512_srli_epi16(carry16, j), every4));
+    }
+    w.buffered = 0;
+    if (++groups == kNibbleSpill) spill_nibbles(4);
+  }
+  // slot_counts += the 4-bit counters (each <= 15) summed over the lanes, << weight_log2. The sums
+  // fold the 4 counter vectors together without overflowing a byte: nibbles into bytes (8 vectors,
+  // even and odd bytes two slots each), then 512 -> 128 bits pairing vectors (each 128-bit block one
+  // vector), 128 -> 64, and the bytes of each qword by parity (sad).
+  void spill_nibbles(int weight_log2) {
+    __m512i v[8];  // v[2j + h]: nibbles 0, 2 (h = 0) or 1, 3 (h = 1) of nibbles[j] as bytes
+    const __m512i low4 = _mm512_set1_epi16(0x0f0f);
+    for (int j = 0; j < 4; ++j) {
+      v[2 * j] = _mm512_and_si512(nibbles[j], low4);
+      v[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(nibbles[j], 4), low4);
       nibbles[j] = _mm512_setzero_si512();
+    }
+    __m512i c[4];  // c[k]: 128-bit blocks [v0 + v2, v1 + v3] of v[2k], then of v[2k + 1]
+    for (int k = 0; k < 4; ++k) {
+      c[k] = _mm512_add_epi8(_mm512_shuffle_i64x2(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_i64x2(v[2 * k], v[2 * k + 1], 0xee));
+    }
+    __m512i e[2];  // e[m]: block b is v[4m + b] summed over its 4 blocks
+    for (int m = 0; m < 2; ++m) {
+      e[m] = _mm512_add_epi8(_mm512_shuffle_i64x2(c[2 * m], c[2 * m + 1], 0x88),
+                             _mm512_shuffle_i64x2(c[2 * m], c[2 * m + 1], 0xdd));
+    }
+    // qword 2b: v[b] summed to 8 bytes, qword 2b + 1: v[4 + b] (bytes <= 8 * 15)
+    const __m512i f = _mm512_add_epi8(_mm512_unpacklo_epi64(e[0], e[1]), _mm512_unpackhi_epi64(e[0], e[1]));
+    alignas(64) uint64_t even[8], odd[8];
+    _mm512_store_si512(even, _mm512_sad_epu8(_mm512_and_si512(f, _mm512_set1_epi16(0x00ff)), _mm512_setzero_si512()));
+    _mm512_store_si512(odd, _mm512_sad_epu8(_mm512_srli_epi16(f, 8), _mm512_setzero_si512()));
+    for (int q = 0; q < 8; ++q) {
+      const int vec = (q & 1) ? 4 + q / 2 : q / 2;  // v[vec]: nibbles[vec / 2], half vec % 2
+      const int slot = 4 * (vec % 2) + vec / 2;      // its even bytes' slot; the odd bytes' is slot + 8
+      slot_counts[slot] += static_cast<uint32_t>(even[q]) << weight_log2;
+      slot_counts[slot + 8] += static_cast<uint32_t>(odd[q]) << weight_log2;
     }
     groups = 0;
   }
-  // The max |x| of the blocks so far, as float32 lanes.
+  // The max |x| of the chunk's blocks so far, as float32 lanes.
   Vectorized<float> max_abs(const Window& w) const {
     Vectorized<float> even, odd;
     widen_bf16(w.high, even, odd);
     return at::vec::clamp_min(even, odd);
   }
-  // counts[s] += (the number of lanes of v with bit s set) << weight_log2.
-  static void count_bits(__m512i v, int weight_log2, uint32_t* counts) {
-    for (int s = 0; s < kSlots; ++s) {
-      counts[s] += static_cast<uint32_t>(__builtin_popcount(_cvtmask32_u32(_mm512_test_epi16_mask(v, _mm512_set1_epi16(1 << s)))))
-                   << weight_log2;
+  // The window's counts per slot (into slot_counts) and its zeros.
+  int64_t count_window(Window& w) {
+    if (w.buffered != 0) {
+      for (int k = 2 * w.buffered; k < 2 * kGroup; ++k) bits[k] = _mm512_setzero_si512();
+      add_group(w);  // the group's blocks so far (the rest are zeros, which count nothing)
     }
-  }
-  // The window's counts into the tables (before it moves, and at the end of the chunk).
-  void drain(Window& w) {
-    for (int k = 2 * w.buffered; k < 2 * kGroup; ++k) bits[k] = _mm512_setzero_si512();
-    add_group(w);  // the group's blocks so far (the rest are zeros, which count nothing)
-    spill_nibbles();
-    uint32_t counts[kSlots];
-    for (int s = 0; s < kSlots; ++s) counts[s] = sixteens[s] << 4;
-    count_bits(w.ones, 0, counts);
-    count_bits(w.twos, 1, counts);
-    count_bits(w.fours, 2, counts);
-    count_bits(w.eights, 3, counts);
+    if (groups != 0) spill_nibbles(4);
+    // The bit-sliced counts as 4-bit counters: ones + 2 twos + 4 fours + 8 eights <= 15.
+    const __m512i every4 = _mm512_set1_epi16(0x1111);
+    for (int j = 0; j < 4; ++j) {
+      const auto level = [&](__m512i v, int weight_log2) {
+        return _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(v, j), every4), weight_log2);
+      };
+      nibbles[j] = _mm512_or_si512(_mm512_or_si512(level(w.ones, 0), level(w.twos, 1)),
+                                   _mm512_or_si512(level(w.fours, 2), level(w.eights, 3)));
+    }
+    spill_nibbles(0);
     int64_t in_window = 0;
-    for (int s = 0; s < kSlots; ++s) {
-      t[0][w.base + s] += counts[s];
-      in_window += counts[s];
-    }
-    t[0][0] += static_cast<uint32_t>(64 * w.blocks - in_window - outside_total);
+    for (int s = 0; s < kSlots; ++s) in_window += slot_counts[s];
+    return 64 * w.blocks - padding - in_window - outside_total;
+  }
+  // The window's counts into the tables (before it moves).
+  void drain(Window& w) {
+    const int64_t zeros = count_window(w);
+    use_tables();
+    for (int s = 0; s < kSlots; ++s) t[0][w.base + s] += slot_counts[s];
+    t[0][0] += static_cast<uint32_t>(zeros);
   }
   // Counts one block's elements outside the window one by one (16-bit |x| bits); returns the
   // window's new base when the block had many of them (0 to keep it).
   __attribute__((noinline)) int add_outside(const uint16_t* values, uint32_t o0, uint32_t o1, int base) {
+    use_tables();
     const uint32_t outside[2] = {o0, o1};
     int count = 0;
     for (int k = 0; k < 2; ++k) {
@@ -795,14 +841,15 @@ struct BFloat16BitCounts : FieldTables {
     }
     w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
   }
-  void start_chunk(Window& w) {
-    moves = 0;
-    w.high = _mm512_setzero_si512();  // max_abs is the chunk's
-  }
+  // The window's counts straight into the row (the tables only when something went through them).
   template <typename T>
   void flush(Window& w, const T* x, int64_t n, int64_t* row, bool whole_tensor) {
-    drain(w);
-    flush_tables(x, n, row, whole_tensor);
+    const int64_t zeros = count_window(w);
+    for (int s = 0; s < kSlots; ++s) {
+      if (slot_counts[s] != 0) add_to_row(row, w.base + s + gradwatch::kFloatFieldToBin, slot_counts[s], whole_tensor);
+    }
+    if (zeros != 0) add_to_row(row, gradwatch::kHistZero, zeros, whole_tensor);
+    if (tables_used) flush_tables(x, n, row, whole_tensor);
   }
 };
 #endif
@@ -895,7 +942,9 @@ Partial chunk_stats_impl(const T* x, int64_t n, [[maybe_unused]] ChunkHist<T>* h
       s1 = at::vec::fmadd(b, b, s1);
       m0 = at::vec::clamp_min(m0, a.abs());
       m1 = at::vec::clamp_min(m1, b.abs());
-      if constexpr (kHist) {  // only the `count` real elements: missing lanes read as zero
+      if constexpr (kHist && ChunkHist<T>::kRaw) {
+        hist->add_tail(*window, x + i, count);
+      } else if constexpr (kHist) {  // only the `count` real elements: missing lanes read as zero
         a.store(widened);
         b.store(widened + V::size());
         hist->add_run(widened, count);
