@@ -253,6 +253,31 @@ def test_counts_of_long_runs_and_group_boundaries(dtype, device):
     check(count_stress(dtype, device))
 
 
+def float16_edges(device, seed=0):
+    """float16's own edges for a window of its 5-bit exponent fields: runs at the top of its range
+    (the window cannot sit above its largest binades), runs that are mostly subnormal (outsiders,
+    binned in float32), and runs spanning both with Inf and NaN among them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def binades(lo, hi, n):
+        e = torch.randint(lo, hi + 1, (n,), generator=g).double()
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+        return sign * (1 + torch.rand(n, generator=g, dtype=torch.float64)) * torch.pow(2.0, e)
+
+    top = binades(8, 15, 20_000).clamp(-65504, 65504)
+    top[::997] = INF
+    top[5] = NAN
+    subnormal = binades(-24, -15, 30_000)
+    subnormal[::5] = binades(-14, -10, subnormal[::5].numel())
+    both = binades(-24, 15, 10_000).clamp(-65504, 65504)
+    return [t.to(torch.float16).to(device) for t in (top, subnormal, both)]
+
+
+def test_float16_top_of_range_and_subnormal_runs(device):
+    native(device)
+    check(float16_edges(device))
+
+
 def test_grad_stats_wrapper_histogram_flag(device):
     native(device)
     grads = [spread(1000, torch.float32, device, seed=1), spread(10, torch.bfloat16, device, seed=2)]
@@ -307,13 +332,15 @@ def test_every_cpu_capability(capability):
         pytest.skip("extension not built")
     code = (
         "import torch, gradwatch\n"
-        "from tests.test_log2_hist import spread, check, gradient_like, window_stress, count_stress, DTYPES\n"
+        "from tests.test_log2_hist import (spread, check, gradient_like, window_stress, count_stress,\n"
+        "    float16_edges, DTYPES)\n"
         "print(gradwatch.cpu_kernel_capability())\n"
         "for dt in DTYPES:\n"
         "    check([spread(n, dt, 'cpu', seed=n) for n in (0, 5, 64, 1000, 32768 + 77, 70_001)])\n"
         "    check(gradient_like(dt, 'cpu', seed=1))\n"
         "    check(window_stress(dt, 'cpu', seed=2))\n"
         "    check(count_stress(dt, 'cpu', seed=3))\n"
+        "check(float16_edges('cpu'))\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
