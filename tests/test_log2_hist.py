@@ -376,8 +376,10 @@ def test_histogram_cost_benchmark_smoke():
     assert [(r["set"], r["dtype"]) for r in rows] == [
         ("ResNet-50", "float32"),
         ("ResNet-50", "bfloat16"),
+        ("ResNet-50", "float16"),
         ("GPT-2 small", "float32"),
         ("GPT-2 small", "bfloat16"),
+        ("GPT-2 small", "float16"),
     ]
     assert all(r["plain_ms"] > 0 and r["hist_ratio"] > 0 and r["torch_ratio"] > 0 for r in rows)
     assert "| ResNet-50" in histogram_cost.markdown(rows)
