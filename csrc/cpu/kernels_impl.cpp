@@ -598,26 +598,75 @@ struct FloatFieldCounts : FieldTables {
 };
 
 #ifdef GRADWATCH_HIST_LOOKUP
-// bfloat16 with AVX-512, counted as loaded: 32 elements per vector, each exponent field at bits 7..14
-// of its 16-bit lane. The window's 16 fields [base, base + 16) are counted as bits: an element
+// The lanes a window of bit counts reads: bfloat16 |x| bits as loaded (16-bit lanes, exponent field
+// at bit 7: 32 elements per vector, 2 vectors per block) or float32 |x| bits (32-bit lanes, field
+// at bit 23: float32, and float16 widened exactly by the statistics, 4 vectors per block). Both
+// exponent fields are float32's (bfloat16 is float32's upper half).
+struct BFloat16Lanes {
+  using Mask = __mmask32;
+  static constexpr int kShift = 7, kVectors = 2, kLanes = 32;
+  static __m512i set1(int x) { return _mm512_set1_epi16(static_cast<int16_t>(x)); }
+  static __m512i max(__m512i a, __m512i b) { return _mm512_max_epu16(a, b); }
+  static __m512i min(__m512i a, __m512i b) { return _mm512_min_epu16(a, b); }
+  static Mask below(__m512i a, __m512i b) { return _mm512_cmplt_epu16_mask(a, b); }
+  static Mask at_or_above(__m512i a, __m512i b) { return _mm512_cmpge_epu16_mask(a, b); }
+  static Mask nonzero(__m512i a) { return _mm512_test_epi16_mask(a, a); }
+  static Mask below_where(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmplt_epu16_mask(m, a, b); }
+  static bool any(Mask a, Mask b) { return !_kortestz_mask32_u8(a, b); }
+  // 1 << (field - base) in each lane, 0 where field - base is outside [0, 16) (code: window_code).
+  static __m512i window_code(int base) { return set1(base); }
+  static __m512i slot_bits(__m512i v, __m512i code) {
+    return _mm512_sllv_epi16(_mm512_set1_epi16(1), _mm512_sub_epi16(_mm512_srli_epi16(v, kShift), code));
+  }
+  static uint32_t bits_of(const uint16_t* values, int k) { return static_cast<uint32_t>(values[k]) << 16; }
+  static uint32_t max_lane(__m512i v) {
+    const __m512i wide = _mm512_max_epu32(_mm512_srli_epi32(v, 16), _mm512_and_si512(v, _mm512_set1_epi32(0xffff)));
+    return static_cast<uint32_t>(_mm512_reduce_max_epu32(wide)) << 16;
+  }
+};
+struct FloatLanes {
+  using Mask = __mmask16;
+  static constexpr int kShift = 23, kVectors = 4, kLanes = 16;
+  static __m512i set1(int x) { return _mm512_set1_epi32(x); }
+  static __m512i max(__m512i a, __m512i b) { return _mm512_max_epu32(a, b); }
+  static __m512i min(__m512i a, __m512i b) { return _mm512_min_epu32(a, b); }
+  static Mask below(__m512i a, __m512i b) { return _mm512_cmplt_epu32_mask(a, b); }
+  static Mask at_or_above(__m512i a, __m512i b) { return _mm512_cmpge_epu32_mask(a, b); }
+  static Mask nonzero(__m512i a) { return _mm512_test_epi32_mask(a, a); }
+  static Mask below_where(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmplt_epu32_mask(m, a, b); }
+  static bool any(Mask a, Mask b) { return !_kortestz_mask16_u8(a, b); }
+  // As BFloat16Lanes, as 0x8000 >> (base + 15 - field): a shift by 16 to 31 (fields below the
+  // window) leaves no bit either, where 1 << 16..31 would leave one above the 16 bits packed.
+  static __m512i window_code(int base) { return set1(base + 15); }
+  static __m512i slot_bits(__m512i v, __m512i code) {
+    return _mm512_srlv_epi32(_mm512_set1_epi32(0x8000), _mm512_sub_epi32(code, _mm512_srli_epi32(v, kShift)));
+  }
+  static uint32_t bits_of(const uint32_t* values, int k) { return values[k]; }
+  static uint32_t max_lane(__m512i v) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(v)); }
+};
+
+// With AVX-512, the window's 16 exponent fields [base, base + 16) are counted as bits: an element
 // becomes 1 << (field - base) in its lane (a variable shift, which shifts the bit out for fields
-// outside the window, zeros included, so those count nothing). Every 8 blocks, the 16 vectors of bits
-// are summed by position with carry-save adders (Harley-Seal) into bit-sliced running counts of
-// weight 1, 2, 4 and 8 per slot, and the carry out (weight 16) into 4-bit counters, 4 slots apart in
-// each lane. That is about 10 vector ops per block of 64 elements where 16 nibble counters per element
-// (FloatFieldCounts' lookups) take ~27. Outsiders (nonzero elements outside the window: far below the
-// chunk's largest, subnormal, NaN, Inf) are found per block from its min and max 16-bit |x| bits
-// (the max is the statistics' max too) and counted one by one in the tables; a block with zeros takes
-// that path as well and finds nothing to count. Zeros are the elements that went through the window
-// uncounted. A chunk's last < 64 elements go through the window too, as a block padded with zeros.
-struct BFloat16BitCounts : FieldTables {
+// outside the window, zeros included, so those count nothing); float32 lanes are packed into 16-bit
+// ones. Every 8 blocks of 64 elements, the 16 vectors of bits are summed by position with carry-save
+// adders (Harley-Seal) into bit-sliced running counts of weight 1, 2, 4 and 8 per slot, and the carry
+// out (weight 16) into 4-bit counters, 4 slots apart in each lane: about 10 vector ops per bfloat16
+// block, where 16 nibble counters per element (FloatFieldCounts' lookups) take ~27. Outsiders (nonzero
+// elements outside the window: far below the run's largest, subnormal, NaN, Inf) are found per block
+// from its min and max |x| bits (the max is the statistics' max too) and counted one by one in the
+// tables; a block with zeros takes that path as well and finds nothing to count. Zeros are the
+// elements that went through the window uncounted. A bfloat16 chunk's last < 64 elements go through
+// the window too, as a block padded with zeros; a float chunk's go one by one (add_run).
+template <typename L>
+struct BitCounts : FieldTables {
   static constexpr int kSlots = 16;
-  static constexpr int kGroup = 8;         // blocks (2 vectors each) per carry-save sum
+  static constexpr int kGroup = 8;         // blocks (2 vectors of 16-bit bits each) per carry-save sum
   static constexpr int kNibbleSpill = 15;  // groups; a 4-bit counter holds 15
   static constexpr int kMoveAbove = 8;     // elements outside the window in one block that move it
   static constexpr int kMaxMoves = 8;      // per chunk
-  static constexpr bool kBlockMax = true;
-  static constexpr bool kRaw = true;       // add_raw takes the loaded bfloat16 vectors
+  static constexpr bool kRaw = std::is_same_v<L, BFloat16Lanes>;  // add_raw: the loaded bfloat16 vectors
+  static constexpr bool kBlockMax = !kRaw;                         // add_block: the block's max |x|
+  using Value = std::conditional_t<kRaw, uint16_t, uint32_t>;
   int moves = 0;
   int groups = 0;                          // into `nibbles` since their last spill
   bool tables_used = false;                // cleared on first use: most runs never need them
@@ -629,9 +678,9 @@ struct BFloat16BitCounts : FieldTables {
   // Named members, not arrays: the compiler then keeps them in registers.
   struct Window {
     __m512i ones, twos, fours, eights;  // bit s of a lane: slot s's count, bit-sliced by weight 1, 2, 4, 8
-    __m512i base_field;                 // base in every 16-bit lane
-    __m512i bottom, top;                // 16-bit |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
-    __m512i high;                       // running max of 16-bit |x| bits: the statistics' max (max_abs)
+    __m512i code;                       // L::window_code(base)
+    __m512i bottom, top;                // |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
+    __m512i high;                       // bfloat16: running max of |x| bits, the statistics' max (max_abs)
     int base;
     int buffered;    // blocks in `bits`
     int64_t blocks;  // through the window since its reset
@@ -650,9 +699,9 @@ struct BFloat16BitCounts : FieldTables {
   }
   void reset_window(Window& w, int base) {
     w.base = base;
-    w.base_field = _mm512_set1_epi16(static_cast<int16_t>(base));
-    w.bottom = _mm512_set1_epi16(static_cast<int16_t>(base << 7));
-    w.top = _mm512_set1_epi16(static_cast<int16_t>((base + kSlots) << 7));
+    w.code = L::window_code(base);
+    w.bottom = L::set1(base << L::kShift);
+    w.top = L::set1((base + kSlots) << L::kShift);
     w.ones = w.twos = w.fours = w.eights = _mm512_setzero_si512();
     w.buffered = 0;
     w.blocks = 0;
@@ -671,42 +720,51 @@ struct BFloat16BitCounts : FieldTables {
     carry = _mm512_ternarylogic_epi32(sum, a, b, 0xe8);
     sum = _mm512_ternarylogic_epi32(sum, a, b, 0x96);
   }
-  // 1 << (field - base) in each element's lane, 0 outside the window.
-  static inline __m512i slot_bits(const Window& w, __m512i v) {
-    return _mm512_sllv_epi16(_mm512_set1_epi16(1), _mm512_sub_epi16(_mm512_srli_epi16(v, 7), w.base_field));
-  }
-  static inline __mmask32 outside(__m512i v, const Window& w) {  // nonzero and not in [bottom, top)
-    return _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(v, v), v, w.bottom) |
-           _mm512_cmpge_epu16_mask(v, w.top);
+  static inline typename L::Mask outside(__m512i v, const Window& w) {  // nonzero and not in [bottom, top)
+    return L::below_where(L::nonzero(v), v, w.bottom) | L::at_or_above(v, w.top);
   }
 
-  // One block of the statistics loop: two vectors of 32 magnitudes (load_raw; their max is kept
-  // for max_abs).
-  inline void add_raw(Window& w, __m512i r0, __m512i r1) {
-    const __m512i high = _mm512_max_epu16(r0, r1);
-    w.high = _mm512_max_epu16(w.high, high);
+  // One block of 64 elements as |x| bits (L::kVectors vectors); returns the block's max |x| bits.
+  inline __m512i add_lanes(Window& w, const __m512i* v) {
+    __m512i high = L::max(v[0], v[1]), low = L::min(v[0], v[1]);
+    if constexpr (L::kVectors == 4) {
+      high = L::max(high, L::max(v[2], v[3]));
+      low = L::min(low, L::min(v[2], v[3]));
+    }
     if (!w.placed) [[unlikely]] place(w, high);
-    bits[2 * w.buffered] = slot_bits(w, r0);
-    bits[2 * w.buffered + 1] = slot_bits(w, r1);
+    if constexpr (L::kVectors == 4) {  // 32-bit lanes of bits <= 0xffff pack into 16-bit ones exactly
+      bits[2 * w.buffered] = _mm512_packus_epi32(L::slot_bits(v[0], w.code), L::slot_bits(v[1], w.code));
+      bits[2 * w.buffered + 1] = _mm512_packus_epi32(L::slot_bits(v[2], w.code), L::slot_bits(v[3], w.code));
+    } else {
+      bits[2 * w.buffered] = L::slot_bits(v[0], w.code);
+      bits[2 * w.buffered + 1] = L::slot_bits(v[1], w.code);
+    }
     ++w.blocks;
     if (++w.buffered == kGroup) add_group(w);
-    const __m512i low = _mm512_min_epu16(r0, r1);
-    if (!_kortestz_mask32_u8(_mm512_cmplt_epu16_mask(low, w.bottom), _mm512_cmpge_epu16_mask(high, w.top)))
-        [[unlikely]] {
-      const __mmask32 o0 = outside(r0, w), o1 = outside(r1, w);
-      if ((o0 | o1) == 0) return;  // zeros only
-      alignas(64) uint16_t values[64];
-      _mm512_store_si512(values, r0);
-      _mm512_store_si512(values + 32, r1);
-      const int new_base = add_outside(values, o0, o1, w.base);
-      if (new_base != 0) {
-        drain(w);
-        reset_window(w, new_base);
-        ++moves;
+    if (L::any(L::below(low, w.bottom), L::at_or_above(high, w.top))) [[unlikely]] {
+      typename L::Mask o[L::kVectors];
+      typename L::Mask any = 0;
+      for (int k = 0; k < L::kVectors; ++k) any |= o[k] = outside(v[k], w);
+      if (any != 0) {  // else zeros only
+        alignas(64) Value values[64];
+        for (int k = 0; k < L::kVectors; ++k) _mm512_store_si512(values + k * L::kLanes, v[k]);
+        const int new_base = add_outside(values, o, w.base);
+        if (new_base != 0) {
+          drain(w);
+          reset_window(w, new_base);
+          ++moves;
+        }
       }
     }
+    return high;
   }
-  // The chunk's last count < 64 elements, as a block whose missing elements read as zeros.
+  // bfloat16: one block of the statistics loop, two vectors of 32 magnitudes (load_raw; their max
+  // is kept for max_abs).
+  inline void add_raw(Window& w, __m512i r0, __m512i r1) {
+    const __m512i v[2] = {r0, r1};
+    w.high = L::max(w.high, add_lanes(w, v));
+  }
+  // bfloat16: the chunk's last count < 64 elements, as a block whose missing elements read as zeros.
   void add_tail(Window& w, const c10::BFloat16* p, int64_t count) {
     const auto mask = [](int64_t k) { return static_cast<__mmask32>(k >= 32 ? ~0u : (1u << k) - 1); };
     const __m512i abs = _mm512_set1_epi16(0x7fff);
@@ -714,6 +772,27 @@ struct BFloat16BitCounts : FieldTables {
     const __m512i r1 = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask(count - 32 < 0 ? 0 : count - 32), p + 32), abs);
     add_raw(w, r0, r1);
     padding += 64 - count;
+  }
+  // The max |x| of the chunk's bfloat16 blocks so far, as float32 lanes.
+  Vectorized<float> max_abs(const Window& w) const {
+    Vectorized<float> even, odd;
+    widen_bf16(w.high, even, odd);
+    return at::vec::clamp_min(even, odd);
+  }
+  // float32 lanes: the four vectors of one block of the statistics loop; returns the block's max |x|
+  // (the max of the |x| bits, which order like the values; a NaN's bits sort above +Inf, and a NaN
+  // sends the chunk to exact_stats anyway).
+  inline Vectorized<float> add_block(Window& w, const Vectorized<float>& a, const Vectorized<float>& b,
+                                     const Vectorized<float>& c, const Vectorized<float>& d) {
+    const __m512i abs = _mm512_set1_epi32(0x7fffffff);
+    const __m512i v[4] = {_mm512_and_si512(_mm512_castps_si512(a), abs), _mm512_and_si512(_mm512_castps_si512(b), abs),
+                          _mm512_and_si512(_mm512_castps_si512(c), abs), _mm512_and_si512(_mm512_castps_si512(d), abs)};
+    return Vectorized<float>(_mm512_castsi512_ps(add_lanes(w, v)));
+  }
+  // float32 lanes: a chunk's last elements, one by one.
+  inline void add_run(const float* v, int64_t count) {
+    use_tables();
+    FieldTables::add_run(v, count);
   }
   // The group's 16 vectors of bits into the running counts (15 carry-save adders).
   inline void add_group(Window& w) {
@@ -775,12 +854,6 @@ struct BFloat16BitCounts : FieldTables {
     }
     groups = 0;
   }
-  // The max |x| of the chunk's blocks so far, as float32 lanes.
-  Vectorized<float> max_abs(const Window& w) const {
-    Vectorized<float> even, odd;
-    widen_bf16(w.high, even, odd);
-    return at::vec::clamp_min(even, odd);
-  }
   // The window's counts per slot (into slot_counts) and its zeros.
   int64_t count_window(Window& w) {
     if (w.buffered != 0) {
@@ -809,15 +882,14 @@ struct BFloat16BitCounts : FieldTables {
     for (int s = 0; s < kSlots; ++s) t[0][w.base + s] += slot_counts[s];
     t[0][0] += static_cast<uint32_t>(zeros);
   }
-  // Counts one block's elements outside the window one by one (16-bit |x| bits); returns the
-  // window's new base when the block had many of them (0 to keep it).
-  __attribute__((noinline)) int add_outside(const uint16_t* values, uint32_t o0, uint32_t o1, int base) {
+  // Counts one block's elements outside the window one by one (|x| bits, masks o per vector);
+  // returns the window's new base when the block had many of them (0 to keep it).
+  __attribute__((noinline)) int add_outside(const Value* values, const typename L::Mask* o, int base) {
     use_tables();
-    const uint32_t outside[2] = {o0, o1};
     int count = 0;
-    for (int k = 0; k < 2; ++k) {
-      for (uint32_t m = outside[k]; m != 0; m &= m - 1) {
-        ++t[count & 3][key_of_bits(static_cast<uint32_t>(values[32 * k + __builtin_ctz(m)]) << 16)];
+    for (int k = 0; k < L::kVectors; ++k) {
+      for (uint32_t m = o[k]; m != 0; m &= m - 1) {
+        ++t[count & 3][key_of_bits(L::bits_of(values, k * L::kLanes + __builtin_ctz(m)))];
         ++count;
       }
     }
@@ -825,15 +897,14 @@ struct BFloat16BitCounts : FieldTables {
     if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
     int top = 0;  // the block's largest exponent field of a normal finite element
     for (int k = 0; k < 64; ++k) {
-      const int field = values[k] >> 7;
+      const int field = static_cast<int>(L::bits_of(values, k) >> 23);
       if (field < 255 && field > top) top = field;
     }
     const int new_base = base_below(top);
     return top == 0 || new_base == base ? 0 : new_base;
   }
   void place(Window& w, __m512i high) {
-    const __m512i wide = _mm512_max_epu32(_mm512_srli_epi32(high, 16), _mm512_and_si512(high, _mm512_set1_epi32(0xffff)));
-    const int field = static_cast<int>(static_cast<uint32_t>(_mm512_reduce_max_epu32(wide)) >> 7);
+    const int field = static_cast<int>(L::max_lane(high) >> 23);
     const int base = base_below(field);
     if (field >= 1 && field <= 254 && base != w.base) {
       if (w.blocks != 0) drain(w);  // blocks of zeros and subnormals before this one
@@ -852,6 +923,8 @@ struct BFloat16BitCounts : FieldTables {
     if (tables_used) flush_tables(x, n, row, whole_tensor);
   }
 };
+using BFloat16BitCounts = BitCounts<BFloat16Lanes>;
+using FloatBitCounts = BitCounts<FloatLanes>;
 #endif
 
 // The same for float64 chunks, binned element by element (hist.h log2_bin).
@@ -886,12 +959,18 @@ struct DoubleBinCounts {
 
 #ifdef GRADWATCH_HIST_LOOKUP
 using BFloat16Counts = BFloat16BitCounts;
+#ifdef EXP_FLOAT_LOOKUP
+using FloatCounts = FloatFieldCounts;
+#else
+using FloatCounts = FloatBitCounts;
+#endif
 #else
 using BFloat16Counts = FloatFieldCounts;
+using FloatCounts = FloatFieldCounts;
 #endif
 template <typename T>
 using ChunkHist = std::conditional_t<std::is_same_v<T, double>, DoubleBinCounts,
-                                     std::conditional_t<std::is_same_v<T, c10::BFloat16>, BFloat16Counts, FloatFieldCounts>>;
+                                     std::conditional_t<std::is_same_v<T, c10::BFloat16>, BFloat16Counts, FloatCounts>>;
 
 // Statistics of a chunk and, when kHist, its elements counted into `hist`, in the same read: the
 // histogram reads each block of elements right after the vector loads (from L1), so memory is
