@@ -162,53 +162,14 @@ Partial scaled_stats(const T* x, int64_t n, const Partial& fast) {
   return gradwatch::with_scaled_sumsq(fast, sumsq, e);
 }
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#define GRADWATCH_HIST_WINDOW 1
-#endif
 #if defined(CPU_CAPABILITY_AVX512)
-#define GRADWATCH_HIST_LOOKUP 1  // the window's increments from a 16-entry table (vpermd), not shifts
+#define GRADWATCH_HIST_BITS 1  // the window counted as bits (BitCounts)
+#elif defined(CPU_CAPABILITY_AVX2)
+#define GRADWATCH_HIST_WINDOW 1  // the window counted in 4-bit lane counters (FloatFieldCounts)
 #endif
 #ifdef GRADWATCH_HIST_WINDOW
-// The few integer vector operations of the window histogram, per instruction set.
+// The few integer vector operations of the AVX2 window histogram (FloatFieldCounts).
 namespace isa {
-#if defined(CPU_CAPABILITY_AVX512)
-using IVec = __m512i;
-constexpr int kLanes = 16;
-inline IVec bits_of(const Vectorized<float>& v) { return _mm512_castps_si512(static_cast<__m512>(v)); }
-inline IVec set1(int x) { return _mm512_set1_epi32(x); }
-inline IVec add(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
-inline IVec sub(IVec a, IVec b) { return _mm512_sub_epi32(a, b); }
-inline IVec sllv(IVec a, IVec count) { return _mm512_sllv_epi32(a, count); }  // 0 where count >= 32 (unsigned)
-inline IVec field_times_4(IVec bits) { return _mm512_and_si512(_mm512_srli_epi32(bits, 21), set1(~3)); }
-inline IVec byte_at(IVec v, int j) { return _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * j)), set1(0xff)); }
-inline IVec low_nibbles(IVec v) { return _mm512_and_si512(v, set1(0x0f0f0f0f)); }
-inline IVec high_nibbles(IVec v) { return _mm512_and_si512(_mm512_srli_epi32(v, 4), set1(0x0f0f0f0f)); }
-inline IVec add_bytes(IVec a, IVec b) { return _mm512_add_epi8(a, b); }
-inline uint32_t nonzero_lanes(IVec bits) { return _mm512_test_epi32_mask(bits, bits); }
-inline uint32_t lanes_above(IVec x, int limit, uint32_t among) {  // unsigned x > limit
-  return _mm512_mask_cmpgt_epu32_mask(static_cast<__mmask16>(among), x, set1(limit));
-}
-inline int64_t sum(IVec v) { return _mm512_reduce_add_epi32(v); }
-// The table-lookup window (FloatFieldCounts, GRADWATCH_HIST_LOOKUP).
-using Mask = __mmask16;
-inline IVec abs_bits(const Vectorized<float>& v) { return _mm512_and_si512(bits_of(v), set1(0x7fffffff)); }
-inline Mask nonzero(IVec v) { return _mm512_test_epi32_mask(v, v); }
-inline IVec field_of(IVec abs) { return _mm512_srli_epi32(abs, 23); }
-// table[idx & 15] in lanes of m, 0 elsewhere (vpermd reads the low 4 bits of each index).
-inline IVec lookup(Mask m, IVec idx, IVec table) { return _mm512_maskz_permutexvar_epi32(m, idx, table); }
-inline IVec min_where(IVec acc, Mask m, IVec v) { return _mm512_mask_min_epu32(acc, m, acc, v); }
-inline IVec max_u(IVec a, IVec b) { return _mm512_max_epu32(a, b); }
-inline Mask below(IVec v, IVec limit) { return _mm512_cmplt_epu32_mask(v, limit); }
-inline Mask at_or_above(IVec v, IVec limit) { return _mm512_cmpge_epu32_mask(v, limit); }
-inline bool any(Mask a, Mask b) { return !_kortestz_mask16_u8(a, b); }
-inline Mask outside(IVec v, IVec bottom, IVec top) {  // nonzero and not in [bottom, top)
-  return _mm512_mask_cmplt_epu32_mask(nonzero(v), v, bottom) | _mm512_cmpge_epu32_mask(v, top);
-}
-inline uint32_t max_lane(IVec v) { return static_cast<uint32_t>(_mm512_reduce_max_epu32(v)); }
-inline IVec load(const uint32_t* p) { return _mm512_loadu_si512(p); }
-inline void store(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
-inline Vectorized<float> as_float(IVec v) { return Vectorized<float>(_mm512_castsi512_ps(v)); }
-#else
 using IVec = __m256i;
 constexpr int kLanes = 8;
 inline IVec bits_of(const Vectorized<float>& v) { return _mm256_castps_si256(static_cast<__m256>(v)); }
@@ -241,7 +202,6 @@ inline int64_t sum(IVec v) {
   for (int k = 0; k < kLanes; ++k) s += lanes[k];
   return s;
 }
-#endif
 }  // namespace isa
 #endif
 
@@ -308,24 +268,15 @@ struct FieldTables {
 //
 // One element at a time (the DEFAULT build, tails, and the rare elements below) costs a load, a few
 // integer ops and a read-modify-write of a counter: several times the statistics' own work per
-// element. So with AVX2/AVX-512 the bulk goes through a window instead: 16 consecutive exponent
+// element. So with AVX2 the bulk goes through a window instead (AVX-512: BitCounts): 16 consecutive exponent
 // fields [base, base + 16), each lane holding a 4-bit counter per field (8 fields in `lo`, 8 in
 // `hi`), spilled into 32-bit sums every 12 vectors, before a nibble can overflow. Elements outside
 // the window (far below the chunk's largest, subnormal, NaN, Inf) go one by one; when a block has
 // many, the window moves to that block's largest binade (gradients of one chunk sit mostly within a
 // dozen binades of their largest: the ones more than 13 below are ~1e-4 of a Gaussian). Four
 // interleaved scalar tables, so that a run of elements in one binade does not wait on one counter.
-//
-// The increment `1 << 4 * slot` of a lane:
-// - AVX-512 (GRADWATCH_HIST_LOOKUP): looked up in two 16-entry tables (vpermd) by the low 4 bits of
-//   the exponent field, masked off for zeros: 1 shift, 1 test and 2 lookups per 16 elements. Every
-//   nonzero element adds 1 to exactly one nibble, also one outside the window (at the window field
-//   with its field's low 4 bits): the one-by-one path takes that back out of the tables. Outsiders
-//   are found per block of 4 vectors from two reductions the loop keeps anyway: the block's largest
-//   |x| bits (also the statistics' max) at or above the window's top, and a running minimum of the
-//   nonzero |x| bits below its bottom. Zeros are the elements seen minus the window's increments.
-// - AVX2: a variable shift (0 outside the window, so nothing to take back) of the field offset, and
-//   a per-vector out-of-window lane mask; zeros = seen - window - outside.
+// A lane's increment `1 << 4 * slot` is a variable shift of the field offset (0 outside the window),
+// with a per-vector out-of-window lane mask; zeros = seen - window - outside.
 struct FloatFieldCounts : FieldTables {
 #ifdef GRADWATCH_HIST_WINDOW
   static constexpr int kSlots = 16;
@@ -341,13 +292,7 @@ struct FloatFieldCounts : FieldTables {
   // the compiler keeps it in registers (a member of an escaping object would round-trip memory).
   struct Window {
     isa::IVec lo, hi;
-#ifdef GRADWATCH_HIST_LOOKUP
-    isa::IVec table_lo, table_hi;  // entry j: the increment of slot (j - base) & 15
-    isa::IVec low;                 // running min of nonzero |x| bits since the last outsider
-    isa::IVec bottom, top;         // |x| bits of 2^(base - 127) and of 2^(base + 16 - 127)
-#else
     isa::IVec base4;
-#endif
     bool placed;  // by the chunk's first block with a normal element
     int base, pending, spills;
     int64_t seen;  // elements through the window since its last drain
@@ -355,11 +300,7 @@ struct FloatFieldCounts : FieldTables {
 #else
   struct Window {};
 #endif
-#ifdef GRADWATCH_HIST_LOOKUP
-  static constexpr bool kBlockMax = true;  // add_block returns the block's max |x|
-#else
   static constexpr bool kBlockMax = false;
-#endif
   static constexpr bool kRaw = false;
 
   void clear(Window& w) {
@@ -372,50 +313,12 @@ struct FloatFieldCounts : FieldTables {
     (void)w;
 #endif
   }
-#ifdef GRADWATCH_HIST_LOOKUP
-  // The four float32 vectors of one block of the statistics loop; returns the block's max |x| (the
-  // max of the |x| bits, which order like the values; a NaN's bits sort above +Inf, and a NaN sends
-  // the chunk to exact_stats anyway).
-  inline Vectorized<float> add_block(Window& w, const Vectorized<float>& a, const Vectorized<float>& b,
-                                     const Vectorized<float>& c, const Vectorized<float>& d) {
-    const isa::IVec v[4] = {isa::abs_bits(a), isa::abs_bits(b), isa::abs_bits(c), isa::abs_bits(d)};
-    const isa::IVec high = isa::max_u(isa::max_u(v[0], v[1]), isa::max_u(v[2], v[3]));
-    if (!w.placed) [[unlikely]] place(w, high);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      const isa::Mask nz = isa::nonzero(v[k]);
-      const isa::IVec field = isa::field_of(v[k]);
-      w.lo = isa::add(w.lo, isa::lookup(nz, field, w.table_lo));
-      w.hi = isa::add(w.hi, isa::lookup(nz, field, w.table_hi));
-      w.low = isa::min_where(w.low, nz, v[k]);
-    }
-    w.seen += 4 * isa::kLanes;
-    w.pending += 4;
-    if (w.pending >= kSpillEvery) spill(w);
-    if (isa::any(isa::below(w.low, w.bottom), isa::at_or_above(high, w.top))) [[unlikely]] {
-      uint32_t values[4 * isa::kLanes];  // stored only here: the common path keeps everything in registers
-      for (int k = 0; k < 4; ++k) isa::store(values + k * isa::kLanes, v[k]);
-      const int new_base =
-          add_outside(values, isa::outside(v[0], w.bottom, w.top), isa::outside(v[1], w.bottom, w.top),
-                      isa::outside(v[2], w.bottom, w.top), isa::outside(v[3], w.bottom, w.top), w.base);
-      w.low = isa::set1(-1);
-      if (new_base != 0) {
-        drain(w);
-        reset_window(w, new_base);
-        ++moves;
-      }
-    }
-    return isa::as_float(high);
-  }
-#endif
 
   // The four float32 vectors of one block of the statistics loop.
   inline void add_vectors(Window& w, const Vectorized<float>& a, const Vectorized<float>& b,
                           const Vectorized<float>& c, const Vectorized<float>& d) {
     [[maybe_unused]] constexpr int kW = Vectorized<float>::size();
-#if defined(GRADWATCH_HIST_LOOKUP)
-    (void)add_block(w, a, b, c, d);
-#elif defined(GRADWATCH_HIST_WINDOW)
+#if defined(GRADWATCH_HIST_WINDOW)
     static_assert(kW == isa::kLanes);
     const Vectorized<float> v[4] = {a.abs(), b.abs(), c.abs(), d.abs()};
     if (!w.placed) [[unlikely]] {
@@ -463,21 +366,7 @@ struct FloatFieldCounts : FieldTables {
 #ifdef GRADWATCH_HIST_WINDOW
   void reset_window(Window& w, int base) {
     w.base = base;
-#ifdef GRADWATCH_HIST_LOOKUP
-    uint32_t lo[kSlots], hi[kSlots];
-    for (int j = 0; j < kSlots; ++j) {
-      const int slot = (j - base) & (kSlots - 1);
-      lo[j] = slot < 8 ? 1u << (4 * slot) : 0u;
-      hi[j] = slot < 8 ? 0u : 1u << (4 * (slot - 8));
-    }
-    w.table_lo = isa::load(lo);
-    w.table_hi = isa::load(hi);
-    w.low = isa::set1(-1);
-    w.bottom = isa::set1(base << 23);
-    w.top = isa::set1((base + kSlots) << 23);
-#else
     w.base4 = isa::set1(4 * base);
-#endif
     w.lo = w.hi = isa::set1(0);
     w.pending = w.spills = 0;
     w.seen = 0;
@@ -541,25 +430,6 @@ struct FloatFieldCounts : FieldTables {
     const int new_base = base_below(top);
     return top == 0 || new_base == base ? 0 : new_base;
   }
-#ifdef GRADWATCH_HIST_LOOKUP
-  // Counts one block's elements outside the window one by one, and takes back the increment each
-  // got in the window (at the window field with its field's low 4 bits); returns the window's new
-  // base when the block had many of them (0 to keep it).
-  __attribute__((noinline)) int add_outside(const uint32_t* values, uint32_t o0, uint32_t o1, uint32_t o2, uint32_t o3,
-                                            int base) {
-    const uint32_t outside[4] = {o0, o1, o2, o3};
-    int count = 0;
-    for (int k = 0; k < 4; ++k) {
-      for (uint32_t m = outside[k]; m != 0; m &= m - 1) {
-        const uint32_t v = values[k * isa::kLanes + __builtin_ctz(m)];
-        ++t[count & 3][key_of_bits(v)];
-        --t[count & 3][base + ((static_cast<int>(v >> 23) - base) & (kSlots - 1))];
-        ++count;
-      }
-    }
-    return moved_base(values, count, base);
-  }
-#else
   // Counts one block's elements outside the window one by one; returns the window's new base when
   // the block had many of them (0 to keep it).
   __attribute__((noinline)) int add_outside(const float* values, uint32_t o0, uint32_t o1, uint32_t o2, uint32_t o3,
@@ -579,7 +449,6 @@ struct FloatFieldCounts : FieldTables {
     return moved_base(bits, count, base);
   }
 #endif
-#endif
 
   void start_chunk(Window&) {
 #ifdef GRADWATCH_HIST_WINDOW
@@ -597,7 +466,7 @@ struct FloatFieldCounts : FieldTables {
   }
 };
 
-#ifdef GRADWATCH_HIST_LOOKUP
+#ifdef GRADWATCH_HIST_BITS
 // The lanes a window of bit counts reads: bfloat16 |x| bits as loaded (16-bit lanes, exponent field
 // at bit 7: 32 elements per vector, 2 vectors per block) or float32 |x| bits (32-bit lanes, field
 // at bit 23: float32, and float16 widened exactly by the statistics, 4 vectors per block). Both
@@ -651,7 +520,7 @@ struct FloatLanes {
 // ones. Every 8 blocks of 64 elements, the 16 vectors of bits are summed by position with carry-save
 // adders (Harley-Seal) into bit-sliced running counts of weight 1, 2, 4 and 8 per slot, and the carry
 // out (weight 16) into 4-bit counters, 4 slots apart in each lane: about 10 vector ops per bfloat16
-// block, where 16 nibble counters per element (FloatFieldCounts' lookups) take ~27. Outsiders (nonzero
+// block, where a 4-bit counter per slot in every lane (16 per element) took ~27. Outsiders (nonzero
 // elements outside the window: far below the run's largest, subnormal, NaN, Inf) are found per block
 // from its min and max |x| bits (the max is the statistics' max too) and counted one by one in the
 // tables; a block with zeros takes that path as well and finds nothing to count. Zeros are the
@@ -957,13 +826,9 @@ struct DoubleBinCounts {
   }
 };
 
-#ifdef GRADWATCH_HIST_LOOKUP
+#ifdef GRADWATCH_HIST_BITS
 using BFloat16Counts = BFloat16BitCounts;
-#ifdef EXP_FLOAT_LOOKUP
-using FloatCounts = FloatFieldCounts;
-#else
 using FloatCounts = FloatBitCounts;
-#endif
 #else
 using BFloat16Counts = FloatFieldCounts;
 using FloatCounts = FloatFieldCounts;
