@@ -278,6 +278,22 @@ def test_float16_top_of_range_and_subnormal_runs(device):
     check(float16_edges(device))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counts_and_statistics_do_not_depend_on_threads(dtype):
+    """A task counts its consecutive chunks of one tensor as one run; runs of one tensor on several
+    threads add into its row atomically. Any thread count splits the tensors into other runs: the
+    counts stay the oracle's and the statistics grad_stats' bit for bit."""
+    native(torch.device("cpu"))
+    tensors = [spread(n, dtype, "cpu", seed=n) for n in (300_001, 64, 5, 32768 * 3, 1000, 150_000)]
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3, 5):
+            torch.set_num_threads(count)
+            check(tensors)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_grad_stats_wrapper_histogram_flag(device):
     native(device)
     grads = [spread(1000, torch.float32, device, seed=1), spread(10, torch.bfloat16, device, seed=2)]
