@@ -230,8 +230,9 @@ struct FieldTables {
     for (int64_t k = 0; k < count; ++k) ++t[k & 3][key(v[k])];
   }
   // The window's base for a block whose largest exponent field is `top` (of a normal finite element):
-  // the top 3 below the window's top, never at zeros, subnormals, NaN or Inf.
-  static int base_below(int top) { return std::clamp(top - (16 - 3), 1, 254 - 16); }
+  // the top 3 below the window's top, never at zeros, subnormals, NaN or Inf (field 255: the highest
+  // window [239, 255) ends at the largest finite binade, field 254, which is then counted in it).
+  static int base_below(int top) { return std::clamp(top - (16 - 3), 1, 255 - 16); }
   // The tables into the tensor's row; float32 subnormals (slot 256) binned by a rescan of the chunk.
   template <typename T>
   void flush_tables(const T* x, int64_t n, int64_t* row, bool whole_tensor) {
