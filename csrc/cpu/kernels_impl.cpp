@@ -408,7 +408,7 @@ struct FloatFieldCounts : FieldTables {
     }
     t[0][0] += static_cast<uint32_t>(w.seen - in_window - outside_total);
   }
-  // Puts the window at the chunk's first block with a normal element: its largest binade 3 below
+  // Puts the window at the run's first block whose largest element is normal: that binade 3 below
   // the window's top (the chunk's largest sits a binade or two above its first block's, and a
   // Gaussian's elements more than 13 binades below its largest are ~1e-4 of them).
   void place(Window& w, isa::IVec high) {
@@ -418,7 +418,8 @@ struct FloatFieldCounts : FieldTables {
       if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
       reset_window(w, base);
     }
-    w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
+    w.placed = field >= 1 && field <= 254;  // a block of zeros and subnormals, or whose largest is NaN or
+                                            // Inf, places nothing: the next block does
   }
   // The window's new base for a block with `count` outsiders whose |x| bits are `values` (0 to keep it).
   int moved_base(const uint32_t* values, int count, int base) const {
@@ -594,8 +595,10 @@ struct BitCounts : FieldTables {
     return L::below_where(L::nonzero(v), v, w.bottom) | L::at_or_above(v, w.top);
   }
 
-  // One block of 64 elements as |x| bits (L::kVectors vectors); returns the block's max |x| bits.
-  inline __m512i add_lanes(Window& w, const __m512i* v) {
+  // One block of 64 elements as |x| bits (L::kVectors vectors), of which `padding` are padded zeros
+  // (kPadded: a tail); returns the block's max |x| bits.
+  template <bool kPadded = false>
+  inline __m512i add_lanes(Window& w, const __m512i* v, [[maybe_unused]] int64_t pad = 0) {
     __m512i high = L::max(v[0], v[1]), low = L::min(v[0], v[1]);
     if constexpr (L::kVectors == 4) {
       high = L::max(high, L::max(v[2], v[3]));
@@ -610,6 +613,7 @@ struct BitCounts : FieldTables {
       bits[2 * w.buffered + 1] = L::slot_bits(v[1], w.code);
     }
     ++w.blocks;
+    if constexpr (kPadded) padding += pad;  // in the window the block is counted in, also if it moves below
     if (++w.buffered == kGroup) add_group(w);
     if (L::any(L::below(low, w.bottom), L::at_or_above(high, w.top))) [[unlikely]] {
       typename L::Mask o[L::kVectors];
@@ -640,8 +644,8 @@ struct BitCounts : FieldTables {
     const __m512i abs = _mm512_set1_epi16(0x7fff);
     const __m512i r0 = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask(count), p), abs);
     const __m512i r1 = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask(count - 32 < 0 ? 0 : count - 32), p + 32), abs);
-    add_raw(w, r0, r1);
-    padding += 64 - count;
+    const __m512i v[2] = {r0, r1};
+    w.high = L::max(w.high, add_lanes<true>(w, v, 64 - count));
   }
   // The max |x| of the chunk's bfloat16 blocks so far, as float32 lanes.
   Vectorized<float> max_abs(const Window& w) const {
@@ -773,6 +777,7 @@ struct BitCounts : FieldTables {
     const int new_base = base_below(top);
     return top == 0 || new_base == base ? 0 : new_base;
   }
+  // As FloatFieldCounts::place.
   void place(Window& w, __m512i high) {
     const int field = static_cast<int>(L::max_lane(high) >> 23);
     const int base = base_below(field);
@@ -780,7 +785,8 @@ struct BitCounts : FieldTables {
       if (w.blocks != 0) drain(w);  // blocks of zeros and subnormals before this one
       reset_window(w, base);
     }
-    w.placed = field >= 1;  // a block of zeros and subnormals places nothing: the next block does
+    w.placed = field >= 1 && field <= 254;  // a block of zeros and subnormals, or whose largest is NaN or
+                                            // Inf, places nothing: the next block does
   }
   // The window's counts straight into the row (the tables only when something went through them).
   template <typename T>
