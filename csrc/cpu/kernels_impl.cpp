@@ -229,10 +229,24 @@ struct FieldTables {
   inline void add_run(const float* v, int64_t count) {
     for (int64_t k = 0; k < count; ++k) ++t[k & 3][key(v[k])];
   }
-  // The window's base for a block whose largest exponent field is `top` (of a normal finite element):
-  // the top 3 below the window's top, never at zeros, subnormals, NaN or Inf (field 255: the highest
-  // window [239, 255) ends at the largest finite binade, field 254, which is then counted in it).
-  static int base_below(int top) { return std::clamp(top - (16 - 3), 1, 255 - 16); }
+  static bool normal_field(int field) { return field >= 1 && field <= 254; }
+  // The window's base for a block whose largest exponent field is `top`: the top 3 below the window's
+  // top (the highest window [239, 255) ends at the largest finite binade, field 254); 0 to keep `base`
+  // (it would not change, or top is not a normal finite field: zeros, subnormals, NaN, Inf).
+  static int new_base(int top, int base) {
+    const int moved = std::clamp(top - (16 - 3), 1, 255 - 16);
+    return normal_field(top) && moved != base ? moved : 0;
+  }
+  // The largest exponent field of a normal finite element among n |x| bits (float32's layout), or 0.
+  template <typename BitsAt>
+  static int largest_finite_field(int n, const BitsAt& bits_at) {
+    int top = 0;
+    for (int k = 0; k < n; ++k) {
+      const int field = static_cast<int>(bits_at(k) >> 23);
+      if (field < 255 && field > top) top = field;
+    }
+    return top;
+  }
   // The tables into the tensor's row; float32 subnormals (slot 256) binned by a rescan of the chunk.
   template <typename T>
   void flush_tables(const T* x, int64_t n, int64_t* row, bool whole_tensor) {
@@ -413,24 +427,12 @@ struct FloatFieldCounts : FieldTables {
   // Gaussian's elements more than 13 binades below its largest are ~1e-4 of them).
   void place(Window& w, isa::IVec high) {
     const int field = static_cast<int>(isa::max_lane(high) >> 23);
-    const int base = base_below(field);
-    if (field >= 1 && field <= 254 && base != w.base) {
+    if (const int base = new_base(field, w.base); base != 0) {
       if (w.seen != 0) drain(w);  // blocks of zeros and subnormals before this one
       reset_window(w, base);
     }
-    w.placed = field >= 1 && field <= 254;  // a block of zeros and subnormals, or whose largest is NaN or
-                                            // Inf, places nothing: the next block does
-  }
-  // The window's new base for a block with `count` outsiders whose |x| bits are `values` (0 to keep it).
-  int moved_base(const uint32_t* values, int count, int base) const {
-    if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
-    int top = 0;  // the block's largest exponent field of a normal finite element
-    for (int k = 0; k < 4 * isa::kLanes; ++k) {
-      const uint32_t field = key_of_bits(values[k]);
-      if (field < 255 && field > static_cast<uint32_t>(top)) top = static_cast<int>(field);
-    }
-    const int new_base = base_below(top);
-    return top == 0 || new_base == base ? 0 : new_base;
+    w.placed = normal_field(field);  // a block of zeros and subnormals, or whose largest is NaN or Inf,
+                                     // places nothing: the next block does
   }
   // Counts one block's elements outside the window one by one; returns the window's new base when
   // the block had many of them (0 to keep it).
@@ -446,9 +448,10 @@ struct FloatFieldCounts : FieldTables {
       }
     }
     outside_total += count;
+    if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
     uint32_t bits[4 * kW];
     std::memcpy(bits, values, sizeof bits);
-    return moved_base(bits, count, base);
+    return new_base(largest_finite_field(4 * kW, [&](int k) { return bits[k]; }), base);
   }
 #endif
 
@@ -769,24 +772,16 @@ struct BitCounts : FieldTables {
     }
     outside_total += count;
     if (count <= kMoveAbove || moves >= kMaxMoves) return 0;
-    int top = 0;  // the block's largest exponent field of a normal finite element
-    for (int k = 0; k < 64; ++k) {
-      const int field = static_cast<int>(L::bits_of(values, k) >> 23);
-      if (field < 255 && field > top) top = field;
-    }
-    const int new_base = base_below(top);
-    return top == 0 || new_base == base ? 0 : new_base;
+    return new_base(largest_finite_field(64, [&](int k) { return L::bits_of(values, k); }), base);
   }
   // As FloatFieldCounts::place.
   void place(Window& w, __m512i high) {
     const int field = static_cast<int>(L::max_lane(high) >> 23);
-    const int base = base_below(field);
-    if (field >= 1 && field <= 254 && base != w.base) {
+    if (const int base = new_base(field, w.base); base != 0) {
       if (w.blocks != 0) drain(w);  // blocks of zeros and subnormals before this one
       reset_window(w, base);
     }
-    w.placed = field >= 1 && field <= 254;  // a block of zeros and subnormals, or whose largest is NaN or
-                                            // Inf, places nothing: the next block does
+    w.placed = normal_field(field);
   }
   // The window's counts straight into the row (the tables only when something went through them).
   template <typename T>
