@@ -127,24 +127,33 @@ def test_micro_batch_losses_of_mixed_dtypes_match_the_python_path(monkeypatch, s
     assert repr(fused) == repr(python)
 
 
-def _skipping_run(change_at: int, change, fused: bool) -> list[tuple[int, bool]]:
-    """Ten steps with a gradient spike at step 7; ``change(skip)`` at step ``change_at``; (step, skipped)."""
+def _three_parameter_run(policies, lr, spike, change_at, change, fused):
+    """Ten SGD steps of three 5-element parameters watched by ``policies`` (warmup 3), on the fused
+    path or the Python one; ``spike = (step, parameter, scale)`` scales one gradient; ``change()``
+    runs at step ``change_at`` before the optimizer step. Returns the records and the parameters."""
     torch.manual_seed(0)
     params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(3)])
-    opt = torch.optim.SGD(params, lr=0.01)
-    skip = Skip(kinds={"nonfinite"})
-    watch = GradWatch(params, opt, policy=[skip], warmup=3)
+    opt = torch.optim.SGD(params, lr=lr)
+    watch = GradWatch(params, opt, policy=policies, warmup=3)
     if not fused:
         watch._stages.fused = None
     records = []
     watch.add_sink(records.append)
+    spike_step, spike_param, scale = spike
     for step in range(10):
         for i, p in enumerate(params):
-            p.grad = torch.randn(5) * (1e4 if step == 7 and i == 1 else 1.0)
+            p.grad = torch.randn(5) * (scale if (step, i) == (spike_step, spike_param) else 1.0)
         if step == change_at:
-            change(skip)
+            change()
         opt.step()
     watch.flush()
+    return records, [p.detach().clone() for p in params]
+
+
+def _skipping_run(change_at: int, change, fused: bool) -> list[tuple[int, bool]]:
+    """Ten steps with a gradient spike at step 7; ``change(skip)`` at step ``change_at``; (step, skipped)."""
+    skip = Skip(kinds={"nonfinite"})
+    records, _ = _three_parameter_run([skip], 0.01, (7, 1, 1e4), change_at, lambda: change(skip), fused)
     return [(r.step, r.skipped) for r in records]
 
 
@@ -263,23 +272,13 @@ def test_state_tensors_that_share_memory_are_refused():
 
 def _clip_then_zero(fused: bool) -> tuple[list[tuple[int, float]], list[torch.Tensor]]:
     """Clip and Zero; from step 5 the Clip's priority puts it before Zero; one parameter spikes at step 8."""
-    torch.manual_seed(0)
-    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(5)) for _ in range(3)])
-    opt = torch.optim.SGD(params, lr=0.1)
     clip = Clip(3.0)
-    watch = GradWatch(params, opt, policy=[clip, Zero()], warmup=3)
-    if not fused:
-        watch._stages.fused = None
-    records = []
-    watch.add_sink(records.append)
-    for step in range(10):
-        for i, p in enumerate(params):
-            p.grad = torch.randn(5) * (1e3 if step == 8 and i == 0 else 1.0)
-        if step == 5:
-            clip.priority = 0  # the clip now decides before Zero: the spiking gradient counts in its norm
-        opt.step()
-    watch.flush()
-    return [(r.step, r.clip_factor) for r in records], [p.detach().clone() for p in params]
+
+    def clip_first():
+        clip.priority = 0  # the clip now decides before Zero: the spiking gradient counts in its norm
+
+    records, params = _three_parameter_run([clip, Zero()], 0.1, (8, 0, 1e3), 5, clip_first, fused)
+    return [(r.step, r.clip_factor) for r in records], params
 
 
 def test_a_priority_changed_between_steps_reorders_the_fused_policies(caplog):
